@@ -1,0 +1,107 @@
+"""GMC, the graph over labels: two GATv2 layers on a fully connected label graph (paper Eq. 2-4).
+
+Shape legend
+    C  labels in the scored label set (the graph's nodes)
+    c  query nodes in one chunk (<= chunk)
+    D  joint embedding width (GMC's input and output, 512 for CLIP ViT-B/16)
+    K  attention heads of a layer
+    O  width of one head
+
+Paper vs. reference code
+    The paper (Eq. 2-4) writes the original GAT (Velickovic et al.): the edge score is
+    e_ij = LeakyReLU(a^T [W h_i || W h_j]), then a softmax over the neighbours j and a weighted sum of W h_j.
+    Because LeakyReLU is monotone and a^T splits into a part for i and a part for j, every node i ranks its
+    neighbours j in the same order ("static" attention). The reference code uses GATv2 (Brody et al.)
+    instead, which this file follows:
+        e_ij     = a^T LeakyReLU(W h_i + W h_j)          slope 0.2, one W for both ends (W_l = W_r)
+        alpha_ij = softmax_j(e_ij)                        over all j (the graph is complete, self-loops included)
+        h_i'     = sum_j alpha_ij W h_j                   heads concatenated
+    Further details of the code: ONE attention vector a per layer, shared by all of that layer's heads
+    (length O), no bias terms, dropout 0.3 on the GMC input, on alpha and between the two layers.
+    Layer 1: D -> 4 heads x 32 (concatenated, 128), then ELU; layer 2: 128 -> D with one head.
+
+Fast path: e_ij needs the (C, C, K, O) tensor LeakyReLU(W h_i + W h_j) (layer 2 at C = 1006, D = 512: 2 GB in
+fp32). Every query row i only needs its own row of scores, so the rows are computed `chunk` at a time, and
+each chunk runs under torch.utils.checkpoint: autograd keeps only the chunk's inputs and its (c, K, O) output
+and rebuilds the (c, C, K, O) intermediates one chunk at a time in backward. Checkpoint replays the random
+state, so the recomputed dropout mask on alpha is the one used in forward.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class GATv2Layer(nn.Module):
+    """One GATv2 layer on the complete graph with self-loops; heads are concatenated (K * O outputs)."""
+
+    def __init__(self, in_dim: int, out_dim: int, heads: int = 1, dropout: float = 0.0, chunk: int = 16,
+                 negative_slope: float = 0.2):
+        super().__init__()
+        self.in_dim, self.out_dim, self.heads = in_dim, out_dim, heads
+        self.dropout, self.chunk, self.negative_slope = dropout, chunk, negative_slope
+        self.lin = nn.Linear(in_dim, heads * out_dim, bias=False)  # W (= W_l = W_r), all heads stacked
+        self.att = nn.Parameter(torch.empty(out_dim))  # a, shared by all heads of this layer
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Glorot-uniform, as the reference's torch_geometric layer initialises W and a.
+        nn.init.xavier_uniform_(self.lin.weight)
+        bound = math.sqrt(6.0 / (1 + self.out_dim))
+        nn.init.uniform_(self.att, -bound, bound)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        assert h.dim() == 2 and h.shape[1] == self.in_dim, f"expected h (C, {self.in_dim}), got {tuple(h.shape)}"
+        C = h.shape[0]
+        x = self.lin(h).view(C, self.heads, self.out_dim)  # (C, D_in) -> (C, K, O): W h_j for every node
+        rows = [checkpoint(self._attend, x[i:i + self.chunk], x, use_reentrant=False)  # (c, K, O) each
+                for i in range(0, C, self.chunk)]
+        return torch.cat(rows).reshape(C, self.heads * self.out_dim)  # (C, K * O), heads concatenated
+
+    def _attend(self, x_query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """New features of the query nodes x_query (c, K, O), attending to all C nodes x (C, K, O)."""
+        # GATv2 score: e_ij = a^T LeakyReLU(W h_i + W h_j)
+        pair = F.leaky_relu(x_query[:, None] + x[None], self.negative_slope)  # (c, 1, K, O) + (1, C, K, O) -> (c, C, K, O)
+        e = pair @ self.att  # (c, C, K, O) @ (O,) -> (c, C, K)
+        alpha = F.dropout(e.softmax(dim=1), self.dropout, self.training)  # (c, C, K), softmax over j
+        # h_i' = sum_j alpha_ij W h_j, per head
+        return torch.einsum("ijk,jko->iko", alpha, x)  # (c, C, K) x (C, K, O) -> (c, K, O)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_dim} -> {self.heads} x {self.out_dim}, dropout={self.dropout}, chunk={self.chunk}"
+
+
+class GMC(nn.Module):
+    """Graph-based multi-label correlation: label embeddings H (C, D) -> graph-refined G (C, D).
+
+    G depends only on the label set, not on the image. `chunk` bounds the query rows per attention step.
+    """
+
+    def __init__(self, dim: int = 512, heads: int = 4, hidden: int = 32, dropout: float = 0.3, chunk: int = 16):
+        super().__init__()
+        self.dim, self.dropout = dim, dropout
+        self.layer1 = GATv2Layer(dim, hidden, heads, dropout, chunk)  # D -> K x O, concatenated
+        self.layer2 = GATv2Layer(heads * hidden, dim, 1, dropout, chunk)  # K * O -> D, one head
+
+    def forward(self, H: torch.Tensor) -> torch.Tensor:
+        assert H.dim() == 2 and H.shape[1] == self.dim, f"expected H (C, {self.dim}), got {tuple(H.shape)}"
+        x = F.dropout(H, self.dropout, self.training)  # (C, D)
+        x = F.dropout(F.elu(self.layer1(x)), self.dropout, self.training)  # (C, K * O)
+        G = self.layer2(x)  # (C, D)
+        assert G.shape == H.shape, f"expected G {tuple(H.shape)}, got {tuple(G.shape)}"
+        return G
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    H = torch.randn(10, 64)  # (C, D): 10 labels
+    gmc = GMC(dim=64, heads=4, hidden=8, chunk=3).eval()
+    with torch.no_grad():
+        x = gmc.layer1.lin(H).view(10, 4, 8)  # (C, K, O)
+        alpha = (F.leaky_relu(x[:, None] + x[None], 0.2) @ gmc.layer1.att).softmax(dim=1)  # (C, C, K), unchunked
+    torch.set_printoptions(precision=2, linewidth=120)
+    print("layer-1 attention alpha_ij of head 0 (row i sums to 1 over j):")
+    print(alpha[..., 0])
+    print("H", tuple(H.shape), "-> layer1", tuple(gmc.layer1(H).shape), "-> G", tuple(gmc(H).shape))
