@@ -1,0 +1,219 @@
+"""SigRL: semantic-guided representation learning for multi-label recognition (ICME 2025).
+
+Shape legend
+    B  images in the batch              P  patch tokens per image (196 at 224 px with 16 px patches)
+    C  classes in the scored label set  c  classes in one chunk (<= class_chunk)
+    D  joint embedding width (512)      W  ViT width (768 for ViT-B/16)
+
+Symbols (paper -> code): F -> patch, g -> g, H -> H (label_emb), G -> G, M -> M, T -> T, O -> O,
+M_hat -> M_hat.  Pipeline, following the reference code wherever it differs from the paper:
+    tokens = student.forward_tokens(images)            (B, 1+P, W), ln_post on every token
+    g = tokens[:, 0] @ proj,  patch = tokens[:, 1:] @ proj        (B, D), (B, P, D), one projection
+    G = GMC(H)                    graph over labels, Eq. 2-4 (see gat.py)     (C, D)
+    T = SDA(patch, H)             semantic decoupling, Eq. 5-9                (B, C, D)
+    M_hat = VFR(patch, T, G)      visual feature reconstruction, Eq. 10-12    (B, P, D)
+    scores                        Eq. 13                                      (B, C)
+A frozen teacher (a copy of the initial student) gives the target of the distillation loss on g.
+
+Fast path (why class chunks are exact). Written plainly, SDA and VFR build (B, P, C, D) tensors; the reference
+code keeps several of them alive (12 GB each at B = 32, C = 925). But for one class c, every step before the
+pooling touches only that class: the product patch * H[c], the tanh, the D -> D linear applied to each vector,
+and the softmax, which runs over the patches p, not over the classes. The pooling then sums over p (SDA: one
+row M[:, c] per class) or over c (VFR: a running sum over the chunks). So both modules run `class_chunk` classes
+at a time with the same result. Each chunk runs under torch.utils.checkpoint: autograd keeps only the chunk's
+inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a time in backward, so neither
+forward nor backward memory grows with B x P x C x D.
+"""
+import copy
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gat import GMC
+
+
+@dataclass
+class SigRLConfig:
+    embed_dim: int = 512  # D, the columns of the visual tower's proj
+    gmc: bool = True  # False: G := H
+    sda: bool = True  # False: T := H for every image
+    vfr: bool = True  # False: M_hat := patch (MKT's top-k on raw patch tokens); needs gmc = sda = False
+    global_only: bool = False  # scores = normalised global score; the heads are not built
+    topk: int = 16  # local score = mean of the top-k patch similarities (k = min(topk, P))
+    class_chunk: int = 64  # classes per SDA/VFR step; memory only, never the result
+    gat_heads: int = 4
+    gat_hidden: int = 32
+    dropout: float = 0.3  # GMC dropout (input, attention coefficients, between the layers)
+
+
+class SigRLOutput(NamedTuple):
+    scores: torch.Tensor  # (B, C) fused score, what metrics and losses use
+    local: Optional[torch.Tensor]  # (B, C) normalised local score; None when global_only
+    glob: torch.Tensor  # (B, C) normalised global score
+    feat: torch.Tensor  # (B, D) student class-token embedding g (for L_global)
+
+
+def _chunked(fn, *args, x: torch.Tensor, chunk: int):
+    """Yield fn(*args, x_chunk) for each chunk of `chunk` classes of x (C, D) or (B, C, D), under checkpoint."""
+    dim = x.dim() - 2  # the class axis
+    for i in range(0, x.shape[dim], chunk):
+        yield checkpoint(fn, *args, x.narrow(dim, i, min(chunk, x.shape[dim] - i)), use_reentrant=False)
+
+
+class SDA(nn.Module):
+    """Semantic decoupling attention (paper Eq. 5-9): patch (B, P, D), H (C, D) -> T (B, C, D).
+
+    Reference code differs: Eq. 5-7 show two FC layers, the code uses one (fc_sda, D -> D with bias); Eq. 8-9
+    re-weight with a C x C cosine matrix, the code with the D x D matrix Q = rownorm(ReLU(M^T H)).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc_sda = nn.Linear(dim, dim)
+
+    def forward(self, patch: torch.Tensor, H: torch.Tensor, chunk: int) -> torch.Tensor:
+        (B, P, D), C = patch.shape, H.shape[0]
+        assert H.shape == (C, D), f"expected H (C, {D}), got {tuple(H.shape)}"
+        M = torch.cat(list(_chunked(self._decouple, patch, x=H, chunk=chunk)), dim=1)  # (B, C, D)
+        # Eq. 8-9 (code): the reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar
+        # passes through the ReLU and the row normalisation below removes it (except on rows of norm < 1e-12,
+        # which stay ~0 either way), so it is left out.
+        Q = torch.relu(M.transpose(1, 2) @ H)  # (B, D, C) @ (C, D) -> (B, D, D)
+        Q = F.normalize(Q, dim=-1, eps=1e-12)  # (B, D, D), each row to unit L2 norm
+        T = M @ Q  # (B, C, D) @ (B, D, D) -> (B, C, D)
+        return T
+
+    def _decouple(self, patch: torch.Tensor, H_c: torch.Tensor) -> torch.Tensor:
+        """Category-specific features M (B, c, D) of the chunk's classes H_c (c, D)."""
+        A = self.fc_sda(torch.tanh(patch[:, :, None, :] * H_c))  # (B, P, 1, D) * (c, D) -> (B, P, c, D)
+        alpha = A.softmax(dim=1)  # (B, P, c, D), softmax over p for each class and channel
+        return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, c, D), M = sum_p alpha * patch
+
+
+class VFR(nn.Module):
+    """Visual feature reconstruction (paper Eq. 10-12): patch (B, P, D), T (B, C, D), G (C, D) -> M_hat (B, P, D).
+
+    Reference code differs: Eq. 12 sums the attention over the patches; the code sums it over the classes,
+    keeping one reconstructed feature per patch, and this file follows the code.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc_o = nn.Linear(2 * dim, dim, bias=False)
+        self.fc_vfr = nn.Linear(dim, dim)
+
+    def forward(self, patch: torch.Tensor, T: torch.Tensor, G: torch.Tensor, chunk: int) -> torch.Tensor:
+        (B, P, D), C = patch.shape, G.shape[0]
+        assert T.shape == (B, C, D) and G.shape == (C, D), f"expected T (B, C, D), G (C, D); got {T.shape}, {G.shape}"
+        # Eq. 10: fuse the decoupled features with the graph-refined label embeddings
+        O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
+        # a running sum, so only one chunk's (B, P, D) term is alive at a time
+        weight = sum(_chunked(self._attention_sum, patch, x=O, chunk=chunk))  # (B, P, D), sum_c alpha'
+        M_hat = patch * weight  # (B, P, D), Eq. 12 (code: sum over classes)
+        return M_hat
+
+    def _attention_sum(self, patch: torch.Tensor, O_c: torch.Tensor) -> torch.Tensor:
+        """sum over the chunk's classes of alpha' (B, P, D), for O_c (B, c, D)."""
+        A = self.fc_vfr(torch.tanh(patch[:, :, None, :] * O_c[:, None]))  # (B, P, 1, D) * (B, 1, c, D) -> (B, P, c, D)
+        return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p, Eq. 11
+
+
+class SigRL(nn.Module):
+    """Student visual tower + GMC + SDA + VFR, scored against label embeddings; a frozen teacher for L_global.
+
+    `visual` is any tower with forward_tokens(x) -> (B, 1+P, W), a proj (W, D) parameter and
+    forward(x) -> (B, D) (vit.VisionTransformer). It becomes the student; the teacher is a frozen deep copy.
+    """
+
+    def __init__(self, visual: nn.Module, config: SigRLConfig = SigRLConfig()):
+        super().__init__()
+        cfg = self.config = config
+        if not cfg.vfr and (cfg.gmc or cfg.sda):
+            raise ValueError("vfr=False scores the raw patch tokens, so GMC and SDA would be unused: "
+                             "set gmc=False and sda=False too")
+        assert visual.proj.shape[1] == cfg.embed_dim, \
+            f"visual.proj is {tuple(visual.proj.shape)}, config.embed_dim is {cfg.embed_dim}"
+        self.student = visual
+        self.teacher = copy.deepcopy(visual).requires_grad_(False).eval()
+        heads = not cfg.global_only
+        D = cfg.embed_dim
+        self.gmc = GMC(D, cfg.gat_heads, cfg.gat_hidden, cfg.dropout) if heads and cfg.gmc else None
+        self.sda = SDA(D) if heads and cfg.sda else None
+        self.vfr = VFR(D) if heads and cfg.vfr else None
+
+    @classmethod
+    def from_clip(cls, clip: nn.Module, **config_overrides) -> "SigRL":
+        """SigRL on a copy of clip.visual (the CLIP model itself is left untouched), e.g. from_clip(clip, sda=False)."""
+        config = SigRLConfig(**{"embed_dim": clip.visual.proj.shape[1], **config_overrides})
+        return cls(copy.deepcopy(clip.visual), config)
+
+    def train(self, mode: bool = True) -> "SigRL":
+        super().train(mode)
+        self.teacher.eval()  # the teacher is a fixed target: always eval mode
+        return self
+
+    def forward(self, images: torch.Tensor, label_emb: torch.Tensor) -> SigRLOutput:
+        cfg, H = self.config, label_emb
+        assert images.dim() == 4 and images.shape[1] == 3, f"expected images (B, 3, R, R), got {tuple(images.shape)}"
+        assert H.dim() == 2 and H.shape[1] == cfg.embed_dim, f"expected label_emb (C, {cfg.embed_dim}), got {tuple(H.shape)}"
+        tokens = self.student.forward_tokens(images) @ self.student.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
+        g, patch = tokens[:, 0], tokens[:, 1:]  # (B, D), (B, P, D)
+        B, P, D = patch.shape
+
+        # Eq. 13, global part: class token against the labels, L2-normalised over the classes of each image
+        glob = F.normalize(g @ H.T, dim=-1)  # (B, D) @ (D, C) -> (B, C)
+        if cfg.global_only:
+            return SigRLOutput(glob, None, glob, g)
+
+        if self.vfr is None:
+            M_hat = patch  # (B, P, D)
+        else:
+            G = self.gmc(H) if self.gmc is not None else H  # (C, D)
+            T = self.sda(patch, H, cfg.class_chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
+            M_hat = self.vfr(patch, T, G, cfg.class_chunk)  # (B, P, D)
+
+        # Eq. 13, local part: mean of the k best patches per class, then normalised like the global part
+        sim = M_hat @ H.T  # (B, P, D) @ (D, C) -> (B, P, C)
+        local = sim.topk(min(cfg.topk, P), dim=1).values.mean(dim=1)  # (B, k, C) -> (B, C)
+        local = F.normalize(local, dim=-1)  # (B, C)
+        scores = (local + glob) / 2  # (B, C)
+        assert scores.shape == (B, H.shape[0]), f"expected scores (B, C) = {(B, H.shape[0])}, got {tuple(scores.shape)}"
+        return SigRLOutput(scores, local, glob, g)
+
+    @torch.no_grad()
+    def teacher_feat(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's class-token embedding (B, D), target of L_global."""
+        return self.teacher(images)  # (B, D)
+
+    def state_dict_trainable(self) -> dict:
+        """state_dict without the teacher (it equals the CLIP file's visual tower, so run checkpoints skip it)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_state_dict_trainable(self, state_dict: dict) -> None:
+        """Inverse of state_dict_trainable: every non-teacher key must be present, and nothing else."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise KeyError(f"SigRL checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+if __name__ == "__main__":
+    from vit import VisionConfig, VisionTransformer
+
+    torch.manual_seed(0)
+    visual = VisionTransformer(VisionConfig(width=128, layers=2, patch=16, resolution=64, embed_dim=32))
+    model = SigRL(visual, SigRLConfig(embed_dim=32, class_chunk=4)).eval()
+    images, H = torch.randn(2, 3, 64, 64), torch.randn(10, 32)  # (B, 3, R, R), (C, D)
+    with torch.no_grad():
+        tokens = visual.forward_tokens(images) @ visual.proj  # (B, 1+P, D)
+        patch = tokens[:, 1:]
+        T = model.sda(patch, H, 4)
+        print("tokens @ proj", tuple(tokens.shape), "| G", tuple(model.gmc(H).shape), "| T", tuple(T.shape),
+              "| M_hat", tuple(model.vfr(patch, T, model.gmc(H), 4).shape))
+        out = model(images, H)
+    print({k: tuple(v.shape) for k, v in out._asdict().items()}, "teacher_feat", tuple(model.teacher_feat(images).shape))
+    print("scores[0]", out.scores[0])

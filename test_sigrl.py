@@ -1,0 +1,278 @@
+"""SigRL tests: the class-chunked SDA / VFR / head against a plain dense reference written here, score
+normalisation, the frozen teacher, ablation switches, determinism."""
+import pytest
+import torch
+import torch.nn as nn
+
+from sigrl import SDA, VFR, SigRL, SigRLConfig
+
+B, C, D = 2, 13, 16
+CHUNKS = [1, 7, C, C + 5]
+
+
+class StandInTower(nn.Module):
+    """A tiny tower with vit.VisionTransformer's interface (forward_tokens, proj, forward)."""
+
+    def __init__(self, width=24, patch=8, resolution=24, embed_dim=D):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(width) * 0.1)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
+
+    def forward_tokens(self, x):
+        p = self.conv1(x).flatten(2).transpose(1, 2)  # (B, P, W)
+        cls = self.class_embedding + p.mean(dim=1, keepdim=True)  # (B, 1, W)
+        return self.ln_post(torch.cat([cls, p], dim=1))  # (B, 1+P, W)
+
+    def forward(self, x):
+        return self.forward_tokens(x)[:, 0] @ self.proj
+
+
+def tower():
+    return StandInTower()
+
+
+# ---- the dense reference: the maths of shared/sigrl_method.md, materialising (B, P, C, D) ----------------
+
+def dense_sda(fc_sda, patch, H):
+    A = fc_sda(torch.tanh(patch[:, :, None, :] * H[None, None]))  # (B, P, C, D)
+    alpha = torch.softmax(A, dim=1)  # over p
+    M = (alpha * patch[:, :, None, :]).sum(dim=1)  # (B, C, D)
+    # the reference code's Frobenius scaling, kept here to check that leaving it out changes nothing
+    Q = torch.relu(M.transpose(1, 2) @ H / (M.norm() * H.norm()))  # (B, D, D)
+    Q = Q / Q.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    return M @ Q  # (B, C, D)
+
+
+def dense_vfr(vfr, patch, T, G):
+    O = vfr.fc_o(torch.cat([T, G.expand(T.shape[0], -1, -1)], dim=-1))  # (B, C, D)
+    A = vfr.fc_vfr(torch.tanh(patch[:, :, None, :] * O[:, None, :, :]))  # (B, P, C, D)
+    alpha = torch.softmax(A, dim=1)  # over p
+    return patch * alpha.sum(dim=2)  # (B, P, D), summed over the classes
+
+
+def dense_forward(model, images, H):
+    """(scores, local, glob) of `model`, computed without any chunking."""
+    cfg = model.config
+    tokens = model.student.forward_tokens(images) @ model.student.proj
+    g, patch = tokens[:, 0], tokens[:, 1:]
+    s_glob = g @ H.T
+    glob = s_glob / s_glob.norm(dim=1, keepdim=True)
+    if cfg.global_only:
+        return glob, None, glob
+    M_hat = patch
+    if cfg.vfr:
+        G = model.gmc(H) if cfg.gmc else H
+        T = dense_sda(model.sda.fc_sda, patch, H) if cfg.sda else H.expand(len(images), -1, -1)
+        M_hat = dense_vfr(model.vfr, patch, T, G)
+    sim = torch.einsum("bpd,cd->bpc", M_hat, H)
+    k = min(cfg.topk, patch.shape[1])
+    s_local = sim.sort(dim=1, descending=True).values[:, :k].mean(dim=1)
+    local = s_local / s_local.norm(dim=1, keepdim=True)
+    return (local + glob) / 2, local, glob
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def make_model(seed=0, **cfg):
+    torch.manual_seed(seed)
+    cfg = {"embed_dim": D, "topk": 4, **cfg}
+    return SigRL(tower(), SigRLConfig(**cfg)).double().eval()
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, 24, 24, generator=g, dtype=torch.float64)
+    return images, torch.randn(C, D, generator=g, dtype=torch.float64)
+
+
+def value_and_grads(fn, module, *xs):
+    """fn(*xs) and the gradients of a fixed random projection of it w.r.t. module's parameters and xs."""
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    out = fn(*xs)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out * weight).sum(), params + xs, allow_unused=True)
+    return out.detach(), grads
+
+
+def assert_same(a, b):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-5)
+    assert len(grads_a) == len(grads_b)
+    for ga, gb in zip(grads_a, grads_b):
+        if ga is None or gb is None:
+            assert ga is None and gb is None
+        else:
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5)
+
+
+# ---- chunked == dense ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_sda_chunked_equals_dense(chunk):
+    torch.manual_seed(0)
+    sda = SDA(D).double()
+    patch, H = torch.randn(B, 9, D, dtype=torch.float64), torch.randn(C, D, dtype=torch.float64)
+    ours = value_and_grads(lambda p, h: sda(p, h, chunk), sda, patch, H)
+    ref = value_and_grads(lambda p, h: dense_sda(sda.fc_sda, p, h), sda, patch, H)
+    assert ours[0].shape == (B, C, D)
+    assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_vfr_chunked_equals_dense(chunk):
+    torch.manual_seed(0)
+    vfr = VFR(D).double()
+    patch, T, G = (torch.randn(*s, dtype=torch.float64) for s in [(B, 9, D), (B, C, D), (C, D)])
+    ours = value_and_grads(lambda p, t, g: vfr(p, t, g, chunk), vfr, patch, T, G)
+    ref = value_and_grads(lambda p, t, g: dense_vfr(vfr, p, t, g), vfr, patch, T, G)
+    assert ours[0].shape == (B, 9, D)
+    assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_model_chunked_equals_dense(chunk):
+    model = make_model(class_chunk=chunk)
+    images, H = inputs()
+    ours = value_and_grads(lambda x, h: torch.stack(model(x, h)[:3]), model, images, H)
+    ref = value_and_grads(lambda x, h: torch.stack(dense_forward(model, x, h)), model, images, H)
+    assert_same(ours, ref)
+
+
+def test_linear_layers_as_in_the_reference_code():
+    model = make_model()
+    assert model.sda.fc_sda.weight.shape == (D, D) and model.sda.fc_sda.bias is not None
+    assert model.vfr.fc_vfr.weight.shape == (D, D) and model.vfr.fc_vfr.bias is not None
+    assert model.vfr.fc_o.weight.shape == (D, 2 * D) and model.vfr.fc_o.bias is None
+
+
+def test_no_dense_tensor_is_saved_for_backward():
+    # With checkpointed chunks, autograd keeps no (B, P, c, D) tensor at all after SDA/VFR's forward pass:
+    # only chunk inputs and (B, C, D)-sized results. The dense code keeps several (B, P, C, D) ones.
+    torch.manual_seed(0)
+    sda, vfr = SDA(D), VFR(D)
+    P = 9
+    patch, H = torch.randn(B, P, D, requires_grad=True), torch.randn(C, D, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vfr(patch, sda(patch, H, 2), H, 2)
+    assert saved and not [s for s in saved if len(s) == 4], saved
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dense_vfr(vfr, patch, dense_sda(sda.fc_sda, patch, H), H)
+    assert (B, P, C, D) in saved  # the hook does see a dense tensor when there is one
+
+
+# ---- scores, teacher, ablations, determinism -------------------------------------------------------------
+
+def test_scores_are_normalised_and_bounded():
+    model = make_model()
+    out = model(*inputs())
+    assert out.scores.shape == out.local.shape == out.glob.shape == (B, C) and out.feat.shape == (B, D)
+    assert out[0] is out.scores
+    for part in (out.local, out.glob):
+        torch.testing.assert_close(part.norm(dim=1), torch.ones(B, dtype=torch.float64))
+    assert out.scores.abs().max() <= 1
+    torch.testing.assert_close(out.scores, (out.local + out.glob) / 2)
+
+
+def test_teacher_is_frozen_and_stays_in_eval_mode():
+    model = make_model()
+    images, H = inputs()
+    assert model.teacher is not model.student
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    model.train()
+    assert model.training and model.student.training and model.gmc.training
+    assert not any(m.training for m in model.teacher.modules())
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    out = model(images, H)
+    target = model.teacher_feat(images)
+    torch.testing.assert_close(target, out.feat)  # teacher == initial student
+    assert not target.requires_grad
+    loss = out.scores.sum() + (out.feat - target).abs().mean()
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.student.proj.grad is not None and model.sda.fc_sda.weight.grad is not None
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    assert all(torch.equal(v, model.teacher.state_dict()[k]) for k, v in before.items())
+    assert not torch.allclose(model.teacher_feat(images), model(images, H).feat)
+
+
+def test_state_dict_trainable_leaves_out_the_teacher():
+    model = make_model()
+    sd = model.state_dict_trainable()
+    assert sd and not any(k.startswith("teacher.") for k in sd)
+    fresh = make_model(seed=5)
+    fresh.load_state_dict_trainable(sd)
+    images, H = inputs()
+    torch.testing.assert_close(fresh(images, H).scores, model(images, H).scores)
+    with pytest.raises(KeyError):
+        fresh.load_state_dict_trainable({k: v for k, v in sd.items() if not k.startswith("sda.")})
+
+
+def test_from_clip_copies_the_visual_tower():
+    torch.manual_seed(0)
+    clip = nn.Module()
+    clip.visual = tower()
+    model = SigRL.from_clip(clip, topk=3, sda=False)
+    assert model.config.embed_dim == D and model.config.topk == 3 and model.sda is None
+    assert model.student is not clip.visual
+    assert torch.equal(model.student.proj, clip.visual.proj)
+
+
+@pytest.mark.parametrize("switches, built", [
+    (dict(gmc=False), ("sda", "vfr")),
+    (dict(sda=False), ("gmc", "vfr")),
+    (dict(gmc=False, sda=False), ("vfr",)),
+    (dict(vfr=False, gmc=False, sda=False), ()),
+    (dict(global_only=True), ()),
+])
+def test_ablations(switches, built):
+    images, H = inputs()
+    full = make_model()(images, H).scores
+    model = make_model(**switches)
+    assert {n for n in ("gmc", "sda", "vfr") if getattr(model, n) is not None} == set(built)
+    out = model(images, H)
+    scores, local, glob = dense_forward(model, images, H)
+    torch.testing.assert_close(out.scores, scores)
+    assert not torch.allclose(out.scores, full)
+    if switches.get("global_only"):
+        assert out.local is None
+    else:
+        torch.testing.assert_close(out.local, local)
+
+
+def test_global_only_is_the_normalised_class_token_score():
+    model = make_model(global_only=True)
+    images, H = inputs()
+    out = model(images, H)
+    g = model.student(images)  # class token @ proj
+    s = g @ H.T
+    torch.testing.assert_close(out.scores, s / s.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(out.feat, g)
+
+
+def test_vfr_off_requires_gmc_and_sda_off():
+    for switches in (dict(vfr=False), dict(vfr=False, gmc=False), dict(vfr=False, sda=False)):
+        with pytest.raises(ValueError):
+            make_model(**switches)
+
+
+def test_seeded_runs_repeat():
+    # training mode, so GMC's dropout draws random numbers
+    images, H = inputs()
+    runs = []
+    for _ in range(2):
+        model = make_model(seed=3).train()
+        torch.manual_seed(11)
+        runs.append(value_and_grads(lambda x, h: model(x, h).scores, model, images, H))
+    assert_same(*runs)
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
