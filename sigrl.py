@@ -135,8 +135,9 @@ class SigRL(nn.Module):
         if not cfg.vfr and (cfg.gmc or cfg.sda):
             raise ValueError("vfr=False scores the raw patch tokens, so GMC and SDA would be unused: "
                              "set gmc=False and sda=False too")
-        assert visual.proj.shape[1] == cfg.embed_dim, \
-            f"visual.proj is {tuple(visual.proj.shape)}, config.embed_dim is {cfg.embed_dim}"
+        proj = visual.proj  # None for a timm ViT: SigRL needs CLIP's projection into the label space
+        assert proj is not None and proj.shape[1] == cfg.embed_dim, \
+            f"SigRL needs visual.proj (W, {cfg.embed_dim}), got {None if proj is None else tuple(proj.shape)}"
         self.student = visual
         self.teacher = copy.deepcopy(visual).requires_grad_(False).eval()
         heads = not cfg.global_only

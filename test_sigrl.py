@@ -5,32 +5,15 @@ import torch
 import torch.nn as nn
 
 from sigrl import SDA, VFR, SigRL, SigRLConfig
+from vit import VisionConfig, VisionTransformer
 
 B, C, D = 2, 13, 16
 CHUNKS = [1, 7, C, C + 5]
 
 
-class StandInTower(nn.Module):
-    """A tiny tower with vit.VisionTransformer's interface (forward_tokens, proj, forward)."""
-
-    def __init__(self, width=24, patch=8, resolution=24, embed_dim=D):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
-        self.class_embedding = nn.Parameter(torch.randn(width) * 0.1)
-        self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width ** -0.5)
-
-    def forward_tokens(self, x):
-        p = self.conv1(x).flatten(2).transpose(1, 2)  # (B, P, W)
-        cls = self.class_embedding + p.mean(dim=1, keepdim=True)  # (B, 1, W)
-        return self.ln_post(torch.cat([cls, p], dim=1))  # (B, 1+P, W)
-
-    def forward(self, x):
-        return self.forward_tokens(x)[:, 0] @ self.proj
-
-
 def tower():
-    return StandInTower()
+    """A tiny CLIP visual tower: width 64 (one head), 1 block, 24 px / 8 px patches -> P = 9."""
+    return VisionTransformer(VisionConfig(width=64, layers=1, patch=8, resolution=24, embed_dim=D))
 
 
 # ---- the dense reference: the maths of shared/sigrl_method.md, materialising (B, P, C, D) ----------------
