@@ -198,7 +198,7 @@ def apl_update(obs, probs, unlabel_num, num_epochs, warmup_epoch, neg_proportion
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    scores = torch.randn(4, 10) * 0.1                                       # (B, C) small, like normalised scores
+    scores = torch.randn(4, 10) * 0.1                                       # (B, C) small, as normalised
     labels = torch.where(torch.rand(4, 10) < 0.3, 1.0, -1.0)                # (B, C)
     print("ranking loss per image:", ranking_loss_per_image(scores, labels))
     print("L1 distillation:", l1_distill(torch.randn(4, 512), torch.randn(4, 512)).item())
@@ -210,5 +210,6 @@ if __name__ == "__main__":
     probs = torch.sigmoid(torch.randn(12, 3)).numpy()                       # (N, C)
     obs0 = np.zeros((12, 3))
     obs0[np.arange(12), np.arange(12) % 3] = 1
-    print("APL round 1:\n", apl_update(obs0, probs, (obs0 == 0).sum(0), **{
-        k: SPML_DEFAULTS["voc"][k] for k in ("num_epochs", "warmup_epoch", "neg_proportion")}).round(2))
+    schedule = {k: SPML_DEFAULTS["voc"][k] for k in ("num_epochs", "warmup_epoch", "neg_proportion")}
+    new_obs = apl_update(obs0, probs, (obs0 == 0).sum(0), **schedule)       # (N, C)
+    print("APL round 1 (soft negatives are -p):\n", new_obs.round(2))
