@@ -33,6 +33,8 @@ Deviations (documented, exotic text only):
 - decode() strips "</w>" per piece (the official code replaces it in the decoded string, which also eats a
   literal "</w>" typed in the text). Output dtype is int64 (official: int32; open_clip: int64).
 - Special-token literals in the text map to SOT/EOT as in openai/CLIP (open_clip 3.3 does not do this).
+
+Shapes: N texts, L context length (77).
 """
 import functools
 import gzip
@@ -259,7 +261,8 @@ def learn_bpe(texts, n_merges: int) -> list:
 
     Count the words, then repeatedly merge the adjacent pair with the highest count (summed over words,
     weighted by word frequency); ties go to the smallest pair in string order, so results are deterministic.
-    Stops early when every word is a single symbol.
+    Stops early when every word is a single symbol. Pairs are recounted after every merge: simple, and a few
+    seconds for thousands of distinct words (2,000 merges on all label names: ~8 s), not for web corpora.
     """
     words = Counter(word_symbols(w) for t in texts for w in pretokenize(normalize(t))
                     if w not in (SOT_TEXT, EOT_TEXT))
@@ -288,7 +291,8 @@ def write_bpe(path, merges) -> None:
     for pair in merges:
         assert len(pair) == 2 and all(s and not any(c.isspace() for c in s) for s in pair), pair
     text = "#version: 0.2 - sigrl learn_bpe\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:  # mtime=0: same bytes
+    # no file name and time in the gzip header: the same merges always give the same bytes
+    with open(path, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as gz:
         gz.write(text.encode("utf-8"))
 
 
