@@ -1,0 +1,306 @@
+"""Datasets: NUS-WIDE for (generalised) zero-shot, COCO-2014 / PASCAL VOC for single-positive multi-label.
+
+On-disk formats and protocols: shared/datasets.md. N images, S seen / U unseen labels, C classes.
+  load_nuswide(root, out=None)  the prepared layout <out or root>/sigrl_nuswide/ (numpy + text), else BiAM's h5
+      layout in root. `python data.py prepare nuswide --root DIR [--out DIR]` writes the prepared layout from the
+      h5 layout or from the official release, derived as BiAM/LESA did. Images: <root>/Flickr/<folder>/<file>.
+  load_spml(dataset, root, year="2012", out=None)  Cole et al.'s formatted_*.npy, written on first use into
+      <out or root>/sigrl_spml/<coco|voc2012|voc2007>/ (a folder per dataset, so one --out serves all).
+Every bad input raises DataError: one line naming the file and what was expected. The readers of other
+projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) live in data_formats.py.
+"""
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from data_formats import (NUS_H5, NUS_RAW, DataError, format_coco, format_voc, observe_single_positive,
+                          read_h5_layout, read_lines, read_names, read_raw_release, voc_dir)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# NUS-WIDE holds damaged and very large files; the reference code opens them with these same two settings.
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+Image.MAX_IMAGE_PIXELS = None
+NUS_DIR = "sigrl_nuswide"
+SPML_FILES = [f"formatted_{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels", "labels_obs")]
+
+
+def _write_lines(path, names):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(n + "\n" for n in names)
+
+
+def _load_npy(path):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: missing or not a readable .npy file ({e})") from e
+
+
+@contextlib.contextmanager
+def _new_folder(folder):
+    """Write into folder + ".tmp", then swap it in: an interrupted run never leaves half a layout behind."""
+    tmp = folder + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise DataError(f"cannot write {folder} ({e.strerror}): pass --out DIR (out=...) to write elsewhere") from e
+    print(f"wrote {folder}")
+
+
+# ------------------------------------------------------------------------------------------ NUS-WIDE
+@dataclass
+class NusWide:
+    """NUS-WIDE (G)ZSL; labels +1 / -1 (0 = unknown). ZSL uses the last U test columns, GZSL all S + U."""
+    seen: list
+    unseen: list
+    train_paths: list
+    train_labels: np.ndarray  # int8 (N, S)
+    test_paths: list
+    test_labels: np.ndarray  # int8 (M, S + U): seen columns, then unseen (the BiAM/MKT GZSL order)
+    layout: str  # "prepared" | "h5"
+
+
+def nus_path(root, name):
+    """`<folder>_<NNNN>_<id>.jpg` -> <root>/Flickr/<folder>/<NNNN>_<id>.jpg (a folder may contain `_`)."""
+    parts = name.split("_")
+    if len(parts) < 3:
+        raise DataError(f"image name {name!r} is not of the form <folder>_<NNNN>_<id>.jpg")
+    return os.path.join(root, "Flickr", "_".join(parts[:-2]), "_".join(parts[-2:]))
+
+
+def load_nuswide(root, out=None):
+    """Read NUS-WIDE. `out` is the folder given to `prepare --out`: its sigrl_nuswide/ is used before root's.
+    When only the h5 layout exists and `out` is given, the labels read from h5 are also saved there in the
+    prepared layout, so the slow h5 read happens once. Nothing is written into root unless out is root."""
+    prepared = [os.path.join(d, NUS_DIR) for d in (out, root) if d is not None]
+    found = [d for d in prepared if os.path.isfile(os.path.join(d, "seen.txt"))]
+    if found:
+        seen, unseen, train, test = _read_prepared(found[0])
+    elif all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
+        seen, unseen, train, test = read_h5_layout(root)
+        if out is not None:
+            _write_prepared(os.path.join(out, NUS_DIR), seen, unseen, train, test)
+    elif os.path.isfile(os.path.join(root, NUS_RAW)):
+        raise DataError(f"{root} holds the official NUS-WIDE release: convert it once with "
+                        f"`python data.py prepare nuswide --root {root}` (add --out DIR if root is read-only)")
+    else:
+        raise DataError(f"no NUS-WIDE in {root}: looked for {' and '.join(d + '/seen.txt' for d in prepared)}, "
+                        f"for {', '.join(NUS_H5)} (BiAM layout) and for {NUS_RAW} (official release)")
+    return NusWide(seen, unseen, [nus_path(root, n) for n in train[0]], train[1],
+                   [nus_path(root, n) for n in test[0]], test[1], "prepared" if found else "h5")
+
+
+def _check_labels(labels, path, rows, cols):
+    """(rows, cols) with values in {-1, 0, 1} -> int8."""
+    if labels.ndim != 2 or labels.shape != (rows, cols):
+        raise DataError(f"{path}: labels of shape {labels.shape}, expected ({rows}, {cols}) = (names, labels)")
+    if not np.isin(labels, (-1, 0, 1)).all():
+        raise DataError(f"{path}: label values outside {{-1, 0, 1}}")
+    return labels.astype(np.int8)
+
+
+def _read_prepared(folder):
+    seen, unseen = read_names(os.path.join(folder, "seen.txt")), read_names(os.path.join(folder, "unseen.txt"))
+    splits = []
+    for split, cols in (("train", len(seen)), ("test", len(seen) + len(unseen))):
+        names, path = read_lines(os.path.join(folder, f"{split}_names.txt")), os.path.join(folder, f"{split}_labels.npy")
+        splits.append((names, _check_labels(_load_npy(path), path, len(names), cols)))
+    return seen, unseen, *splits
+
+
+def _write_prepared(folder, seen, unseen, train, test):
+    with _new_folder(folder) as tmp:
+        _write_lines(os.path.join(tmp, "seen.txt"), seen)
+        _write_lines(os.path.join(tmp, "unseen.txt"), unseen)
+        for split, (names, labels) in (("train", train), ("test", test)):
+            _write_lines(os.path.join(tmp, f"{split}_names.txt"), names)
+            np.save(os.path.join(tmp, f"{split}_labels.npy"), labels.astype(np.int8))
+
+
+# ------------------------------------------------------------------------------------------ COCO / VOC (SPML)
+@dataclass
+class Spml:
+    """Cole et al.'s protocol: train/val = 80/20 of the official train split, test = the official val split."""
+    classes: list
+    train_paths: list
+    train_obs: np.ndarray  # float32 (N, C) {0, 1}: one observed positive per image, nothing else observed
+    train_true: np.ndarray  # float32 (N, C) the clean labels of the same images
+    val_paths: list
+    val_labels: np.ndarray  # float32 (Nv, C) clean
+    test_paths: list
+    test_labels: np.ndarray  # float32 (M, C) clean
+
+
+def _spml_folder(dataset, root, year, out):
+    return os.path.join(out or root, "sigrl_spml", "coco" if dataset == "coco" else f"voc{year}")
+
+
+def prepare(dataset, root, out=None, year="2012"):
+    """Write the formatted files of "nuswide" | "coco" | "voc" (year 2012 | 2007) into <out or root>."""
+    year = str(year)
+    if dataset == "nuswide":
+        if all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
+            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_h5_layout(root))
+        if os.path.isfile(os.path.join(root, NUS_RAW)):
+            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_raw_release(root))
+        raise DataError(f"nothing to prepare in {root}: looked for {', '.join(NUS_H5)} (BiAM layout) "
+                        f"and {NUS_RAW} (official release)")
+    if dataset not in ("coco", "voc") or year not in ("2012", "2007"):
+        raise DataError(f"unknown dataset {dataset!r} / year {year!r}: expected nuswide, coco or voc (2012 | 2007)")
+    classes, splits = format_coco(root) if dataset == "coco" else format_voc(root, year)
+    with _new_folder(_spml_folder(dataset, root, year, out)) as tmp:
+        _write_lines(os.path.join(tmp, "classes.txt"), classes)
+        for split, (images, labels) in splits.items():
+            np.save(os.path.join(tmp, f"formatted_{split}_images.npy"), np.array(images, dtype=str))  # <U..
+            np.save(os.path.join(tmp, f"formatted_{split}_labels.npy"), labels)
+            np.save(os.path.join(tmp, f"formatted_{split}_labels_obs.npy"), observe_single_positive(labels))
+
+
+def load_spml(dataset, root, year="2012", out=None):
+    """COCO-2014 or VOC (2012 default, 2007 option); formats on first use, then reuses the saved files."""
+    year, folder = str(year), _spml_folder(dataset, root, str(year), out)
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in SPML_FILES + ["classes.txt"]):
+        prepare(dataset, root, out=out, year=year)
+    classes = read_names(os.path.join(folder, "classes.txt"))
+    a = {f[10:-4]: _load_npy(os.path.join(folder, f)) for f in SPML_FILES}  # "formatted_train_labels.npy"
+    for key in ("train_labels", "train_labels_obs", "val_labels", "val_labels_obs"):  # -> "train_labels"
+        want = (len(a[key.split("_")[0] + "_images"]), len(classes))
+        if a[key].shape != want:
+            raise DataError(f"{folder}/formatted_{key}.npy: shape {a[key].shape}, expected {want}")
+    image_root = root if dataset == "coco" else os.path.join(voc_dir(root, year), "JPEGImages")
+    paths = [os.path.join(image_root, p) for p in a["train_images"]]
+    n_train = len(paths) - int(np.round(0.2 * len(paths)))  # datasets.md 2d
+    perm = np.random.RandomState(1200).permutation(len(paths))
+    tr, va = np.sort(perm[:n_train]), np.sort(perm[n_train:])
+    f32 = lambda x: x.astype(np.float32)  # noqa: E731
+    return Spml(classes, [paths[i] for i in tr], f32(a["train_labels_obs"][tr]), f32(a["train_labels"][tr]),
+                [paths[i] for i in va], f32(a["train_labels"][va]),
+                [os.path.join(image_root, p) for p in a["val_images"]], f32(a["val_labels"]))
+
+
+# ------------------------------------------------------------------------------------------ images
+def build_transform(task, train, resolution):
+    """The reference preprocessing (datasets.md 3) at R = `resolution`, the checkpoint's input size.
+
+    zsl train: RandomResizedCrop(R, scale (0.08, 1), bicubic) -> flip -> RandAugment(2 ops, magnitude 9, bicubic,
+               fill = ImageNet mean) -> tensor -> ImageNet mean/std. Reference code differs: timm's
+               "rand-m9-mstd0.5-inc1" draws each magnitude from N(9, 0.5), applies each op with p = 0.5 and picks
+               from its own op set (Invert, SolarizeAdd, no Identity); torchvision's RandAugment does not.
+    zsl eval:  Resize the shorter side to int(R / 0.875) (256 for 224: timm's floor), bicubic -> CenterCrop(R).
+    spml:      Resize((2R, 2R)) bilinear (448 for 224) [+ flip in training]; train.py / eval.py resize the
+               normalised batch to R, as the reference model does.
+    """
+    bicubic, R = T.InterpolationMode.BICUBIC, resolution
+    if task == "zsl" and train:
+        steps = [T.RandomResizedCrop(R, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip(),
+                 T.RandAugment(2, 9, interpolation=bicubic, fill=[round(255 * m) for m in IMAGENET_MEAN])]
+    elif task == "zsl":
+        steps = [T.Resize(int(R / 0.875), interpolation=bicubic), T.CenterCrop(R)]
+    elif task == "spml":
+        steps = [T.Resize((2 * R, 2 * R), interpolation=T.InterpolationMode.BILINEAR)]
+        steps += [T.RandomHorizontalFlip()] if train else []
+    else:
+        raise ValueError(f"task must be 'zsl' or 'spml', got {task!r}")
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(image, label row as a tensor, index). Run check_images first: an unreadable file here is an error."""
+
+    def __init__(self, paths, labels, transform):
+        assert len(paths) == len(labels), f"{len(paths)} paths but {len(labels)} label rows"
+        self.paths, self.labels, self.transform = list(paths), labels, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                image = im.convert("RGB")
+        except (OSError, ValueError) as e:  # missing, not an image, damaged beyond what PIL tolerates
+            raise DataError(f"{self.paths[i]}: cannot read image ({e}); exclude it with check_images()") from e
+        return self.transform(image), torch.as_tensor(np.asarray(self.labels[i])), i
+
+
+def _unreadable(path):
+    """'' when the file exists and decodes (a JPEG at 1/8 scale: cheap), else the reason."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except (OSError, ValueError) as e:
+        return str(e) or type(e).__name__
+    return ""
+
+
+def check_images(paths, workers=8):
+    """Open every image once, in threads (PIL decodes without the GIL) -> (good_mask (N,) bool, bad paths).
+    The caller reports len(bad) and a few of them once, then drops them: no crash hours into an epoch,
+    no silent black image."""
+    paths, reasons = list(paths), []
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="checking images", unit="img") as bar:
+        for s in range(0, len(paths), 4096):  # in blocks: 270k paths never mean 270k pending futures
+            reasons += pool.map(_unreadable, paths[s:s + 4096])
+            bar.update(len(paths[s:s + 4096]))
+    return np.array([not r for r in reasons], dtype=np.bool_), [p for p, r in zip(paths, reasons) if r]
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _show(a):
+    if a.dataset == "nuswide":
+        d = load_nuswide(a.root, a.out)
+        print(f"NUS-WIDE ({d.layout} layout): {len(d.seen)} seen + {len(d.unseen)} unseen labels\n"
+              f"train: {len(d.train_paths)} images, {int((d.train_labels == 1).any(1).sum())} with a seen positive\n"
+              f"test:  {len(d.test_paths)} images, {int((d.test_labels[:, len(d.seen):] == 1).any(1).sum())} "
+              "with an unseen positive")
+        paths = d.train_paths + d.test_paths
+    else:
+        d = load_spml(a.dataset, a.root, a.year, a.out)
+        print(f"{a.dataset}: {len(d.classes)} classes; train {len(d.train_paths)} (one observed positive each) / "
+              f"val {len(d.val_paths)} / test {len(d.test_paths)} images")
+        paths = d.train_paths + d.val_paths + d.test_paths
+    if a.check_images:
+        bad = check_images(paths)[1]
+        print(f"{len(bad)} of {len(paths)} images missing or unreadable" + (": " + ", ".join(bad[:5]) if bad else ""))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Prepare or inspect the SigRL datasets (layouts: shared/datasets.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
+  python data.py prepare nuswide --root data/NUS_WIDE       # BiAM h5 layout or official release -> sigrl_nuswide/
+  python data.py prepare nuswide --root /ro/NUS_WIDE --out ~/nus   # read-only root; then load_nuswide(root, out)
+  python data.py prepare coco --root data/coco              # annotations/instances_{train,val}2014.json
+  python data.py show voc --root data/pascal --check-images  # VOCdevkit/VOC2012/ImageSets/Main""")
+    p.add_argument("command", choices=["prepare", "show"], help="prepare: write formatted files; show: counts")
+    p.add_argument("dataset", choices=["nuswide", "coco", "voc"])
+    p.add_argument("--root", required=True, help="dataset folder (holds the images)")
+    p.add_argument("--out", default=None, help="where the formatted files go / are read from (default: --root)")
+    p.add_argument("--year", default="2012", choices=["2012", "2007"], help="VOC release (default 2012, as the code)")
+    p.add_argument("--check-images", action="store_true", help="show: also open every image, list unreadable ones")
+    a = p.parse_args(argv)
+    try:
+        prepare(a.dataset, a.root, out=a.out, year=a.year) if a.command == "prepare" else _show(a)
+    except DataError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
