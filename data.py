@@ -117,7 +117,8 @@ def _read_prepared(folder):
     seen, unseen = read_names(os.path.join(folder, "seen.txt")), read_names(os.path.join(folder, "unseen.txt"))
     splits = []
     for split, cols in (("train", len(seen)), ("test", len(seen) + len(unseen))):
-        names, path = read_lines(os.path.join(folder, f"{split}_names.txt")), os.path.join(folder, f"{split}_labels.npy")
+        names = read_lines(os.path.join(folder, f"{split}_names.txt"))
+        path = os.path.join(folder, f"{split}_labels.npy")
         splits.append((names, _check_labels(_load_npy(path), path, len(names), cols)))
     return seen, unseen, *splits
 
@@ -129,6 +130,7 @@ def _write_prepared(folder, seen, unseen, train, test):
         for split, (names, labels) in (("train", train), ("test", test)):
             _write_lines(os.path.join(tmp, f"{split}_names.txt"), names)
             np.save(os.path.join(tmp, f"{split}_labels.npy"), labels.astype(np.int8))
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ COCO / VOC (SPML)
@@ -150,7 +152,8 @@ def _spml_folder(dataset, root, year, out):
 
 
 def prepare(dataset, root, out=None, year="2012"):
-    """Write the formatted files of "nuswide" | "coco" | "voc" (year 2012 | 2007) into <out or root>."""
+    """Write the formatted files of "nuswide" | "coco" | "voc" (year 2012 | 2007) under <out or root>; return
+    the folder written (sigrl_nuswide/ or sigrl_spml/<coco|voc2012|voc2007>/)."""
     year = str(year)
     if dataset == "nuswide":
         if all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
@@ -162,12 +165,14 @@ def prepare(dataset, root, out=None, year="2012"):
     if dataset not in ("coco", "voc") or year not in ("2012", "2007"):
         raise DataError(f"unknown dataset {dataset!r} / year {year!r}: expected nuswide, coco or voc (2012 | 2007)")
     classes, splits = format_coco(root) if dataset == "coco" else format_voc(root, year)
-    with _new_folder(_spml_folder(dataset, root, year, out)) as tmp:
+    folder = _spml_folder(dataset, root, year, out)
+    with _new_folder(folder) as tmp:
         _write_lines(os.path.join(tmp, "classes.txt"), classes)
         for split, (images, labels) in splits.items():
             np.save(os.path.join(tmp, f"formatted_{split}_images.npy"), np.array(images, dtype=str))  # <U..
             np.save(os.path.join(tmp, f"formatted_{split}_labels.npy"), labels)
             np.save(os.path.join(tmp, f"formatted_{split}_labels_obs.npy"), observe_single_positive(labels))
+    return folder
 
 
 def load_spml(dataset, root, year="2012", out=None):
@@ -175,19 +180,25 @@ def load_spml(dataset, root, year="2012", out=None):
     year, folder = str(year), _spml_folder(dataset, root, str(year), out)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in SPML_FILES + ["classes.txt"]):
         prepare(dataset, root, out=out, year=year)
-    classes = read_names(os.path.join(folder, "classes.txt"))
+    return read_spml_folder(folder, root if dataset == "coco" else os.path.join(voc_dir(root, year), "JPEGImages"))
+
+
+def read_spml_folder(folder, image_root, classes=None):
+    """Cole et al.'s formatted_*.npy in `folder` -> Spml (classes default to folder/classes.txt). Split as in
+    datasets.md 2d: a RandomState(1200) permutation sends 80 % of the train file to train (observed labels) and
+    20 % to val (clean labels); test = the val file (clean). Image paths are relative to image_root."""
+    classes = classes or read_names(os.path.join(folder, "classes.txt"))
     a = {f[10:-4]: _load_npy(os.path.join(folder, f)) for f in SPML_FILES}  # "formatted_train_labels.npy"
     for key in ("train_labels", "train_labels_obs", "val_labels", "val_labels_obs"):  # -> "train_labels"
         want = (len(a[key.split("_")[0] + "_images"]), len(classes))
         if a[key].shape != want:
             raise DataError(f"{folder}/formatted_{key}.npy: shape {a[key].shape}, expected {want}")
-    image_root = root if dataset == "coco" else os.path.join(voc_dir(root, year), "JPEGImages")
     paths = [os.path.join(image_root, p) for p in a["train_images"]]
-    n_train = len(paths) - int(np.round(0.2 * len(paths)))  # datasets.md 2d
+    n_train = len(paths) - int(np.round(0.2 * len(paths)))
     perm = np.random.RandomState(1200).permutation(len(paths))
     tr, va = np.sort(perm[:n_train]), np.sort(perm[n_train:])
     f32 = lambda x: x.astype(np.float32)  # noqa: E731
-    return Spml(classes, [paths[i] for i in tr], f32(a["train_labels_obs"][tr]), f32(a["train_labels"][tr]),
+    return Spml(list(classes), [paths[i] for i in tr], f32(a["train_labels_obs"][tr]), f32(a["train_labels"][tr]),
                 [paths[i] for i in va], f32(a["train_labels"][va]),
                 [os.path.join(image_root, p) for p in a["val_images"]], f32(a["val_labels"]))
 

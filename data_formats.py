@@ -221,3 +221,9 @@ def observe_single_positive(labels):
         rng.shuffle(neg)
         obs[r, pos[0]] = 1.0
     return obs
+
+
+if __name__ == "__main__":
+    demo = np.array([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=np.float64)  # (N, C) clean labels
+    print("clean labels\n", demo, "\none observed positive per row (Cole et al., RandomState(1200))\n",
+          observe_single_positive(demo))
