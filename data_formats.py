@@ -80,6 +80,7 @@ def _read_h5_labels(path, names, cols):
 
 
 def read_h5_layout(root):
+    """BiAM/MKT layout: names from the pickles (file order kept), labels from the h5 files, columns as labels/."""
     seen, unseen = bundled("nuswide_925.txt"), bundled("nuswide_81.txt")
     for fname, expected in (("Concepts925.txt", seen), ("Concepts81.txt", unseen)):
         path = os.path.join(root, fname)  # optional; when present it must be the h5 column order
@@ -121,7 +122,8 @@ def read_raw_release(root):
     taglist = read_names(j("NUS_WID_Tags", "TagList1k.txt"))
     concepts = read_names(j("ConceptsList", "Concepts81.txt") if os.path.isfile(j("ConceptsList", "Concepts81.txt"))
                           else j("Concepts81.txt"))
-    seen = [t for t in taglist if t not in set(concepts)]  # TagList1k order minus the concepts
+    concept_set = set(concepts)
+    seen = [t for t in taglist if t not in concept_set]  # TagList1k order minus the concepts
     every = _read_imagelist(j(NUS_RAW))  # its order is the row order of every All* file
     path = j("NUS_WID_Tags", "AllTags1k.txt")
     if not os.path.isfile(path):
@@ -149,7 +151,6 @@ def read_raw_release(root):
             y = np.concatenate([y, human[rows]], 1)  # (N, S + U): the test `-labels`, seen first
         splits.append(([r.replace("/", "_") for r in rel], 2 * y.astype(np.int8) - 1))
     return seen, concepts, *splits
-
 
 
 # ------------------------------------------------------------------------------------------ COCO / VOC (SPML)
