@@ -54,12 +54,15 @@ def randomize_(model, seed=0):
 def fp16_subset(model):
     """Names of the entries OpenAI stores in fp16 (conv1, Linear and in_proj weights/biases, proj, text_projection).
 
-    Uses open_clip's own converter so the subset is not our guess; the model comes back in fp32.
+    Uses open_clip's own converter so the subset is not our guess. The model comes back in fp32 with those
+    entries rounded through fp16 (so the model is then the oracle of any file saved from it). The names
+    depend only on the architecture: they are remembered on the model, as the conversion takes seconds.
     """
-    convert_weights_to_lp(model)
-    names = {k for k, v in model.state_dict().items() if v.dtype == torch.float16}
-    model.float()
-    return names
+    if not hasattr(model, "fp16_names"):
+        convert_weights_to_lp(model)
+        model.fp16_names = {k for k, v in model.state_dict().items() if v.dtype == torch.float16}
+        model.float()
+    return model.fp16_names
 
 
 def build_oracle(size="tiny", seed=0):
@@ -110,7 +113,7 @@ def _save_jit(model, path, half, ints):
     image = torch.randn(1, 3, R, R, generator=torch.Generator().manual_seed(0))
     tokens = torch.zeros(1, L, dtype=torch.long)
     tokens[0, :3] = torch.tensor([ints["vocab_size"] - 2, 1, ints["vocab_size"] - 1])  # SOT, a word, EOT
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # no_grad: the graph is the same, tracing is cheaper
         warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.14, and tracing warns on asserts
         traced = torch.jit.trace_module(
             model, {"forward": (image, tokens), "encode_image": image, "encode_text": tokens}, check_trace=False)

@@ -1,0 +1,329 @@
+"""CLIP's text tower and the whole `CLIP` module; loading OpenAI's file; label embeddings; CoOp prompts.
+
+Shape legend:
+    N texts, L context length (77), Wt text width (512), D joint embedding width (512), C classes,
+    V vocabulary size (49408), n_ctx learnable context tokens (CoOp)
+
+SigRL needs one text embedding per label, H in R^{C x D} (paper Sec. III-A, "label embeddings"). The
+reference code loads MKT's precomputed label_emb.pt: encode_text("There is a {name} in the scene") per label,
+not normalised. `encode_labels` recomputes exactly that from the CLIP file, so no opaque file is needed.
+`PromptLearner` is CoOp's learnable prompt, for prompt-tuning experiments (the reference code has none).
+
+Text encoder (OpenAI): token_embedding + positional_embedding -> causal pre-LN transformer -> ln_final at
+the EOT position (the largest token id) -> @ text_projection. Outputs are NOT normalised.
+"""
+import argparse
+from dataclasses import dataclass, field, replace
+import hashlib
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+import zipfile
+
+import torch
+import torch.nn as nn
+
+from tokenizer import Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
+from vit import CheckpointError, Transformer, VisionConfig, VisionTransformer, check_keys, infer_vision_config
+
+OFFICIAL_VOCAB = 49408
+INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")  # int scalars in OpenAI's file, not weights
+# Keys the configuration is inferred from; a file without any of them is not a CLIP checkpoint at all.
+STRUCTURAL = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
+              "positional_embedding", "ln_final.weight", "text_projection")
+
+
+@dataclass
+class CLIPConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    embed_dim: int = 512
+    context_length: int = 77
+    vocab_size: int = OFFICIAL_VOCAB
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int | None = None  # None -> text_width // 64, as OpenAI's build_model
+
+    def __post_init__(self):
+        if self.text_heads is None:
+            self.text_heads = self.text_width // 64
+        assert self.vision.embed_dim == self.embed_dim, "visual proj must map into the joint embedding"
+
+    @classmethod
+    def from_state_dict(cls, sd):
+        """Everything from tensor shapes (clip_format.md 1.3); heads = width // 64 in both towers."""
+        vision = infer_vision_config({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
+        embed_dim = sd["text_projection"].shape[1]
+        text_blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
+        return cls(vision=replace(vision, embed_dim=embed_dim), embed_dim=embed_dim,
+                   context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                   text_width=sd["ln_final.weight"].shape[0], text_layers=len(text_blocks))
+
+
+class CLIP(nn.Module):
+    """OpenAI's CLIP (ViT image tower + causal text tower); attribute names == checkpoint key names."""
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = c = config
+        self.visual = VisionTransformer(c.vision)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(c.context_length, c.text_width))  # (L, Wt)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads)
+        self.ln_final = nn.LayerNorm(c.text_width)
+        self.text_projection = nn.Parameter(c.text_width ** -0.5 * torch.randn(c.text_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.source, self.sha256, self.bpe = None, None, None  # set by load_clip
+        self._tokenizer = None
+
+    @property
+    def embed_dim(self):
+        return self.config.embed_dim
+
+    @property
+    def resolution(self):
+        return self.visual.resolution
+
+    @property
+    def tokenizer(self):
+        """A Tokenizer for this checkpoint's vocabulary, built on first use (see load_clip for the file)."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.bpe, vocab_size=self.config.vocab_size)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def encode_image(self, images):
+        """Images (B, 3, R, R), CLIP-normalised -> (B, D)."""
+        return self.visual(images)
+
+    def encode_text(self, tokens):
+        """Token ids (N, L) -> (N, D), pooled at the EOT token (the largest id in each row)."""
+        L = self.config.context_length
+        assert tokens.dim() == 2 and tokens.shape[1] == L, f"expected token ids (N, {L}), got {tuple(tokens.shape)}"
+        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))  # (N, L, Wt)
+
+    def encode_text_embeddings(self, x, eot_index):
+        """Token embeddings (N, L, Wt) WITHOUT positions, EOT positions (N,) -> (N, D). For prompt learners."""
+        N, L, Wt = x.shape
+        assert (L, Wt) == tuple(self.positional_embedding.shape), f"expected (N, {L}, {Wt}), got {tuple(x.shape)}"
+        assert eot_index.shape == (N,), f"expected eot_index ({N},), got {tuple(eot_index.shape)}"
+        # Causal mask: token i sees tokens j <= i (additive, -inf above the diagonal). Built per call (77 x 77
+        # is nothing) rather than kept as a buffer, so the module holds exactly the checkpoint's tensors.
+        mask = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu(1)  # (L, L)
+        x = self.transformer(x + self.positional_embedding, mask)  # (N, L, Wt)
+        x = x[torch.arange(N, device=x.device), eot_index]  # (N, Wt)
+        # LayerNorm acts per token, so normalising only the pooled row equals ln_final over all, then pooling.
+        return self.ln_final(x) @ self.text_projection  # (N, Wt) @ (Wt, D) -> (N, D)
+
+    def forward(self, images, tokens):
+        return self.encode_image(images), self.encode_text(tokens)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # 1 MB at a time: a 350 MB file never sits in memory
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unreadable(path, err):
+    """Why neither torch.jit.load nor torch.load could read `path`, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty file (expected a CLIP checkpoint)"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "truncated zip archive (its end, with the file index, is missing); copy or download it again"
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # neither a zip nor a pickle
+        return "not a checkpoint (expected a TorchScript archive or a torch.save state dict)"
+    if isinstance(err, pickle.UnpicklingError) and "eights only" in str(err):
+        return "holds Python objects other than tensors (refused by torch.load weights_only=True)"
+    first = (str(err).strip().splitlines() or [""])[0][:120]
+    return f"not a TorchScript archive or a torch.save state dict ({type(err).__name__}: {first})"
+
+
+def read_state_dict(path):
+    """OpenAI's file (TorchScript archive) or a plain state dict -> {key: fp32 tensor}, int entries dropped."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found (expected a CLIP checkpoint such as ViT-B-16.pt)")
+    kind = "TorchScript archive"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit; OpenAI ships it
+            # A path, not a reused handle (a handle read to its end breaks the fallback, clip_format.md 1.4);
+            # map_location: a file traced on a GPU carries cuda:0 storages.
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+    except RuntimeError:  # not TorchScript: a plain state dict, or garbage
+        kind = "state dict"
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError, ...)
+            raise CheckpointError(f"{path}: {_unreadable(path, err)}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path}: expected a CLIP state dict (dict of tensors), got {type(sd).__name__}")
+    sd = {k: v.float() for k, v in sd.items() if k not in INT_ENTRIES}  # partly fp16 in the file
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
+        raise CheckpointError(f"{path}: only ViT CLIP checkpoints are supported (this one has a ResNet visual tower)")
+    missing = [k for k in STRUCTURAL if k not in sd]
+    if len(missing) == len(STRUCTURAL):
+        found = ", ".join(list(sd)[:3]) or "nothing"
+        raise CheckpointError(f"{path}: {kind} is not a CLIP model (expected keys such as {STRUCTURAL[0]}, "
+                              f"{STRUCTURAL[2]}; found {found}; {len(sd)} keys)")
+    if missing:
+        check_keys(sd, set(sd) | set(missing), path)  # names the missing keys, in the strict check's words
+    return sd
+
+
+def bpe_for(path, vocab_size, bpe=None):
+    """Which BPE file the checkpoint at `path` needs; None = the official lookup (see tokenizer.find_bpe).
+
+    A non-official vocabulary (a toy CLIP trained here) needs its own merges: `bpe`, else $SIGRL_BPE,
+    else `<checkpoint stem>.bpe.txt.gz` next to the checkpoint.
+    """
+    if bpe is not None or vocab_size == OFFICIAL_VOCAB:
+        return bpe
+    if os.environ.get("SIGRL_BPE"):
+        return os.environ["SIGRL_BPE"]
+    return os.path.splitext(str(path))[0] + ".bpe.txt.gz"
+
+
+def load_clip(path, bpe=None):
+    """A CLIP checkpoint file -> CLIP in fp32, eval mode, with .source, .sha256 and a matching .tokenizer.
+
+    Every failure is a CheckpointError whose one-line message names the file and what was expected.
+    """
+    path = str(path)
+    sd = read_state_dict(path)
+    with torch.device("meta"):  # shapes only: random init of 150M numbers would be thrown away
+        model = CLIP(CLIPConfig.from_state_dict(sd))
+    check_keys(sd, model.state_dict(), path)
+    try:
+        model.load_state_dict(sd, assign=True)  # the parameters become the loaded fp32 tensors
+    except RuntimeError as err:  # shapes that disagree with the inferred configuration
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: tensor shapes do not fit one CLIP configuration ({detail})") from None
+    model.source, model.sha256 = path, file_sha256(path)
+    model.bpe = bpe_for(path, model.config.vocab_size, bpe)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------- label embeddings
+@torch.no_grad()
+def _encode_texts(clip, texts, chunk=256):
+    device = clip.text_projection.device
+    rows = [clip.encode_text(clip.tokenizer(texts[i:i + chunk]).to(device)) for i in range(0, len(texts), chunk)]
+    return torch.cat(rows).float().cpu()  # (N, D)
+
+
+def encode_labels(clip, names, template="There is a {} in the scene", templates=None, cache_dir=None):
+    """Label embeddings H (C, D), fp32, NOT normalised: encode_text(template.format(name)) per name.
+
+    This is how MKT made the label_emb.pt the SigRL reference code loads (clip_format.md section 7).
+    templates=[t1, t2, ...]: a prompt ensemble. Each template's rows are L2-normalised and averaged (CLIP's
+    zero-shot recipe), then the mean direction is rescaled to the mean norm of the raw rows, so ensembled
+    embeddings keep the scale of single-template ones (SigRL uses H unnormalised, so its scale matters).
+    Results are cached in <cache_dir or $SIGRL_CACHE or ~/.cache/sigrl> under a hash of the checkpoint's
+    sha256, the names and the templates; a CLIP not loaded from a file (no sha256) is never cached.
+    """
+    names, templates = list(names), [template] if templates is None else list(templates)
+    cache = None
+    if clip.sha256 is not None:
+        key = hashlib.sha256(json.dumps([clip.sha256, names, templates]).encode()).hexdigest()[:24]
+        cache_dir = cache_dir or os.environ.get("SIGRL_CACHE") or os.path.expanduser("~/.cache/sigrl")
+        cache = os.path.join(cache_dir, f"labels-{key}.pt")
+        if os.path.exists(cache):
+            hit = torch.load(cache, map_location="cpu", weights_only=True)
+            if hit["names"] == names and hit["templates"] == templates:
+                return hit["embeddings"]
+    per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # T x (C, D)
+    if len(per_template) == 1:
+        emb = per_template[0]  # (C, D)
+    else:
+        stack = torch.stack(per_template)  # (T, C, D)
+        direction = nn.functional.normalize(stack, dim=-1).mean(0)  # (C, D)
+        emb = nn.functional.normalize(direction, dim=-1) * stack.norm(dim=-1).mean(0, keepdim=True).T  # (C, D)
+    if cache is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")  # same folder, so the rename is atomic
+        os.close(fd)
+        torch.save({"names": names, "templates": templates, "embeddings": emb}, tmp)
+        os.replace(tmp, cache)
+    return emb
+
+
+# ------------------------------------------------------------------------------------------ CoOp prompts
+class PromptLearner(nn.Module):
+    """CoOp (Zhou et al., IJCV 2022): a learned context shared by all classes, class name at the end.
+
+    prompt_c = [SOT] ctx_1 ... ctx_n [name_c tokens] . [EOT]  -> frozen text tower -> (C, D)
+    ctx: random normal (std 0.02) for `init=None`, else the (frozen-CLIP) token embeddings of the init words.
+    CoOp counts init *words* for n_ctx; we count init *tokens* (the same for "a photo of a").
+    Only `ctx` learns. The CLIP is held by reference, not registered as a submodule: state_dict() then
+    holds only the prompt, and the image tower (which SigRL may be training) is left alone. Move the CLIP
+    to the device yourself.
+    """
+
+    def __init__(self, clip, names, n_ctx=16, init=None):
+        super().__init__()
+        self.__dict__["clip"] = clip  # bypasses nn.Module registration on purpose (see docstring)
+        for p in (clip.token_embedding.weight, clip.positional_embedding, clip.text_projection,
+                  *clip.transformer.parameters(), *clip.ln_final.parameters()):
+            p.requires_grad_(False)  # the text tower is frozen
+        tok, device = clip.tokenizer, clip.positional_embedding.device
+        if init is not None:
+            n_ctx = len(tok.encode(init))
+            with torch.no_grad():
+                ctx = clip.token_embedding(tok(init).to(device))[0, 1:1 + n_ctx]  # (n_ctx, Wt)
+            words = init
+        else:
+            ctx = 0.02 * torch.randn(n_ctx, clip.config.text_width, device=device)  # (n_ctx, Wt)
+            words = " ".join(["X"] * n_ctx)  # placeholders, overwritten by ctx (CoOp does the same)
+        self.ctx = nn.Parameter(ctx.clone())
+        tokens = tok([f"{words} {name.replace('_', ' ')}." for name in names]).to(device)  # (C, L)
+        with torch.no_grad():
+            embedded = clip.token_embedding(tokens)  # (C, L, Wt)
+        self.register_buffer("token_prefix", embedded[:, :1].clone())  # (C, 1, Wt)  SOT
+        self.register_buffer("token_suffix", embedded[:, 1 + n_ctx:].clone())  # (C, L-1-n_ctx, Wt) name . EOT pad
+        self.register_buffer("eot_index", tokens.argmax(dim=-1))  # (C,)  pooled at the placeholder prompt's EOT
+        self.n_ctx = n_ctx
+
+    def forward(self):
+        C = self.token_prefix.shape[0]
+        ctx = self.ctx.unsqueeze(0).expand(C, -1, -1)  # (C, n_ctx, Wt)
+        prompts = torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)  # (C, L, Wt)
+        return self.clip.encode_text_embeddings(prompts, self.eot_index)  # (C, D)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Load a CLIP checkpoint; print its config and text embedding norms.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("texts", nargs="*", help='e.g. "a photo of a dog."')
+    parser.add_argument("--bpe", default=None, help="BPE vocabulary file for a non-official vocabulary")
+    args = parser.parse_args(argv)
+    try:
+        clip = load_clip(args.checkpoint, bpe=args.bpe)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    n_params = sum(p.numel() for p in clip.parameters())
+    print(f"{clip.source}  sha256 {clip.sha256[:16]}...  {n_params:,} parameters")
+    print(clip.config)
+    if args.texts:
+        with torch.no_grad():
+            emb = clip.encode_text(clip.tokenizer(args.texts))  # (N, D)
+        for text, row in zip(args.texts, emb):
+            print(f"|e| = {row.norm():8.4f}  {text!r}")
+
+
+if __name__ == "__main__":
+    main()
