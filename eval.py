@@ -1,0 +1,210 @@
+"""Evaluation under the paper's protocols, from a run checkpoint, from saved scores, or for zero-shot CLIP.
+
+    python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # needs nothing else
+    python eval.py --scores S.npy --labels Y.npy --protocol nuswide|spml [--json PATH]
+    python eval.py --baseline clip --clip ViT-B-16.pt --data nuswide --data-root DIR
+
+NUS-WIDE (Table I): ZSL = a separate forward pass with the 81 unseen labels only, GZSL = a pass with all
+1006 labels (the per-image normalisation and the label graph depend on the label set, so ZSL scores are
+not a column slice of GZSL scores); mAP over all classes (AP 0 for classes without a test positive) and
+micro top-3 / top-5 precision, recall, F1. SPML (Tables II-III): mAP of sigmoid(score) on the clean test
+labels, precision / recall @1, @3, @5 averaged over images, and a derived F1. All figures in percent.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import runs
+from clip_text import CheckpointError, encode_labels, load_clip
+from data import DataError, ImageList, build_transform
+from metrics import nus_metrics, spml_metrics
+from runs import UsageError
+
+NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
+SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@torch.no_grad()
+def predict(score_fn, paths, transform, embs, device, batch_size, workers, desc):
+    """Scores of every image against each label set: {name: (N, C_name) float32}. `score_fn(images, emb)`
+    returns (B, C); the images of a batch are loaded once and scored against every label set."""
+    dummy = np.zeros((len(paths), 1), dtype=np.float32)
+    loader = torch.utils.data.DataLoader(ImageList(paths, dummy, transform), batch_size=batch_size,
+                                         shuffle=False, num_workers=workers)
+    out = {name: [] for name in embs}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for images, _, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        with autocast:
+            for name, emb in embs.items():
+                out[name].append(score_fn(images, emb).float().cpu())
+    return {name: torch.cat(v).numpy() for name, v in out.items()}
+
+
+def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None):
+    """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
+    label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows."""
+    model.eval()
+    n_all, n_train = label_emb.shape[0], runs.n_train_classes(cfg, data)
+    transform = build_transform(cfg.task, False, resolution)
+    emb = label_emb.to(device)
+
+    def score(images, e):
+        if cfg.task == "spml":
+            images = runs.spml_resize(images, resolution)
+        return model(images, e).scores
+
+    results = {}
+    if cfg.task == "zsl":
+        sets = {"zsl": emb[n_train:], "gzsl": emb}
+        scores = predict(score, data.test_paths, transform, sets, device, cfg.eval_batch_size, cfg.workers, "test")
+        results["zsl"] = nus_metrics(scores["zsl"], data.test_labels[:, n_train:])
+        results["gzsl"] = nus_metrics(scores["gzsl"], data.test_labels)
+    else:
+        for split in splits or ("val", "test"):
+            paths, labels = getattr(data, f"{split}_paths"), getattr(data, f"{split}_labels")
+            s = predict(score, paths, transform, {"all": emb}, device, cfg.eval_batch_size, cfg.workers, split)
+            results[split] = spml_metrics(1 / (1 + np.exp(-s["all"].astype(np.float64))), labels)
+    model.train()
+    return results
+
+
+def format_table(results, title=""):
+    """A Markdown table that pastes into a paper draft: one row per setting, figures in percent."""
+    columns = NUS_COLUMNS if "zsl" in results or "gzsl" in results else SPML_COLUMNS
+    head = "| setting | " + " | ".join(c.replace("map", "mAP").replace("p@", "P@").replace("r@", "R@")
+                                       .replace("f1@", "F1@") for c in columns) + " |"
+    lines = [title] if title else []
+    lines += [head, "|" + "---|" * (len(columns) + 1)]
+    for name, m in results.items():
+        lines.append(f"| {name.upper()} | " + " | ".join(f"{m[c]:.2f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def format_epoch(record):
+    """One line per epoch: the losses and the headline figures."""
+    losses = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
+    figures = " | ".join(f"{name} mAP {m['map']:.2f} F1@3 {m['f1@3']:.2f}"
+                         for name, m in record.items() if isinstance(m, dict) and "map" in m)
+    return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
+
+
+def write_json(results, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the three modes
+def eval_checkpoint(args):
+    ckpt = runs.load_run_checkpoint(args.ckpt)
+    cfg = runs.Config(**ckpt["config"])
+    cfg.data_root = args.data_root or cfg.data_root
+    cfg.workers = args.workers if args.workers is not None else cfg.workers
+    device = runs.pick_device(args.device)
+    data = runs.load_dataset(cfg)
+    runs.check_labels_match(ckpt, cfg, data, args.ckpt)
+    model = runs.model_from_checkpoint(ckpt).to(device)
+    results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
+                             splits=("test",) if cfg.task == "spml" else None)
+    print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
+    return results
+
+
+def eval_scores(args):
+    for path in (args.scores, args.labels):
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: no such file")
+    scores, labels = np.load(args.scores), np.load(args.labels)
+    if scores.shape != labels.shape:
+        raise UsageError(f"{args.scores} has shape {scores.shape} but {args.labels} has {labels.shape}; "
+                         f"expected the same (N, C)")
+    if args.protocol == "nuswide":
+        results = {"scores": nus_metrics(scores.astype(np.float32), labels)}
+    else:
+        results = {"test": spml_metrics(scores.astype(np.float64), labels)}
+    print(format_table(results))
+    return results
+
+
+def clip_baseline(clip, cfg, data, device):
+    """Zero-shot CLIP under the same protocol: cosine(image, label prompt), CLIP's own normalisation."""
+    from torchvision import transforms
+    R = clip.visual.resolution
+    transform = transforms.Compose([
+        transforms.Resize(R, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(R),
+        transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    names, n_train = runs.label_names(cfg, data)
+    text = torch.nn.functional.normalize(encode_labels(clip, names, template=cfg.template), dim=-1).to(device)
+    clip.to(device).eval()
+
+    def cosine(images, e):
+        return torch.nn.functional.normalize(clip.encode_image(images), dim=-1) @ e.T  # (B, C)
+
+    if cfg.task == "zsl":
+        s = predict(cosine, data.test_paths, transform, {"all": text}, device, cfg.eval_batch_size,
+                    cfg.workers, "clip")["all"]
+        # cosine scores do not depend on the label set, so ZSL is the unseen columns of the same pass
+        return {"zsl": nus_metrics(s[:, n_train:], data.test_labels[:, n_train:]),
+                "gzsl": nus_metrics(s, data.test_labels)}
+    s = predict(cosine, data.test_paths, transform, {"all": text}, device, cfg.eval_batch_size, cfg.workers,
+                "clip")["all"]
+    return {"test": spml_metrics(1 / (1 + np.exp(-s.astype(np.float64))), data.test_labels)}
+
+
+def eval_baseline(args):
+    argv = ["--task", args.task, "--data", args.data] + (["--data-root", args.data_root] if args.data_root else []) \
+        + (["--clip", args.clip] if args.clip else [])
+    cfg = runs.parse_args(argv)
+    if args.workers is not None:
+        cfg.workers = args.workers
+    device = runs.pick_device(args.device)
+    clip = load_clip(cfg.clip)
+    data = runs.load_dataset(cfg)
+    results = clip_baseline(clip, cfg, data, device)
+    print(format_table(results, f"zero-shot CLIP ({cfg.clip}) on {cfg.data}"))
+    return results
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
+    mode.add_argument("--scores", help="(N, C) .npy of any model's scores (with --labels and --protocol)")
+    mode.add_argument("--baseline", choices=["clip"], help="zero-shot CLIP under the same protocol")
+    p.add_argument("--labels", help="(N, C) .npy labels: +1/-1/0 for nuswide, 1/0 for spml")
+    p.add_argument("--protocol", choices=["nuswide", "spml"], help="metric protocol for --scores")
+    p.add_argument("--task", default="zsl", choices=["zsl", "spml"], help="--baseline: task")
+    p.add_argument("--data", default="toy", choices=["toy", "nuswide", "coco", "voc"], help="--baseline: dataset")
+    p.add_argument("--data-root", default="", help="dataset folder (--ckpt: overrides the recorded one)")
+    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toyclip/toyclip.pt)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--json", help="also write the figures (percent) to this JSON file")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.scores and not (args.labels and args.protocol):
+        parser().error("--scores needs --labels and --protocol")
+    try:
+        results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
+    except (CheckpointError, DataError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        write_json(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""A run: its configuration (one dataclass whose fields are the command-line flags, with named presets),
+the data and label sets it uses, and the self-describing checkpoint it writes.
+
+train.py and eval.py share this file so that a checkpoint written by one is read by the other with nothing
+else: the checkpoint carries the config, the label names and their embeddings, the prompt, the image
+normalisation, the model's shapes, the optimiser, the RNG state and the epoch.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import DataError, check_images, load_nuswide, load_spml
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT = "sigrl-run/1"
+
+
+class UsageError(ValueError):
+    """A bad command line or a file of the wrong kind; printed as one line, exit code 2."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Defaults = the paper's NUS-WIDE recipe (sigrl_method.md, "Optimisation"); presets adjust them."""
+    task: str = _f("zsl", "zsl: zero-shot multi-label (NUS-WIDE, Table I); spml: single-positive multi-label "
+                          "(COCO / VOC, Tables II-III)", choices=["zsl", "spml"])
+    data: str = _f("toy", "toy (offline synthetic world), nuswide, coco or voc",
+                   choices=["toy", "nuswide", "coco", "voc"])
+    data_root: str = _f("", "dataset folder (README: 'Datasets'); the toy world is generated here")
+    clip: str = _f("", "CLIP checkpoint: the official ViT-B-16.pt or a plain state dict")
+    out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
+    resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
+    overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
+    stop_after: int = _f(0, "stop after this many epochs of this invocation (resume later); 0 = run to the end")
+    epochs: int = _f(20, "training epochs")
+    batch_size: int = _f(32, "images per step")
+    lr: float = _f(1e-4, "base learning rate (AdamW)")
+    min_lr: float = _f(1e-7, "learning rate at the end of the cosine")
+    weight_decay: float = _f(0.05, "AdamW weight decay on matrices (none on 1-D parameters)")
+    warmup_epochs: float = _f(2.0, "linear warm-up length in epochs")
+    layer_decay: float = _f(0.65, "layer-wise lr decay: block i of L gets lr x decay^(L+1-i)")
+    fix_layer: int = _f(10, "freeze the patch embedding, ln_pre and the first N transformer blocks")
+    loss: str = _f("em", "SPML loss: iun (oracle negatives), an, em, em_apl", choices=["iun", "an", "em", "em_apl"])
+    alpha: float = _f(0.1, "SPML EM: weight of the entropy term on unobserved labels (COCO 0.1, VOC 0.2)")
+    beta: float = _f(0.9, "SPML EM_APL: weight of the soft-negative term (COCO 0.9, VOC 0.02)")
+    neg_proportion: float = _f(0.9, "SPML EM_APL: share of unobserved entries that become soft negatives")
+    apl_warmup: int = _f(5, "SPML EM_APL: first epoch after which pseudo-negatives are chosen")
+    prompt: str = _f("fixed", "label embeddings: fixed template, or coop (learned context, CoOp)",
+                     choices=["fixed", "coop"])
+    template: str = _f("There is a {} in the scene", "prompt template for --prompt fixed (the reference's)")
+    n_ctx: int = _f(16, "CoOp context length")
+    coop_init: str = _f("", "CoOp context initialisation words, e.g. 'a photo of a' (empty: random)")
+    gmc: bool = _f(True, "GMC: label graph (paper Eq. 2-4)")
+    sda: bool = _f(True, "SDA: semantic decoupling attention (Eq. 5-9)")
+    vfr: bool = _f(True, "VFR: visual feature reconstruction (Eq. 10-12)")
+    global_only: bool = _f(False, "score with the global (class-token) branch only")
+    topk: int = _f(16, "top-k patches averaged in the local score")
+    class_chunk: int = _f(64, "classes per SDA/VFR chunk (memory vs speed; results do not depend on it)")
+    seed: int = _f(42, "random seed")
+    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...")
+    workers: int = _f(min(8, os.cpu_count() or 1), "DataLoader worker processes")
+    eval_batch_size: int = _f(64, "images per evaluation step")
+    world_seed: int = _f(0, "toy world: generation seed")
+
+
+PRESETS = {
+    ("zsl", "nuswide"): {},
+    ("zsl", "toy"): dict(epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=1, workers=0,
+                         eval_batch_size=128),
+    ("spml", "coco"): dict(epochs=10, batch_size=16, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0,
+                           layer_decay=1.0),
+    ("spml", "voc"): dict(epochs=10, batch_size=8, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0,
+                          layer_decay=1.0, alpha=0.2, beta=0.02),
+    ("spml", "toy"): dict(epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=1, workers=0,
+                          eval_batch_size=128, apl_warmup=3),
+}
+RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size"}
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        description="Train SigRL. With no arguments: zero-shot multi-label recognition on the offline toy "
+                    "world with its tiny CLIP (a few minutes on a laptop CPU).",
+        epilog="Presets: --task/--data pick the paper's recipe for that table; any flag overrides it. "
+               "See README.md for the command behind each table of the paper.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}.get(f.type, f.type), **kw)
+    return p
+
+
+def parse_args(argv=None):
+    """Dataclass defaults <- preset(task, data) <- explicit flags. Records which flags were explicit."""
+    given = vars(parser().parse_args(argv))
+    task, data = given.get("task", "zsl"), given.get("data", "toy")
+    if (task, data) not in PRESETS:
+        parser().error(f"--task {task} does not go with --data {data}: zsl needs nuswide or toy, "
+                       f"spml needs coco, voc or toy")
+    cfg = Config(**{**PRESETS[(task, data)], **given})
+    if not cfg.out:
+        cfg.out = os.path.join("runs", f"{cfg.task}-{cfg.data}")
+    if cfg.data == "toy":
+        cfg.clip = cfg.clip or os.path.join(REPO, "toyclip", "toyclip.pt")
+        cfg.data_root = cfg.data_root or os.path.join("runs", f"toyworld-seed{cfg.world_seed}")
+    cfg._given = set(given)
+    return cfg
+
+
+def resume_config(cfg, ckpt):
+    """A resumed run keeps its own config; only device/worker/stop flags may change."""
+    saved = Config(**ckpt["config"])
+    for k in ("task", "data"):
+        if k in cfg._given and getattr(cfg, k) != getattr(saved, k):
+            raise UsageError(f"{cfg.resume}: this checkpoint is from --task {saved.task} --data {saved.data}, "
+                             f"not --task {cfg.task} --data {cfg.data}")
+    changed = [k for k in cfg._given - RESUME_OVERRIDABLE - {"resume"} if getattr(cfg, k) != getattr(saved, k)]
+    if changed:
+        raise UsageError(f"{cfg.resume}: a resumed run keeps its config; these flags differ from it: "
+                         f"{', '.join('--' + k.replace('_', '-') for k in sorted(changed))}")
+    for k in RESUME_OVERRIDABLE & cfg._given:
+        setattr(saved, k, getattr(cfg, k))
+    saved.resume, saved.out = cfg.resume, os.path.dirname(os.path.abspath(cfg.resume))
+    saved._given = cfg._given
+    return saved
+
+
+def check_out_dir(cfg, resuming):
+    last = os.path.join(cfg.out, "last.pt")
+    if not resuming and os.path.exists(last) and not cfg.overwrite:
+        raise UsageError(f"{last} exists: pass --resume {last} to continue it, --out NEW_DIR, or --overwrite")
+    if not resuming and cfg.overwrite and os.path.exists(os.path.join(cfg.out, "log.jsonl")):
+        os.remove(os.path.join(cfg.out, "log.jsonl"))
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------- data and label sets
+SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
+
+
+def load_dataset(cfg):
+    """The dataset of the run, with missing or unreadable images excluded once, at the start, in one report
+    (never a crash hours into an epoch, never a silent black image)."""
+    if cfg.data == "toy":
+        import toyworld
+        toyworld.ensure_world(cfg.data_root, seed=cfg.world_seed)
+    if not cfg.data_root:
+        raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
+    if not os.path.isdir(cfg.data_root):
+        raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
+    if cfg.task == "zsl":
+        data = load_nuswide(cfg.data_root)
+    elif cfg.data == "toy":
+        import toyworld
+        data = toyworld.load_spml_view(cfg.data_root)
+    else:
+        data = load_spml(cfg.data, cfg.data_root)
+    for split in SPLITS[cfg.task]:
+        paths = getattr(data, f"{split}_paths")
+        good, bad = check_images(paths)
+        if bad:
+            print(f"warning: {len(bad)} of {len(paths)} {split} images are missing or unreadable and are "
+                  f"excluded; first: {', '.join(bad[:3])}", file=sys.stderr)
+            keep = np.flatnonzero(good)
+            setattr(data, f"{split}_paths", [paths[i] for i in keep])
+            for f in fields(data):
+                if f.name.startswith(f"{split}_") and f.name != f"{split}_paths":
+                    setattr(data, f.name, getattr(data, f.name)[keep])
+    return data
+
+
+def label_names(cfg, data):
+    """(every label name in score-column order, S = number of training classes). ZSL trains on the first S
+    (seen) columns and tests on the rest (unseen); SPML trains and tests on all."""
+    if cfg.task == "zsl":
+        return list(data.seen) + list(data.unseen), len(data.seen)
+    return list(data.classes), len(data.classes)
+
+
+def n_train_classes(cfg, data):
+    return label_names(cfg, data)[1]
+
+
+# VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
+READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+
+
+def prompt_names(names):
+    return [READABLE.get(n, n) for n in names]
+
+
+def spml_resize(images, resolution):
+    """SPML loads 2R x 2R images; the reference model resizes the normalised tensor to R (bilinear)."""
+    if images.shape[-1] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(obj, path):
+    """Write atomically (temporary file, then rename): a crash mid-write never leaves half a last.pt."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_checkpoint(cfg, model, opt, state, rng, metrics, names, n_train, label_emb):
+    """Everything eval.py --ckpt and train.py --resume need. The frozen teacher is left out: it equals the
+    CLIP file's visual tower, which --resume reloads (and checks by sha256)."""
+    prompt = {"kind": cfg.prompt, "template": cfg.template} if cfg.prompt == "fixed" else \
+        {"kind": "coop", "n_ctx": cfg.n_ctx, "init": cfg.coop_init}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": {k: v for k, v in asdict(cfg).items()},
+        "vision_config": asdict(model.student.config),
+        "head_config": asdict(model.config),
+        "model": model.state_dict_trainable(),
+        "label_names": list(names), "n_train_classes": n_train,
+        "label_emb": label_emb.detach().float().cpu(),  # (C_all, D) what the model was scored with
+        "prompt": prompt,
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "resolution": model.student.resolution,
+        "clip_sha256": state["clip_sha256"],
+        "optimizer": opt.state_dict(),
+        "state": {k: v for k, v in state.items() if k != "clip_sha256"},
+        "rng": rng,
+        "metrics": metrics,
+    }
+
+
+def load_run_checkpoint(path, expect=None):
+    """Read a run checkpoint written by train.py (weights_only); anything else is one clear error."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns before refusing a TorchScript archive
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated zip, a TorchScript archive (a CLIP file), a pickle of other objects...
+        raise UsageError(f"{path}: not a sigrl run checkpoint written by train.py (unreadable as one; "
+                         f"a CLIP file goes to --clip, a run checkpoint is RUN_DIR/last.pt)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path}: not a sigrl run checkpoint written by train.py (a CLIP file goes to "
+                         f"--clip; a run checkpoint is RUN_DIR/last.pt)")
+    if expect is not None:
+        got = (ckpt["config"]["task"], ckpt["config"]["data"])
+        if got != expect:
+            raise UsageError(f"{path}: this checkpoint is from --task {got[0]} --data {got[1]}, "
+                             f"not --task {expect[0]} --data {expect[1]}")
+    return ckpt
+
+
+def check_labels_match(ckpt, cfg, data, path):
+    """A checkpoint scores its own label set, in its own column order: the dataset must agree."""
+    names, _ = label_names(cfg, data)
+    if names != ckpt["label_names"]:
+        first = next((i for i, (a, b) in enumerate(zip(names, ckpt["label_names"])) if a != b),
+                     min(len(names), len(ckpt["label_names"])))
+        raise UsageError(f"{path}: its {len(ckpt['label_names'])} labels do not match the "
+                         f"{len(names)} of {cfg.data_root} (first difference at column {first})")
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the trained SigRL from the checkpoint alone (no CLIP file needed)."""
+    from sigrl import SigRL, SigRLConfig
+    from vit import VisionConfig, VisionTransformer
+    visual = VisionTransformer(VisionConfig(**ckpt["vision_config"]))
+    model = SigRL(visual, SigRLConfig(**ckpt["head_config"]))
+    model.load_state_dict_trainable(ckpt["model"])
+    return model.eval()

@@ -1,0 +1,275 @@
+"""Training SigRL: one readable loop for both of the paper's settings.
+
+    python train.py                                   # offline default: ZSL on the synthetic toy world
+    python train.py --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt     # Table I
+    python train.py --task spml --data coco --data-root DIR --clip ViT-B-16.pt --loss em   # Table II/III
+
+ZSL (paper Eq. 14-16): L = L_local + L_global, where L_local is the BiAM/MKT ranking loss on the fused
+score of the 925 seen labels and L_global is the L1 distance between the student's and the frozen
+teacher's class-token embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over the dataset's classes.
+AdamW with layer-wise lr decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle
+cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML,
+selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import eval as evaluation
+import runs
+from clip_text import CheckpointError, PromptLearner, encode_labels, load_clip
+from data import DataError, ImageList, build_transform
+from losses import apl_update, l1_distill, ranking_loss, spml_loss
+from runs import UsageError
+from sigrl import SigRL
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+def param_groups(model, cfg):
+    """AdamW groups: block i of L (1-based) gets lr x decay^(L + 1 - i); the embeddings (frozen when
+    fix_layer > 0) get decay^(L + 1); everything after the blocks (ln_post, proj, GMC, SDA, VFR, CoOp
+    context) gets lr x 1. No weight decay on 1-D parameters (biases, norms, class embedding)."""
+    n_layers = len(model.student.transformer.resblocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("student.transformer.resblocks."):
+            depth = int(name.split(".")[3]) + 1
+        elif name.startswith(("student.conv1", "student.class_embedding", "student.positional_embedding",
+                              "student.ln_pre")):
+            depth = 0
+        else:
+            depth = n_layers + 1
+        scale = cfg.layer_decay ** (n_layers + 1 - depth)
+        decay = 0.0 if p.ndim <= 1 else cfg.weight_decay
+        key = (scale, decay)
+        groups.setdefault(key, {"params": [], "lr_scale": scale, "weight_decay": decay, "names": []})
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [dict(g, lr=cfg.lr * g["lr_scale"]) for g in groups.values()]
+
+
+def freeze_early_layers(student, fix_layer):
+    """Freeze the patch embedding, class token, positional embedding, ln_pre and the first fix_layer blocks."""
+    frozen = [student.conv1, student.ln_pre, *student.transformer.resblocks[:fix_layer]] if fix_layer > 0 else []
+    for module in frozen:
+        module.requires_grad_(False)
+    if fix_layer > 0:
+        student.class_embedding.requires_grad_(False)
+        student.positional_embedding.requires_grad_(False)
+
+
+def lr_at(step, steps_per_epoch, cfg):
+    """Linear warm-up from 0, then half-cycle cosine down to min_lr; `step` counts iterations, so the
+    schedule moves every iteration (fractional epoch), as in the reference code."""
+    epoch = step / steps_per_epoch
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * epoch / cfg.warmup_epochs
+    progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------- reproducibility
+def rng_state():
+    """Every random number generator a run draws from, in tensors and lists (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_loader(dataset, cfg, epoch, shuffle):
+    """The data order of epoch e depends only on (seed, e), so a resumed run sees the same batches."""
+    g = torch.Generator().manual_seed(cfg.seed * 10_007 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=g,
+                                       num_workers=cfg.workers, drop_last=False,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------- one epoch
+def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train, device, steps_per_epoch):
+    """One pass over the training images; returns the mean of each loss term."""
+    model.train()
+    totals, n_batches = {}, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    for images, labels, index in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if cfg.task == "zsl":
+            keep = (labels == 1).any(dim=1)  # the reference drops images without a seen positive, per batch
+            images, labels = images[keep], labels[keep]
+            if images.shape[0] == 0:
+                continue
+        else:
+            images = runs.spml_resize(images, model.student.resolution)
+        lr = lr_at(state["step"], steps_per_epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        label_emb = label_emb_fn()[:n_train]  # (S, D); CoOp recomputes it every step
+        with autocast:
+            out = model(images, label_emb)
+        scores = out.scores.float()  # (B, S)
+        if cfg.task == "zsl":
+            terms = {"local": ranking_loss(scores, labels.float()),  # Eq. 14-15, on the fused score
+                     "global": l1_distill(out.feat.float(), model.teacher_feat(images).float())}  # Eq. 16
+        else:
+            obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
+            true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
+            loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
+            terms = {cfg.loss: loss}
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {state['step']}; try a lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        n_batches += 1
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + v.item()
+        bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
+    return {k: v / max(n_batches, 1) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def apl_round(model, label_emb, data, state, cfg, device):
+    """EM_APL (Zhou et al. 2022): after epoch e >= warm-up, the unobserved entries with the lowest
+    probability in each class become soft negatives (obs = -p); probabilities come from the training
+    pipeline with the model in eval mode, as in the reference."""
+    model.eval()
+    transform = build_transform("spml", True, model.student.resolution)
+    probs = evaluation.predict(lambda x, e: model(runs.spml_resize(x, model.student.resolution), e).scores,
+                               data.train_paths, transform, {"all": label_emb.to(device)}, device,
+                               cfg.eval_batch_size, cfg.workers, "APL")["all"]
+    probs = 1 / (1 + np.exp(-probs.astype(np.float64)))
+    obs = apl_update(state["obs"].numpy().astype(np.float64), probs, state["unlabel_num"].numpy(),
+                     cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
+    state["obs"] = torch.from_numpy(obs).float()
+    model.train()
+
+
+# ----------------------------------------------------------------------------- the run
+def main(argv=None):
+    cfg = runs.parse_args(argv)
+    try:
+        return run(cfg)
+    except (CheckpointError, DataError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(cfg):
+    # Validate everything (checkpoint kinds, CLIP file, dataset, run directory) before writing anything.
+    resume = runs.load_run_checkpoint(cfg.resume) if cfg.resume else None
+    if resume is not None:
+        cfg = runs.resume_config(cfg, resume)
+    runs.check_out_dir(cfg, resuming=resume is not None)
+    device = runs.pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    clip = load_clip(cfg.clip)
+    if resume is not None and resume["clip_sha256"] != clip.sha256:
+        raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
+                              f"the frozen teacher must be the same")
+    data = runs.load_dataset(cfg)
+    names, n_train = runs.label_names(cfg, data)
+    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
+                            topk=cfg.topk, class_chunk=cfg.class_chunk)
+    freeze_early_layers(model.student, cfg.fix_layer)
+    if cfg.prompt == "coop":  # learned context, frozen text tower; a submodule so it is saved and optimised
+        model.prompt = PromptLearner(clip, runs.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
+        label_emb_fn = model.prompt
+    else:
+        fixed = encode_labels(clip, runs.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
+        label_emb_fn = lambda: fixed  # noqa: E731
+    clip_sha256 = clip.sha256
+    del clip
+    model.to(device)
+
+    train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
+                          build_transform(cfg.task, True, model.student.resolution))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": clip_sha256}
+    if cfg.task == "spml":
+        state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
+        state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
+    if resume is not None:
+        runs.check_labels_match(resume, cfg, data, cfg.resume)
+        model.load_state_dict_trainable(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        state.update(resume["state"])
+        set_rng_state(resume["rng"])
+        print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
+    os.makedirs(cfg.out, exist_ok=True)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "
+          f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}, -> {cfg.out}")
+
+    end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
+    metrics = resume["metrics"] if resume is not None else None
+    while state["epoch"] < end:
+        t0 = time.time()
+        loader = epoch_loader(train_set, cfg, state["epoch"], shuffle=True)
+        losses = train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train, device,
+                                 steps_per_epoch)
+        state["epoch"] += 1
+        with torch.no_grad():
+            label_emb = label_emb_fn().detach()  # (C_all, D)
+        if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
+            apl_round(model, label_emb, data, state, cfg, device)
+        metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
+        improved = cfg.task == "spml" and (state["best"] is None or metrics["val"]["map"] > state["best"]["val_map"])
+        if improved:  # protocol: the first epoch with the highest clean-validation mAP; report its test mAP
+            state["best"] = {"epoch": state["epoch"], "val_map": metrics["val"]["map"],
+                             "test_map": metrics["test"]["map"]}
+        record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
+                  "loss": losses, **metrics}
+        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(evaluation.format_epoch(record))
+        ckpt = runs.make_checkpoint(cfg, model, opt, state, rng_state(), metrics, names, n_train, label_emb)
+        runs.save_checkpoint(ckpt, os.path.join(cfg.out, "last.pt"))
+        if improved:
+            runs.save_checkpoint(ckpt, os.path.join(cfg.out, "best.pt"))
+    if metrics is None:
+        return 0
+    print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
+                                            f"({os.path.join(cfg.out, 'last.pt')})"))
+    if cfg.task == "spml" and state["best"]:
+        print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
+              f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
+    if cfg.data == "toy" and state["epoch"] == cfg.epochs:
+        baseline = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)
+        print(evaluation.format_table(baseline, f"\nzero-shot tiny CLIP ({cfg.clip}), same protocol"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
