@@ -1,0 +1,386 @@
+"""A synthetic multi-label world and a tiny CLIP pre-trained on it, so the whole pipeline runs offline.
+
+Why: SigRL's zero-shot setting needs a CLIP that already knows the UNSEEN label names from pre-training.
+Here the world is 7 scene types (textured backgrounds) holding 1-4 of 25 drawn objects; every image has a
+caption naming its scene and objects. A tiny CLIP (the project's own `clip_text.CLIP`) is pre-trained
+contrastively on a separate split whose captions mention every label, then the SigRL job fine-tunes it on
+the SEEN labels only and must recognise the 8 UNSEEN ones (25 %) through their text embeddings.
+
+Co-occurrence (what GMC can exploit): each scene has a pool of likely objects; an object slot is filled from
+the scene's pool with probability 0.8, else from all objects. Scenes are labels too (NUS-WIDE also mixes
+scene concepts such as beach or snow with objects), so every object label correlates with a scene label.
+
+Images: 64 x 64 RGB, drawn at 2x with PIL and box-downsampled; objects 14-24 px at random positions inside a
+4 px margin (the eval transform's centre crop cuts about 4 px per side). Everything derives from
+numpy Generators seeded with (seed, split, index), so any image can be redrawn alone and the files are
+byte-identical for the same seed. Splits: 0 train, 1 test, 2 pre-training (captions).
+"""
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from data import nus_path, observe_single_positive, read_spml_folder
+
+RES = 64                 # image side in pixels (the tiny CLIP's input resolution)
+_K = 2                   # drawing supersampling factor
+VERSION = 1              # bump when the drawing or sampling changes, so cached worlds are rebuilt
+TRAIN, TEST, PRETRAIN = 0, 1, 2     # split ids: part of every image's seed
+SPML_DIR = os.path.join("sigrl_spml", "toy")
+TOYCLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyclip", "toyclip.pt")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+# scene label -> (image folder, phrase used in captions, likely objects)
+SCENES = {
+    "beach":   ("beach",       "on the beach",  ["sun", "cloud", "bird", "boat", "fish", "umbrella", "ball"]),
+    "forest":  ("forest",      "in the forest", ["tree", "flower", "mushroom", "apple", "bird"]),
+    "street":  ("city_street", "on a street",   ["house", "car", "lamp", "balloon", "cloud", "tree"]),
+    "night":   ("night_sky",   "at night",      ["moon", "star", "rocket", "planet", "lamp"]),
+    "snow":    ("snow",        "in the snow",   ["snowman", "tree", "house", "star", "cloud"]),
+    "desert":  ("desert",      "in the desert", ["cactus", "pyramid", "sun", "bird"]),
+    "kitchen": ("kitchen",     "in a kitchen",  ["cup", "cake", "clock", "apple", "flower"]),
+}
+OBJECTS = ["sun", "cloud", "bird", "boat", "fish", "umbrella", "ball", "tree", "flower", "mushroom", "apple",
+           "house", "car", "lamp", "balloon", "moon", "star", "rocket", "planet", "snowman", "cactus",
+           "pyramid", "cup", "cake", "clock"]
+LABELS = list(SCENES) + OBJECTS                                          # 32 names
+UNSEEN = ["fish", "mushroom", "car", "planet", "snowman", "cactus", "cup", "desert"]   # one per scene + a scene
+SEEN = [name for name in LABELS if name not in UNSEEN]                 # 24 names, LABELS order
+P_POOL = 0.8             # probability that an object slot is filled from the scene's pool
+N_OBJECTS_P = [0.2, 0.35, 0.3, 0.15]                                   # P(1..4 objects)
+
+
+# ----------------------------------------------------------------------------------------- objects
+def _circle(x, y, r):
+    return (x - r, y - r, x + r, y + r)
+
+
+def _arc(r, start, end, dx=0.0, n=12):
+    """Points on a circle of radius r centred at (dx, 0), from angle `start` to `end` in degrees."""
+    angles = np.radians(np.linspace(start, end, n))
+    return [(dx + r * math.cos(a), r * math.sin(a)) for a in angles]
+
+
+def _star(n, outer, inner):
+    return [((outer, inner)[i % 2] * math.cos(math.pi * (i / n - 0.5)),
+             (outer, inner)[i % 2] * math.sin(math.pi * (i / n - 0.5))) for i in range(2 * n)]
+
+
+_RAYS = [[(0.6 * math.cos(a), 0.6 * math.sin(a)), (math.cos(a), math.sin(a))] for a in np.arange(8) * math.pi / 4]
+_PETALS = [(0.5 * math.cos(a), 0.5 * math.sin(a)) for a in np.arange(5) * 2 * math.pi / 5]
+DARK, WHITE, RED, BLUE, GREY = (30, 30, 40), (250, 250, 250), (220, 30, 35), (30, 80, 220), (110, 110, 120)
+# Each object is a list of primitives in a unit box [-1, 1]^2 (x right, y down), drawn in order:
+# (kind, where, rgb, *outline): "ellipse"/"rect"/"ring" (ellipse outline) take a box (x0, y0, x1, y1),
+# "pie" a box and (start, end) degrees, "poly"/"line" a list of points.
+SHAPES = {
+    "sun": [("line", r, (255, 190, 0)) for r in _RAYS] + [("ellipse", _circle(0, 0, 0.55), (255, 220, 30))],
+    "cloud": [("ellipse", box, (240, 242, 250), (140, 140, 165))
+              for box in [(-1, -0.1, -0.1, 0.6), (-0.5, -0.6, 0.4, 0.4), (0, -0.2, 1, 0.6)]],
+    "bird": [("poly", [(-0.1, 0), (-1, -0.7), (-0.35, 0.05)], DARK),
+             ("poly", [(0.1, 0), (1, -0.7), (0.35, 0.05)], DARK), ("ellipse", (-0.4, -0.15, 0.4, 0.2), DARK),
+             ("poly", [(0.38, -0.05), (0.65, 0.05), (0.38, 0.15)], (255, 150, 0))],
+    "boat": [("line", [(0, -1), (0, 0.25)], (90, 60, 30)),
+             ("poly", [(0.05, -1), (0.05, 0.15), (0.75, 0.15)], WHITE),
+             ("poly", [(-1, 0.2), (1, 0.2), (0.6, 0.7), (-0.6, 0.7)], (130, 75, 30))],
+    "fish": [("poly", [(0.35, 0), (1, -0.5), (1, 0.5)], (255, 110, 0)),
+             ("ellipse", (-0.8, -0.45, 0.5, 0.45), (255, 140, 20)), ("ellipse", _circle(-0.45, -0.05, 0.1), (0, 0, 0))],
+    "umbrella": [("line", [(0, 0), (0, 1)], (60, 40, 30))]
+                + [("pie", (-1, -0.8, 1, 0.8, 180 + 45 * i, 225 + 45 * i), (RED, WHITE)[i % 2]) for i in range(4)],
+    "ball": [("pie", _circle(0, 0, 0.75) + (120 * i, 120 * i + 120), rgb) for i, rgb in enumerate([RED, WHITE, BLUE])],
+    "tree": [("rect", (-0.15, 0.5, 0.15, 1), (100, 60, 20)),
+             ("poly", [(-0.8, 0.55), (0, -0.3), (0.8, 0.55)], (30, 120, 40)),
+             ("poly", [(-0.6, 0), (0, -1), (0.6, 0)], (30, 140, 45))],
+    "flower": [("ellipse", _circle(x, y, 0.38), (255, 105, 180)) for x, y in _PETALS]
+              + [("ellipse", _circle(0, 0, 0.3), (255, 220, 0))],
+    "mushroom": [("rect", (-0.22, -0.1, 0.22, 0.9), (240, 230, 210)),
+                 ("pie", (-1, -0.9, 1, 0.5, 180, 360), (200, 20, 30))]
+                + [("ellipse", _circle(x, y, 0.12), WHITE) for x, y in [(-0.5, -0.35), (0, -0.6), (0.45, -0.3)]],
+    "apple": [("ellipse", (-0.75, -0.55, 0.75, 0.9), (210, 20, 30)),
+              ("line", [(0, -0.5), (0.1, -0.95)], (90, 50, 20)), ("ellipse", (0.1, -0.95, 0.55, -0.65), (40, 160, 40))],
+    "house": [("rect", (-0.7, -0.1, 0.7, 0.9), (230, 200, 150)),
+              ("poly", [(-0.9, -0.1), (0, -0.9), (0.9, -0.1)], (150, 30, 30)),
+              ("rect", (-0.15, 0.35, 0.15, 0.9), (100, 60, 30))],
+    "car": [("rect", (-0.5, -0.65, 0.4, -0.15), BLUE), ("rect", (-0.4, -0.55, 0.3, -0.25), (170, 220, 250)),
+            ("rect", (-1, -0.2, 1, 0.35), BLUE), ("ellipse", _circle(-0.55, 0.4, 0.25), (15, 15, 15)),
+            ("ellipse", _circle(0.55, 0.4, 0.25), (15, 15, 15))],
+    "lamp": [("rect", (-0.07, -0.6, 0.07, 0.9), GREY), ("rect", (-0.3, 0.85, 0.3, 1), (80, 80, 90)),
+             ("ellipse", (-0.3, -1, 0.3, -0.4), (255, 245, 150), GREY)],
+    "balloon": [("line", [(0, 0.3), (-0.1, 1)], (80, 80, 80)), ("ellipse", (-0.55, -1, 0.55, 0.35), (200, 40, 200))],
+    "moon": [("poly", _arc(0.8, 90, 270) + _arc(0.55, 270, 90, dx=0.3), (245, 235, 160))],
+    "star": [("poly", _star(5, 1, 0.42), (255, 200, 0), (200, 140, 0))],
+    "rocket": [("poly", [(-0.3, 0.4), (-0.6, 0.9), (0.6, 0.9), (0.3, 0.4)], RED),
+               ("ellipse", (-0.3, -1, 0.3, 0.8), (235, 235, 240)),
+               ("poly", [(-0.2, -0.75), (0, -1.05), (0.2, -0.75)], RED),
+               ("ellipse", (-0.12, -0.4, 0.12, -0.15), (60, 140, 230))],
+    "planet": [("ellipse", _circle(0, 0, 0.55), (210, 150, 80)), ("ring", (-1, -0.3, 1, 0.3), (235, 215, 170))],
+    "snowman": [("ellipse", (-0.55, -0.05, 0.55, 1), WHITE, (150, 160, 180)),
+                ("ellipse", (-0.38, -0.85, 0.38, -0.05), WHITE, (150, 160, 180)),
+                ("poly", [(0, -0.5), (0.45, -0.42), (0, -0.35)], (255, 120, 0)),
+                ("ellipse", _circle(-0.15, -0.62, 0.06), (0, 0, 0)),
+                ("ellipse", _circle(0.15, -0.62, 0.06), (0, 0, 0))],
+    "cactus": [("rect", box, (90, 175, 60)) for box in [(-0.18, -1, 0.18, 1), (-0.7, 0, -0.18, 0.2),
+                                                        (-0.7, -0.6, -0.5, 0.2), (0.18, -0.2, 0.6, 0),
+                                                        (0.4, -0.8, 0.6, 0)]],
+    "pyramid": [("poly", [(-1, 0.8), (0, -0.9), (1, 0.8)], (205, 190, 150), (110, 90, 50)),
+                ("line", [(-0.35, -0.3), (0.35, -0.3)], (110, 90, 50)),
+                ("line", [(-0.68, 0.25), (0.68, 0.25)], (110, 90, 50))],
+    "cup": [("ring", (0.15, -0.3, 0.8, 0.35), (20, 150, 160)), ("rect", (-0.6, -0.55, 0.35, 0.65), (20, 160, 170))],
+    "cake": [("rect", (-0.8, -0.1, 0.8, 0.8), (250, 180, 210)), ("rect", (-0.8, -0.25, 0.8, 0.05), (255, 250, 240)),
+             ("rect", (-0.06, -0.8, 0.06, -0.25), (220, 40, 40)),
+             ("ellipse", (-0.12, -1, 0.12, -0.75), (255, 210, 0))],
+    "clock": [("ellipse", _circle(0, 0, 0.8), (250, 250, 240), (20, 20, 20)),
+              ("line", [(0, 0), (0, -0.6)], (20, 20, 20)), ("line", [(0, 0), (0.4, 0.1)], (20, 20, 20))],
+}
+
+
+def draw_object(d, name, cx, cy, s, jitter):
+    """Draw SHAPES[name] centred at (cx, cy) with half-size s (pixels); fill colours are scaled by `jitter`."""
+    w = max(1, round(0.12 * s))                                        # line / outline width
+    for kind, where, rgb, *outline in SHAPES[name]:
+        fill = tuple(int(min(255, v * j)) for v, j in zip(rgb, jitter))
+        if kind in ("poly", "line"):
+            pts = [(cx + x * s, cy + y * s) for x, y in where]
+            d.polygon(pts, fill=fill, outline=outline[0] if outline else None) if kind == "poly" else \
+                d.line(pts, fill=fill, width=w)
+            continue
+        box = [cx + where[0] * s, cy + where[1] * s, cx + where[2] * s, cy + where[3] * s]
+        if kind == "ellipse":
+            d.ellipse(box, fill=fill, outline=outline[0] if outline else None, width=w)
+        elif kind == "rect":
+            d.rectangle(box, fill=fill)
+        elif kind == "ring":
+            d.ellipse(box, outline=fill, width=w)
+        else:                                                          # "pie"
+            d.pieslice(box, where[4], where[5], fill=fill)
+
+
+# -------------------------------------------------------------------------------------- backgrounds
+def _smooth_noise(rng, side, cells):
+    """Low-frequency noise in [-1, 1]: a random (cells x cells) grid, bilinearly upsampled to side x side."""
+    grid = Image.fromarray(rng.uniform(0, 255, (cells, cells)).astype(np.uint8))
+    return np.asarray(grid.resize((side, side), Image.BILINEAR), np.float32) / 127.5 - 1  # (side, side)
+
+
+def background(scene, rng):
+    """Textured background for a scene, (RES*_K, RES*_K, 3) uint8."""
+    n = RES * _K
+    y = np.linspace(0, 1, n, dtype=np.float32)[:, None, None]                     # (n, 1, 1) top -> bottom
+    x = np.linspace(0, 1, n, dtype=np.float32)[None, :, None]                     # (1, n, 1)
+    noise = _smooth_noise(rng, n, 8)[..., None]                                   # (n, n, 1)
+    fine = rng.normal(0, 1, (n, n, 1)).astype(np.float32)                         # (n, n, 1)
+    tint = rng.uniform(0.9, 1.1, 3).astype(np.float32)                            # (3,)
+    if scene == "beach":
+        horizon, shore = rng.uniform(0.3, 0.45), rng.uniform(0.55, 0.7)
+        img = np.where(y < horizon, [135, 200, 240], np.where(y < shore, [40, 110, 190], [230, 210, 160]))
+        img = img + 12 * noise + 5 * fine
+    elif scene == "forest":
+        img = np.array([45, 100, 50]) + 35 * noise * np.array([0.6, 1, 0.5]) + 8 * fine
+    elif scene == "street":
+        wall = rng.uniform(0.45, 0.6)
+        bricks = ((y * 16 % 1 < 0.12) | ((x * 8 + 0.5 * (np.floor(y * 16) % 2)) % 1 < 0.06))
+        img = np.where(y < wall, np.where(bricks, [200, 190, 180], [165, 80, 60]), [110, 110, 115])
+        img = img + 10 * noise + 6 * fine
+    elif scene == "night":
+        img = np.array([15, 20, 60]) * (1.3 - 0.6 * y) + 6 * noise + 3 * fine
+        img = img + 180 * (rng.uniform(0, 1, (n, n, 1)) > 0.997)              # a few single-pixel stars
+    elif scene == "snow":
+        img = np.array([228, 236, 246]) + 12 * noise * np.array([1, 1, 0.6]) + 4 * fine
+    elif scene == "desert":
+        sky = rng.uniform(0.2, 0.35)
+        dunes = np.sin(2 * np.pi * (6 * y + 1.5 * np.sin(2 * np.pi * x + rng.uniform(0, 6))))
+        img = np.where(y < sky, [245, 225, 175], np.array([225, 155, 85]) + 12 * dunes) + 6 * noise + 4 * fine
+    elif scene == "kitchen":
+        planks = (x * rng.integers(4, 7) % 1 < 0.04)
+        grain = np.sin(2 * np.pi * (x * 40 + 3 * noise))
+        img = np.where(planks, [90, 55, 30], np.array([160, 105, 60]) + 10 * grain) + 4 * fine
+    else:
+        raise KeyError(f"unknown scene {scene!r}")
+    img = np.broadcast_to(img, (n, n, 3)) * tint                                  # (n, n, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ sampling, drawing
+def sample_scene(rng):
+    """(scene, objects): a scene label and 1-4 distinct object labels, mostly from the scene's pool."""
+    scene = LABELS[rng.integers(len(SCENES))]
+    pool = SCENES[scene][2]
+    objects = []
+    for _ in range(rng.choice(4, p=N_OBJECTS_P) + 1):
+        from_pool = [o for o in pool if o not in objects]
+        choices = from_pool if from_pool and rng.uniform() < P_POOL else [o for o in OBJECTS if o not in objects]
+        objects.append(choices[rng.integers(len(choices))])
+    return scene, objects
+
+
+def render(scene, objects, rng):
+    """Draw the scene with its objects at non-overlapping-ish random places; returns a RES x RES RGB image."""
+    img = Image.fromarray(background(scene, rng))
+    d = ImageDraw.Draw(img)
+    placed = []                                                                   # (cx, cy, s) in RES units
+    for name in objects:
+        for _ in range(20):                                                       # keep the least overlapping try
+            s = rng.uniform(7, 12)
+            cx, cy = rng.uniform(4 + s, RES - 4 - s, 2)
+            overlap = max([min(s, t) - math.hypot(cx - u, cy - v) / 1.6 for u, v, t in placed] + [0])
+            if overlap <= 0:
+                break
+        placed.append((cx, cy, s))
+        draw_object(d, name, cx * _K, cy * _K, s * _K, rng.uniform(0.85, 1.15, 3))
+    return img.reduce(_K)
+
+
+def caption(scene, objects, rng):
+    """A caption naming the scene and the objects, in random order and phrasing; sometimes a mention is
+    dropped (like alt-text that names only part of a picture), but never all of them."""
+    mentioned = [o for o in objects if rng.uniform() < 0.85] or [objects[rng.integers(len(objects))]]
+    mentioned = [mentioned[i] for i in rng.permutation(len(mentioned))]
+    words = [("an " if o[0] in "aeiou" else "a ") + o for o in mentioned]
+    things = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    where = SCENES[scene][1] if rng.uniform() < 0.9 else ""
+    template = ["a photo of {t} {w}", "{t} {w}", "there is {t} {w}", "{w}, {t}", "a picture of {t} {w}",
+                "a drawing showing {t} {w}", "a scene {w} with {t}"][rng.integers(7)]
+    return " ".join(template.format(t=things, w=where).strip(", ").split()) + "."
+
+
+def draw_example(seed, split, index):
+    """(image, scene, objects, caption) of example `index` of a split; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, split, index])
+    scene, objects = sample_scene(rng)
+    return render(scene, objects, rng), scene, objects, caption(scene, objects, rng)
+
+
+# ----------------------------------------------------------------------------------- files on disk
+def make_world(root, seed=0, n_train=3000, n_test=1000):
+    """Write the world's train and test splits in two views and return `root` (a Path).
+
+    NUS-WIDE view (ZSL; the project's prepared layout, read by data.load_nuswide):
+      <root>/sigrl_nuswide/{seen,unseen,train_names,test_names}.txt, train_labels.npy int8 +-1 (N, S),
+      test_labels.npy int8 +-1 (M, S+U) (seen columns, then unseen), images <root>/Flickr/<folder>/<NNNN>_<id>.jpg
+      listed as <folder>_<NNNN>_<id>.jpg.
+    SPML view (read by load_spml_view): Cole et al.'s formatted files in <root>/sigrl_spml/toy/, all 32 labels,
+      "train" = the train split, "val" = the test split, images as paths relative to root.
+    <root>/toyworld.json records version, seed and sizes: a matching world is reused as it is, another toy
+    world is replaced, and a folder holding data this function did not write is refused.
+    """
+    root, want = Path(root), {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
+    marker, nus, spml = root / "toyworld.json", root / "sigrl_nuswide", root / SPML_DIR
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return root
+    if not marker.is_file() and any(p.exists() for p in (nus, spml, root / "Flickr")):
+        raise FileExistsError(f"{root} holds data that toyworld.py did not write; choose an empty folder")
+    marker.unlink(missing_ok=True)                                    # written last: a half-made world is redone
+    for path in (root / "Flickr", nus, spml):
+        shutil.rmtree(path, ignore_errors=True)
+    nus.mkdir(parents=True)
+    spml.mkdir(parents=True)
+    id_rng, used_ids, counters = np.random.default_rng([seed, 99]), set(), {}   # counters: folder -> last NNNN
+    for split, n, prefix in [(TRAIN, n_train, "train"), (TEST, n_test, "test")]:
+        names, present = [], np.zeros((n, len(LABELS)), bool)                     # (n, C) in LABELS order
+        for i in range(n):
+            image, scene, objects, _ = draw_example(seed, split, i)
+            folder = SCENES[scene][0]
+            counters[folder] = counters.get(folder, 0) + 1
+            assert counters[folder] <= 9999, "NNNN has 4 digits: too many images per folder"
+            flickr_id = int(id_rng.integers(10**8, 10**10))
+            while flickr_id in used_ids:
+                flickr_id += 1
+            used_ids.add(flickr_id)
+            (root / "Flickr" / folder).mkdir(exist_ok=True, parents=True)
+            image.save(root / "Flickr" / folder / f"{counters[folder]:04d}_{flickr_id}.jpg", quality=92)
+            names.append(f"{folder}_{counters[folder]:04d}_{flickr_id}.jpg")
+            present[i, [LABELS.index(name) for name in [scene] + objects]] = True
+        cols = [LABELS.index(name) for name in (SEEN if split == TRAIN else SEEN + UNSEEN)]
+        (nus / f"{prefix}_names.txt").write_text("".join(f"{name}\n" for name in names))
+        np.save(nus / f"{prefix}_labels.npy", np.where(present[:, cols], 1, -1).astype(np.int8))  # (n, S|S+U)
+        spml_split = "train" if split == TRAIN else "val"
+        labels = present.astype(np.float64)                                                    # (n, C)
+        np.save(spml / f"formatted_{spml_split}_images.npy", np.array([nus_path("", n) for n in names]))
+        np.save(spml / f"formatted_{spml_split}_labels.npy", labels)
+        np.save(spml / f"formatted_{spml_split}_labels_obs.npy", observe_single_positive(labels))
+    (nus / "seen.txt").write_text("".join(f"{name}\n" for name in SEEN))
+    (nus / "unseen.txt").write_text("".join(f"{name}\n" for name in UNSEEN))
+    (spml / "classes.txt").write_text("".join(f"{name}\n" for name in LABELS))
+    marker.write_text(json.dumps(want))
+    return root
+
+
+ensure_world = make_world                                    # the name runs.py uses: generate once, then reuse
+
+
+def load_spml_view(root):
+    """The SPML view of a world written by make_world, as data.Spml, split as Cole et al. (data.read_spml_folder):
+    80 % of the train split trains (one observed positive each), 20 % validates, the test split tests."""
+    return read_spml_folder(os.path.join(root, SPML_DIR), image_root=str(root))
+
+
+# ------------------------------------------------------------------------------------- the tiny CLIP
+def to_clip_input(images):
+    """RGB uint8 images (B, R, R, 3) -> float (B, 3, R, R) normalised with CLIP's own mean/std."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255                # (B, 3, R, R)
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def zeroshot(clip=TOYCLIP, n=1000, seed=0, template="There is a {} in the scene"):
+    """Zero-shot CLIP on the first n images of the test split of world `seed`, drawn in memory.
+
+    Scores = cosine(image embedding, embedding of the prompted label name), as the CLIP baseline of MKT/SigRL.
+    Returns percentages: {"zsl": nus_metrics over the unseen labels, "gzsl": over all, "chance": {"zsl",
+    "gzsl"}}; chance = the mAP of a random ranking, i.e. the mean label frequency.
+    """
+    from clip_text import encode_labels, load_clip
+    from metrics import nus_metrics
+    clip = load_clip(clip) if isinstance(clip, (str, os.PathLike)) else clip
+    draws = [draw_example(seed, TEST, i) for i in range(n)]
+    names = SEEN + UNSEEN
+    labels = np.array([[1 if name in [scene] + objects else -1 for name in names]
+                       for _, scene, objects, _ in draws], np.int8)                   # (n, S+U)
+    x = to_clip_input(np.stack([np.asarray(d[0]) for d in draws]))                   # (n, 3, R, R)
+    image = F.normalize(torch.cat([clip.encode_image(x[i:i + 250]) for i in range(0, n, 250)]), dim=-1)
+    text = F.normalize(encode_labels(clip, names, template=template), dim=-1)        # (S+U, D)
+    scores = (image @ text.T).numpy()                                                # (n, S+U)
+    S, freq = len(SEEN), 100 * (labels > 0).mean(0)                                  # (S+U,)
+    return {"zsl": nus_metrics(scores[:, S:], labels[:, S:]), "gzsl": nus_metrics(scores, labels),
+            "chance": {"zsl": float(freq[S:].mean()), "gzsl": float(freq.mean())}}
+
+
+def main(argv=None):
+    import argparse
+    from dataclasses import fields
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    make = sub.add_parser("make", help="write the world (NUS-WIDE and SPML views) into --root")
+    make.add_argument("--root", required=True)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--n-train", type=int, default=3000)
+    make.add_argument("--n-test", type=int, default=1000)
+    pre = sub.add_parser("pretrain", help="pre-train the tiny CLIP into --out (toyclip/pretrain.py)")
+    pre.add_argument("--out", default=os.path.dirname(TOYCLIP))
+    from toyclip.pretrain import PretrainConfig, pretrain
+    for f in fields(PretrainConfig):
+        pre.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    zs = sub.add_parser("zeroshot", help="zero-shot mAP of a CLIP file on freshly drawn test images")
+    zs.add_argument("--clip", default=TOYCLIP)
+    zs.add_argument("--n", type=int, default=1000)
+    zs.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.command == "make":
+        make_world(args.root, args.seed, args.n_train, args.n_test)
+        print(f"world in {args.root}: {len(SEEN)} seen + {len(UNSEEN)} unseen labels")
+    elif args.command == "pretrain":
+        print(pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})))
+    else:
+        r = zeroshot(args.clip, args.n, args.seed)
+        for split in ("zsl", "gzsl"):
+            print(f"{split.upper():4s} mAP {r[split]['map']:5.1f}  (chance {r['chance'][split]:4.1f})  "
+                  f"F1@3 {r[split]['f1@3']:5.1f}  F1@5 {r[split]['f1@5']:5.1f}")
+
+
+if __name__ == "__main__":
+    main()
