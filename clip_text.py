@@ -4,7 +4,7 @@ Shape legend:
     N texts, L context length (77), Wt text width (512), D joint embedding width (512), C classes,
     V vocabulary size (49408), n_ctx learnable context tokens (CoOp)
 
-SigRL needs one text embedding per label, H in R^{C x D} (paper Sec. III-A, "label embeddings"). The
+SigRL needs one text embedding per label, H in R^{C x D} (the H of paper Eq. 5-13). The
 reference code loads MKT's precomputed label_emb.pt: encode_text("There is a {name} in the scene") per label,
 not normalised. `encode_labels` recomputes exactly that from the CLIP file, so no opaque file is needed.
 `PromptLearner` is CoOp's learnable prompt, for prompt-tuning experiments (the reference code has none).
@@ -90,7 +90,11 @@ class CLIP(nn.Module):
 
     @property
     def tokenizer(self):
-        """A Tokenizer for this checkpoint's vocabulary, built on first use (see load_clip for the file)."""
+        """A Tokenizer for this checkpoint's vocabulary, built on first use from `self.bpe` (set by load_clip).
+
+        A CLIP built in memory with a non-official vocabulary must be given its file (`clip.bpe = path`) or
+        a tokenizer (`clip.tokenizer = Tokenizer(path, vocab_size)`); otherwise the official merges are used.
+        """
         if self._tokenizer is None:
             self._tokenizer = Tokenizer(self.bpe, vocab_size=self.config.vocab_size)
         return self._tokenizer
@@ -145,7 +149,7 @@ def _unreadable(path, err):
         return "truncated zip archive (its end, with the file index, is missing); copy or download it again"
     if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # neither a zip nor a pickle
         return "not a checkpoint (expected a TorchScript archive or a torch.save state dict)"
-    if isinstance(err, pickle.UnpicklingError) and "eights only" in str(err):
+    if isinstance(err, pickle.UnpicklingError) and str(err).startswith("Weights only load failed"):
         return "holds Python objects other than tensors (refused by torch.load weights_only=True)"
     first = (str(err).strip().splitlines() or [""])[0][:120]
     return f"not a TorchScript archive or a torch.save state dict ({type(err).__name__}: {first})"
@@ -240,10 +244,12 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
         key = hashlib.sha256(json.dumps([clip.sha256, names, templates]).encode()).hexdigest()[:24]
         cache_dir = cache_dir or os.environ.get("SIGRL_CACHE") or os.path.expanduser("~/.cache/sigrl")
         cache = os.path.join(cache_dir, f"labels-{key}.pt")
-        if os.path.exists(cache):
+        try:
             hit = torch.load(cache, map_location="cpu", weights_only=True)
-            if hit["names"] == names and hit["templates"] == templates:
+            if hit["names"] == names and hit["templates"] == templates:  # guards against a hash collision
                 return hit["embeddings"]
+        except FileNotFoundError:
+            pass  # first time for this checkpoint, label set and prompt
     per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # T x (C, D)
     if len(per_template) == 1:
         emb = per_template[0]  # (C, D)

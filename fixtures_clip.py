@@ -68,7 +68,7 @@ def fp16_subset(model):
 def build_oracle(size="tiny", seed=0):
     """An open_clip CLIP (QuickGELU, eval, fp32) whose fp16-subset values are exactly representable in fp16."""
     embed_dim, vision_cfg, text_cfg = SIZES[size]
-    torch.manual_seed(seed)  # open_clip's own init, before we overwrite it
+    # randomize_ overwrites open_clip's init with its own seeded generator: the global RNG is left alone
     model = randomize_(CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=True), seed)
     fp16_subset(model)  # rounds through fp16 in place, so oracle numbers == checkpoint numbers
     return model.eval()

@@ -228,3 +228,17 @@ def test_coop_gradients_reach_only_the_context(tiny):
     out.square().sum().backward()
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
     assert all(p.grad is None for p in clip.parameters())
+
+
+# ------------------------------------------------------------------------------------------ the fixture
+def test_fixture_files_have_the_official_layout_and_are_stable(tiny):
+    oracle, _, folder = tiny
+    sd = torch.load(folder / "tiny-plain.pt", weights_only=True)
+    assert len(sd) == 62 + 3 and all(sd[k].dtype == torch.int64 and sd[k].dim() == 0
+                                     for k in ("input_resolution", "context_length", "vocab_size"))
+    half = {k for k, v in sd.items() if v.dtype == torch.float16}
+    assert half == {k for k in sd if k.endswith(("conv1.weight", "in_proj_weight", "in_proj_bias", "proj"))
+                    or ".out_proj." in k or ".mlp.c_" in k or k == "text_projection"}
+    assert sd["visual.proj"].dtype == torch.float16 and sd["visual.class_embedding"].dtype == torch.float32
+    again = build_oracle("tiny", seed=0).state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in oracle.state_dict().items())

@@ -4,7 +4,7 @@ Shape legend:
     B batch, N tokens in a sequence, P patches (= (R / patch)^2), W transformer width,
     H heads (= W // 64), hd head width (= 64), R image resolution, D joint embedding width (proj columns)
 
-SigRL (paper Sec. III-A) uses the CLIP ViT-B/16 visual tower as its student and a frozen copy as its teacher:
+SigRL uses the CLIP ViT-B/16 visual tower as its student and a frozen copy as its teacher:
     tokens = ln_post(ViT(x))            (B, 1+P, W)   -> `VisionTransformer.forward_tokens`
     g      = tokens[:, 0] @ proj        (B, D)        -> `VisionTransformer.forward` (= CLIP encode_image)
     F      = tokens[:, 1:] @ proj       (B, P, D)     patch features, computed by the SigRL head
@@ -66,8 +66,9 @@ class Attention(nn.Module):
         B, N, W = x.shape
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, N, W)
         q, k, v = (t.view(B, N, self.heads, W // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
-        # Fused kernel for  softmax(Q K^T / sqrt(hd) + attn_mask) V  (attn_mask is additive: 0 or -inf);
-        # same maths as the explicit version in the tests, without materialising the (B, H, N, N) matrix twice.
+        # One fused kernel computes  softmax(Q K^T / sqrt(hd) + attn_mask) V  per head (attn_mask is additive:
+        # 0 or -inf); where the backend allows, it never stores the (B, H, N, N) score matrix. test_vit.py checks
+        # it against that formula written out.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, hd)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, W))  # (B, N, W)
 
