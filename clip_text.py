@@ -54,7 +54,7 @@ class CLIPConfig:
 
     @classmethod
     def from_state_dict(cls, sd):
-        """Everything from tensor shapes (clip_format.md 1.3); heads = width // 64 in both towers."""
+        """Everything from tensor shapes, by OpenAI's build_model rules; heads = width // 64 in both towers."""
         vision = infer_vision_config({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
         embed_dim = sd["text_projection"].shape[1]
         text_blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
@@ -163,7 +163,8 @@ def read_state_dict(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit; OpenAI ships it
-            # A path, not a reused handle (a handle read to its end breaks the fallback, clip_format.md 1.4);
+            # A path, not a reused handle: openai/CLIP's clip.load reuses one that jit.load has read to its end,
+            # so its torch.load fallback fails (EOFError) on plain state dicts with current torch.
             # map_location: a file traced on a GPU carries cuda:0 storages.
             sd = torch.jit.load(path, map_location="cpu").state_dict()
     except RuntimeError:  # not TorchScript: a plain state dict, or garbage
@@ -231,7 +232,8 @@ def _encode_texts(clip, texts, chunk=256):
 def encode_labels(clip, names, template="There is a {} in the scene", templates=None, cache_dir=None):
     """Label embeddings H (C, D), fp32, NOT normalised: encode_text(template.format(name)) per name.
 
-    This is how MKT made the label_emb.pt the SigRL reference code loads (clip_format.md section 7).
+    This is how MKT made the label_emb.pt the SigRL reference code loads (its author, sunanhe/MKT issue #12:
+    ViT-B/16, that single template, no ensemble, not normalised).
     templates=[t1, t2, ...]: a prompt ensemble. Each template's rows are L2-normalised and averaged (CLIP's
     zero-shot recipe), then the mean direction is rescaled to the mean norm of the raw rows, so ensembled
     embeddings keep the scale of single-template ones (SigRL uses H unnormalised, so its scale matters).

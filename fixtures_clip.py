@@ -1,6 +1,6 @@
 """Test support: CLIP checkpoints in OpenAI's file format, built with open_clip (no download needed).
 
-Nobody here has the real ViT-B-16.pt, so tests use files made by the recipe of clip_format.md section 3:
+Nobody here has the real ViT-B-16.pt, so tests use files made the way OpenAI's were (as far as public code shows):
 an open_clip CLIP with QuickGELU, every parameter randomised, the fp16 subset rounded through fp16, then
 saved either as a traced TorchScript archive (what OpenAI ships) or as a partly-fp16 plain state dict.
 The open_clip model that made a file is its *oracle*: it holds exactly the numbers in the file, in fp32.
@@ -18,7 +18,7 @@ import zipfile
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to_lp
 
-# embed_dim, vision tower, text tower; "tiny" is the fast size of clip_format.md section 3
+# embed_dim, vision tower, text tower; "tiny" keeps widths of 128 (2 heads, so the head split is exercised)
 SIZES = {
     "tiny": (64, CLIPVisionCfg(width=128, layers=2, patch_size=16, image_size=32),
              CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)),

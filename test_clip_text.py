@@ -50,9 +50,10 @@ def test_full_size_parity_with_open_clip(full, fmt):
     oracle, paths, images, expected = full
     clip = load_clip(paths[fmt])
     sd = clip.state_dict()
-    assert len(sd) == 302 and {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in oracle.state_dict().items()}
-    c = clip.config
-    assert (c.vision.width, c.vision.layers, c.vision.heads, c.vision.patch, c.vision.resolution) == (768, 12, 12, 16, 224)
+    assert len(sd) == 302
+    assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in oracle.state_dict().items()}
+    c, v = clip.config, clip.config.vision
+    assert (v.width, v.layers, v.heads, v.patch, v.resolution) == (768, 12, 12, 16, 224)
     assert (c.embed_dim, c.context_length, c.vocab_size, c.text_width, c.text_layers, c.text_heads) == \
         (512, 77, 49408, 512, 12, 8)
     assert sum(p.numel() for p in clip.parameters()) == 149_620_737  # clip_format.md 1.1

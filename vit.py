@@ -175,7 +175,7 @@ class VisionTransformer(nn.Module):
 
 
 def infer_vision_config(sd):
-    """VisionConfig from shapes of an un-prefixed visual state dict (clip_format.md 1.3)."""
+    """VisionConfig from shapes of an un-prefixed visual state dict, by the rules of OpenAI's build_model."""
     missing = [k for k in ("conv1.weight", "positional_embedding") if k not in sd]
     if missing:
         raise CheckpointError(f"visual state dict: missing {', '.join(missing)} (needed to infer the config)")
