@@ -63,7 +63,8 @@ class GATv2Layer(nn.Module):
     def _attend(self, x_query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """New features of the query nodes x_query (c, K, O), attending to all C nodes x (C, K, O)."""
         # GATv2 score: e_ij = a^T LeakyReLU(W h_i + W h_j)
-        pair = F.leaky_relu(x_query[:, None] + x[None], self.negative_slope)  # (c, 1, K, O) + (1, C, K, O) -> (c, C, K, O)
+        pair = x_query[:, None] + x[None]  # (c, 1, K, O) + (1, C, K, O) -> (c, C, K, O)
+        pair = F.leaky_relu(pair, self.negative_slope, inplace=True)  # in place: the largest tensor here, once
         e = pair @ self.att  # (c, C, K, O) @ (O,) -> (c, C, K)
         alpha = F.dropout(e.softmax(dim=1), self.dropout, self.training)  # (c, C, K), softmax over j
         # h_i' = sum_j alpha_ij W h_j, per head

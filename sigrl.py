@@ -89,7 +89,8 @@ class SDA(nn.Module):
 
     def _decouple(self, patch: torch.Tensor, H_c: torch.Tensor) -> torch.Tensor:
         """Category-specific features M (B, c, D) of the chunk's classes H_c (c, D)."""
-        A = self.fc_sda(torch.tanh(patch[:, :, None, :] * H_c))  # (B, P, 1, D) * (c, D) -> (B, P, c, D)
+        x = patch[:, :, None, :] * H_c  # (B, P, 1, D) * (c, D) -> (B, P, c, D)
+        A = self.fc_sda(x.tanh_())  # (B, P, c, D); tanh in place saves one tensor of this size
         alpha = A.softmax(dim=1)  # (B, P, c, D), softmax over p for each class and channel
         return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, c, D), M = sum_p alpha * patch
 
@@ -118,7 +119,8 @@ class VFR(nn.Module):
 
     def _attention_sum(self, patch: torch.Tensor, O_c: torch.Tensor) -> torch.Tensor:
         """sum over the chunk's classes of alpha' (B, P, D), for O_c (B, c, D)."""
-        A = self.fc_vfr(torch.tanh(patch[:, :, None, :] * O_c[:, None]))  # (B, P, 1, D) * (B, 1, c, D) -> (B, P, c, D)
+        x = patch[:, :, None, :] * O_c[:, None]  # (B, P, 1, D) * (B, 1, c, D) -> (B, P, c, D)
+        A = self.fc_vfr(x.tanh_())  # (B, P, c, D); tanh in place, as in SDA
         return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p, Eq. 11
 
 
