@@ -110,7 +110,7 @@ class VFR(nn.Module):
     def forward(self, patch: torch.Tensor, T: torch.Tensor, G: torch.Tensor, chunk: int) -> torch.Tensor:
         (B, P, D), C = patch.shape, G.shape[0]
         assert T.shape == (B, C, D) and G.shape == (C, D), f"expected T (B, C, D), G (C, D); got {T.shape}, {G.shape}"
-        # Eq. 10: fuse the decoupled features with the graph-refined label embeddings
+        # fuse the decoupled features with the graph-refined label embeddings
         O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
         # a running sum, so only one chunk's (B, P, D) term is alive at a time
         weight = sum(_chunked(self._attention_sum, patch, x=O, chunk=chunk))  # (B, P, D), sum_c alpha'
@@ -121,7 +121,7 @@ class VFR(nn.Module):
         """sum over the chunk's classes of alpha' (B, P, D), for O_c (B, c, D)."""
         x = patch[:, :, None, :] * O_c[:, None]  # (B, P, 1, D) * (B, 1, c, D) -> (B, P, c, D)
         A = self.fc_vfr(x.tanh_())  # (B, P, c, D); tanh in place, as in SDA
-        return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p, Eq. 11
+        return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p
 
 
 class SigRL(nn.Module):
@@ -162,7 +162,8 @@ class SigRL(nn.Module):
     def forward(self, images: torch.Tensor, label_emb: torch.Tensor) -> SigRLOutput:
         cfg, H = self.config, label_emb
         assert images.dim() == 4 and images.shape[1] == 3, f"expected images (B, 3, R, R), got {tuple(images.shape)}"
-        assert H.dim() == 2 and H.shape[1] == cfg.embed_dim, f"expected label_emb (C, {cfg.embed_dim}), got {tuple(H.shape)}"
+        assert H.dim() == 2 and H.shape[1] == cfg.embed_dim, \
+            f"expected label_emb (C, {cfg.embed_dim}), got {tuple(H.shape)}"
         tokens = self.student.forward_tokens(images) @ self.student.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
         g, patch = tokens[:, 0], tokens[:, 1:]  # (B, D), (B, P, D)
         B, P, D = patch.shape
@@ -218,5 +219,5 @@ if __name__ == "__main__":
         print("tokens @ proj", tuple(tokens.shape), "| G", tuple(model.gmc(H).shape), "| T", tuple(T.shape),
               "| M_hat", tuple(model.vfr(patch, T, model.gmc(H), 4).shape))
         out = model(images, H)
-    print({k: tuple(v.shape) for k, v in out._asdict().items()}, "teacher_feat", tuple(model.teacher_feat(images).shape))
+    print({k: tuple(v.shape) for k, v in out._asdict().items()}, "| teacher_feat", tuple(model.teacher_feat(images).shape))
     print("scores[0]", out.scores[0])
