@@ -77,7 +77,7 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None)
 
 def format_table(results, title=""):
     """A Markdown table that pastes into a paper draft: one row per setting, figures in percent."""
-    columns = NUS_COLUMNS if "zsl" in results or "gzsl" in results else SPML_COLUMNS
+    columns = SPML_COLUMNS if "p@1" in next(iter(results.values())) else NUS_COLUMNS
     head = "| setting | " + " | ".join(c.replace("map", "mAP").replace("p@", "P@").replace("r@", "R@")
                                        .replace("f1@", "F1@") for c in columns) + " |"
     lines = [title] if title else []
@@ -127,7 +127,7 @@ def eval_scores(args):
         raise UsageError(f"{args.scores} has shape {scores.shape} but {args.labels} has {labels.shape}; "
                          f"expected the same (N, C)")
     if args.protocol == "nuswide":
-        results = {"scores": nus_metrics(scores.astype(np.float32), labels)}
+        results = {"test": nus_metrics(scores.astype(np.float32), labels)}
     else:
         results = {"test": spml_metrics(scores.astype(np.float64), labels)}
     print(format_table(results))

@@ -86,7 +86,7 @@ PRESETS = {
     ("spml", "toy"): dict(epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=1, workers=0,
                           eval_batch_size=128, apl_warmup=3),
 }
-RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size"}
+RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite"}
 
 
 def parser():
@@ -136,7 +136,7 @@ def resume_config(cfg, ckpt):
     if changed:
         raise UsageError(f"{cfg.resume}: a resumed run keeps its config; these flags differ from it: "
                          f"{', '.join('--' + k.replace('_', '-') for k in sorted(changed))}")
-    for k in RESUME_OVERRIDABLE & cfg._given:
+    for k in RESUME_OVERRIDABLE:  # settings of this invocation, not of the run
         setattr(saved, k, getattr(cfg, k))
     saved.resume, saved.out = cfg.resume, os.path.dirname(os.path.abspath(cfg.resume))
     saved._given = cfg._given

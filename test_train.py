@@ -1,0 +1,188 @@
+"""End to end through the command line, as a researcher runs it: tiny datasets in the real on-disk formats
+(BiAM h5 NUS-WIDE, COCO json, VOC lists) and a small CLIP file in OpenAI's TorchScript layout, then
+`train.py` for one short epoch and `eval.py --ckpt`; resuming; and every kind of bad input."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fixtures_clip
+import fixtures_data
+from metrics import nus_metrics
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+NUS_KEYS = {"map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"}
+SPML_KEYS = NUS_KEYS | {"p@1", "r@1"}
+
+
+def cli(script, *args, env=None, expect_ok=True):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    fixtures_clip.make_clip_checkpoint(d / "clip.pt", size="tiny", fmt="jit")
+    env = dict(os.environ, SIGRL_CACHE=str(d / "cache"))
+    return {"dir": d, "clip": d / "clip.pt", "env": env,
+            "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
+            "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc")}
+
+
+def common(world, out, **extra):
+    flags = {"clip": world["clip"], "out": out, "epochs": 1, "workers": 0, "fix-layer": 1, "batch-size": 16,
+             **extra}
+    return [x for k, v in flags.items() for x in (f"--{k}", v)]
+
+
+def read_log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_zsl_train_then_eval(world, tmp_path):
+    run = tmp_path / "zsl"
+    cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", world["nus"], *common(world, run),
+        env=world["env"])
+    log = read_log(run)
+    assert len(log) == 1 and set(log[0]) >= {"zsl", "gzsl", "loss"} and set(log[0]["loss"]) == {"local", "global"}
+    proc = cli("eval.py", "--ckpt", run / "last.pt", "--json", tmp_path / "r.json", env=world["env"])
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert set(got) == {"zsl", "gzsl"} and set(got["zsl"]) == NUS_KEYS and set(got["gzsl"]) == NUS_KEYS
+    for setting in ("zsl", "gzsl"):  # eval.py alone reproduces the end-of-epoch evaluation of train.py
+        for k in NUS_KEYS:
+            np.testing.assert_allclose(got[setting][k], log[0][setting][k], atol=1e-6, equal_nan=True)
+    assert "| ZSL |" in proc.stdout and "| GZSL |" in proc.stdout
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["label_emb"].shape == (1006, 64) and ckpt["n_train_classes"] == 925
+    assert not any(k.startswith("teacher.") for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("data,loss", [("coco", "iun"), ("coco", "em"), ("coco", "em_apl"), ("voc", "em")])
+def test_spml_train_then_eval(world, tmp_path, data, loss):
+    run = tmp_path / "run"
+    extra = {"epochs": 2, "apl-warmup": 1} if loss == "em_apl" else {}
+    cli("train.py", "--task", "spml", "--data", data, "--data-root", world[data], "--loss", loss,
+        *common(world, run, **extra), env=world["env"])
+    log = read_log(run)
+    assert set(log[-1]) >= {"val", "test"} and set(log[-1]["loss"]) == {loss}
+    assert (run / "best.pt").exists()
+    cli("eval.py", "--ckpt", run / "best.pt", "--json", tmp_path / "r.json", env=world["env"])
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert set(got) == {"test"} and set(got["test"]) >= SPML_KEYS
+    best = torch.load(run / "best.pt", weights_only=True)["state"]["best"]
+    np.testing.assert_allclose(got["test"]["map"], best["test_map"], atol=1e-9)
+    if loss == "em_apl":  # after epoch 1 >= warm-up the APL round turned some unobserved entries negative
+        obs = torch.load(run / "last.pt", weights_only=True)["state"]["obs"]
+        assert (obs < 0).any() and ((obs == 1).sum(1) == 1).all()
+
+
+def test_resume_equals_uninterrupted(world, tmp_path):
+    args = ["--task", "spml", "--data", "coco", "--data-root", world["coco"], "--loss", "em_apl"]
+    flags = dict(epochs=3, **{"apl-warmup": 1, "batch-size": 4})
+    cli("train.py", *args, *common(world, tmp_path / "a", **flags), env=world["env"])
+    cli("train.py", *args, *common(world, tmp_path / "b", **flags), "--stop-after", 1, env=world["env"])
+    assert len(read_log(tmp_path / "b")) == 1
+    cli("train.py", "--resume", tmp_path / "b" / "last.pt", env=world["env"])
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert a["state"]["epoch"] == b["state"]["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["state"]["obs"], b["state"]["obs"])
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # noqa: E731, NaN-safe
+    assert same(a["metrics"], b["metrics"])
+    assert same([r["test"] for r in read_log(tmp_path / "a")], [r["test"] for r in read_log(tmp_path / "b")])
+
+
+def digest(folder):
+    return {p: hashlib.sha256(open(os.path.join(folder, p), "rb").read()).hexdigest() for p in os.listdir(folder)}
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+def test_bad_input_one_line_and_run_files_untouched(world, tmp_path):
+    run = tmp_path / "run"
+    spml = ["--task", "spml", "--data", "coco", "--data-root", world["coco"], "--loss", "em"]
+    cli("train.py", *spml, *common(world, run), env=world["env"])
+    before = digest(run)
+    env = world["env"]
+
+    # a wrong --data-root
+    proc = cli("train.py", "--task", "spml", "--data", "coco", "--data-root", tmp_path / "nowhere",
+               *common(world, tmp_path / "other"), expect_ok=False, env=env)
+    assert_one_line_error(proc, tmp_path / "nowhere")
+    # a missing annotation file
+    broken = tmp_path / "coco_broken"
+    shutil.copytree(world["coco"], broken)
+    shutil.rmtree(broken / "sigrl_spml")
+    os.remove(broken / "annotations" / "instances_val2014.json")
+    proc = cli("train.py", "--task", "spml", "--data", "coco", "--data-root", broken,
+               *common(world, tmp_path / "other"), expect_ok=False, env=env)
+    assert_one_line_error(proc, "instances_val2014.json")
+    # a label file with the wrong number of columns (the project's prepared NUS-WIDE layout)
+    nus = tmp_path / "nus"
+    shutil.copytree(world["nus"], nus)
+    cli("data.py", "prepare", "nuswide", "--root", nus, env=env)
+    labels = np.load(nus / "sigrl_nuswide" / "test_labels.npy")
+    np.save(nus / "sigrl_nuswide" / "test_labels.npy", labels[:, :1000])
+    proc = cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", nus,
+               *common(world, tmp_path / "other"), expect_ok=False, env=env)
+    assert_one_line_error(proc, "test_labels.npy", "1006")
+    # a CLIP file where a run checkpoint belongs, and a run checkpoint of another task
+    assert_one_line_error(cli("eval.py", "--ckpt", world["clip"], expect_ok=False, env=env), world["clip"])
+    proc = cli("train.py", "--task", "zsl", "--data", "nuswide", "--resume", run / "last.pt", expect_ok=False,
+               env=env)
+    assert_one_line_error(proc, "--task spml --data coco")
+    # a run checkpoint where the CLIP file belongs
+    proc = cli("train.py", *spml, *common(world, tmp_path / "other", clip=run / "last.pt"), expect_ok=False,
+               env=env)
+    assert_one_line_error(proc, run / "last.pt")
+    # a new run into a directory that holds one
+    assert_one_line_error(cli("train.py", *spml, *common(world, run), expect_ok=False, env=env), "--resume")
+    # evaluating a COCO checkpoint on VOC labels
+    proc = cli("eval.py", "--ckpt", run / "last.pt", "--data-root", world["voc"], expect_ok=False, env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert digest(run) == before
+    assert not (tmp_path / "other").exists()
+
+
+def test_eval_saved_scores(tmp_path):
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((40, 12)).astype(np.float32)
+    labels = np.where(rng.random((40, 12)) < 0.3, 1, -1).astype(np.int8)
+    np.save(tmp_path / "s.npy", scores)
+    np.save(tmp_path / "y.npy", labels)
+    cli("eval.py", "--scores", tmp_path / "s.npy", "--labels", tmp_path / "y.npy", "--protocol", "nuswide",
+        "--json", tmp_path / "r.json")
+    got = json.loads((tmp_path / "r.json").read_text())["test"]
+    want = nus_metrics(scores, labels)
+    assert got.keys() == want.keys() and all(np.isclose(got[k], want[k]) for k in got)
+    np.save(tmp_path / "y2.npy", labels[:, :5])
+    proc = cli("eval.py", "--scores", tmp_path / "s.npy", "--labels", tmp_path / "y2.npy", "--protocol",
+               "nuswide", expect_ok=False)
+    assert_one_line_error(proc, "y2.npy")
+
+
+def test_help_explains():
+    out = cli("train.py", "--help").stdout
+    for flag in ("--task", "--data-root", "--clip", "--loss", "--prompt", "--resume", "--device"):
+        assert flag in out
+    assert "--ckpt" in cli("eval.py", "--help").stdout
