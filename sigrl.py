@@ -131,9 +131,9 @@ class SigRL(nn.Module):
     forward(x) -> (B, D) (vit.VisionTransformer). It becomes the student; the teacher is a frozen deep copy.
     """
 
-    def __init__(self, visual: nn.Module, config: SigRLConfig = SigRLConfig()):
+    def __init__(self, visual: nn.Module, config: Optional[SigRLConfig] = None):
         super().__init__()
-        cfg = self.config = config
+        cfg = self.config = config or SigRLConfig()
         if not cfg.vfr and (cfg.gmc or cfg.sda):
             raise ValueError("vfr=False scores the raw patch tokens, so GMC and SDA would be unused: "
                              "set gmc=False and sda=False too")
