@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import runs
@@ -31,48 +32,61 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 
 @torch.no_grad()
-def predict(score_fn, paths, transform, embs, device, batch_size, workers, desc):
-    """Scores of every image against each label set: {name: (N, C_name) float32}. `score_fn(images, emb)`
-    returns (B, C); the images of a batch are loaded once and scored against every label set."""
+def predict(paths, transform, encode, scorers, device, batch_size, workers, desc):
+    """Scores of every image against each label set: {name: (N, C_name) float32}. Each batch is loaded and
+    encoded once (`encode(images)`), then scored by every `scorers[name](features) -> (B, C)`."""
     dummy = np.zeros((len(paths), 1), dtype=np.float32)
     loader = torch.utils.data.DataLoader(ImageList(paths, dummy, transform), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
-    out = {name: [] for name in embs}
+    out = {name: [] for name in scorers}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for images, _, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        images = images.to(device, non_blocking=True)
         with autocast:
-            for name, emb in embs.items():
-                out[name].append(score_fn(images, emb).float().cpu())
+            features = encode(images.to(device, non_blocking=True))
+            for name, score in scorers.items():
+                out[name].append(score(features).float().cpu())
     return {name: torch.cat(v).numpy() for name, v in out.items()}
+
+
+def sigrl_scorers(model, label_sets, resolution, spml):
+    """encode / scorers for `predict`: the backbone runs once per batch, GMC once per label set."""
+    def encode(images):
+        return model.encode(runs.spml_resize(images, resolution) if spml else images)
+
+    def scorer(H, G):
+        return lambda features: model.score(*features, H, G=G).scores
+
+    with torch.no_grad():
+        return encode, {name: scorer(H, model.label_graph(H)) for name, H in label_sets.items()}
 
 
 def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None):
     """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
     label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows."""
     model.eval()
-    n_all, n_train = label_emb.shape[0], runs.n_train_classes(cfg, data)
+    n_train = runs.n_train_classes(cfg, data)
     transform = build_transform(cfg.task, False, resolution)
     emb = label_emb.to(device)
-
-    def score(images, e):
-        if cfg.task == "spml":
-            images = runs.spml_resize(images, resolution)
-        return model(images, e).scores
-
     results = {}
     if cfg.task == "zsl":
-        sets = {"zsl": emb[n_train:], "gzsl": emb}
-        scores = predict(score, data.test_paths, transform, sets, device, cfg.eval_batch_size, cfg.workers, "test")
+        # two passes in the paper's sense (81 unseen labels; all 1006), sharing each batch's backbone features
+        encode, scorers = sigrl_scorers(model, {"zsl": emb[n_train:], "gzsl": emb}, resolution, spml=False)
+        scores = predict(data.test_paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers,
+                         "test")
         results["zsl"] = nus_metrics(scores["zsl"], data.test_labels[:, n_train:])
         results["gzsl"] = nus_metrics(scores["gzsl"], data.test_labels)
     else:
+        encode, scorers = sigrl_scorers(model, {"all": emb}, resolution, spml=True)
         for split in splits or ("val", "test"):
             paths, labels = getattr(data, f"{split}_paths"), getattr(data, f"{split}_labels")
-            s = predict(score, paths, transform, {"all": emb}, device, cfg.eval_batch_size, cfg.workers, split)
-            results[split] = spml_metrics(1 / (1 + np.exp(-s["all"].astype(np.float64))), labels)
+            s = predict(paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers, split)
+            results[split] = spml_metrics(sigmoid(s["all"]), labels)
     model.train()
     return results
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x.astype(np.float64)))
 
 
 def format_table(results, title=""):
@@ -142,21 +156,17 @@ def clip_baseline(clip, cfg, data, device):
         transforms.Resize(R, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(R),
         transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
     names, n_train = runs.label_names(cfg, data)
-    text = torch.nn.functional.normalize(encode_labels(clip, names, template=cfg.template), dim=-1).to(device)
+    text = F.normalize(encode_labels(clip, runs.prompt_names(names), template=cfg.template), dim=-1).to(device)
     clip.to(device).eval()
-
-    def cosine(images, e):
-        return torch.nn.functional.normalize(clip.encode_image(images), dim=-1) @ e.T  # (B, C)
-
+    encode = lambda images: F.normalize(clip.encode_image(images), dim=-1)  # noqa: E731, (B, D)
+    paths = data.test_paths
+    s = predict(paths, transform, encode, {"all": lambda f: f @ text.T}, device, cfg.eval_batch_size,
+                cfg.workers, "clip")["all"]  # (N, C) cosine similarities
     if cfg.task == "zsl":
-        s = predict(cosine, data.test_paths, transform, {"all": text}, device, cfg.eval_batch_size,
-                    cfg.workers, "clip")["all"]
         # cosine scores do not depend on the label set, so ZSL is the unseen columns of the same pass
         return {"zsl": nus_metrics(s[:, n_train:], data.test_labels[:, n_train:]),
                 "gzsl": nus_metrics(s, data.test_labels)}
-    s = predict(cosine, data.test_paths, transform, {"all": text}, device, cfg.eval_batch_size, cfg.workers,
-                "clip")["all"]
-    return {"test": spml_metrics(1 / (1 + np.exp(-s.astype(np.float64))), data.test_labels)}
+    return {"test": spml_metrics(sigmoid(s), data.test_labels)}
 
 
 def eval_baseline(args):

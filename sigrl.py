@@ -160,12 +160,27 @@ class SigRL(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, label_emb: torch.Tensor) -> SigRLOutput:
-        cfg, H = self.config, label_emb
         assert images.dim() == 4 and images.shape[1] == 3, f"expected images (B, 3, R, R), got {tuple(images.shape)}"
+        g, patch = self.encode(images)
+        return self.score(g, patch, label_emb)
+
+    def encode(self, images: torch.Tensor) -> tuple:
+        """The student's global and patch features, both through CLIP's projection: g (B, D), patch (B, P, D)."""
+        tokens = self.student.forward_tokens(images) @ self.student.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
+        return tokens[:, 0], tokens[:, 1:]  # (B, D), (B, P, D)
+
+    def label_graph(self, H: torch.Tensor) -> torch.Tensor:
+        """G (C, D): GMC's graph-refined label embeddings, or H itself when GMC is off. It depends only on the
+        label set, so evaluation computes it once per label set instead of once per batch."""
+        return self.gmc(H) if self.gmc is not None else H  # (C, D)
+
+    def score(self, g: torch.Tensor, patch: torch.Tensor, label_emb: torch.Tensor, G=None) -> SigRLOutput:
+        """Scores of encoded images against one label set (Eq. 13). Evaluation encodes a batch once and
+        scores it against several label sets (ZSL and GZSL), passing a precomputed G (eval mode only)."""
+        cfg, H = self.config, label_emb
         assert H.dim() == 2 and H.shape[1] == cfg.embed_dim, \
             f"expected label_emb (C, {cfg.embed_dim}), got {tuple(H.shape)}"
-        tokens = self.student.forward_tokens(images) @ self.student.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
-        g, patch = tokens[:, 0], tokens[:, 1:]  # (B, D), (B, P, D)
+        assert G is None or not self.training, "a precomputed G would skip GMC's dropout and gradients"
         B, P, D = patch.shape
 
         # Eq. 13, global part: class token against the labels, L2-normalised over the classes of each image
@@ -176,7 +191,7 @@ class SigRL(nn.Module):
         if self.vfr is None:
             M_hat = patch  # (B, P, D)
         else:
-            G = self.gmc(H) if self.gmc is not None else H  # (C, D)
+            G = self.label_graph(H) if G is None else G  # (C, D)
             T = self.sda(patch, H, cfg.class_chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
             M_hat = self.vfr(patch, T, G, cfg.class_chunk)  # (B, P, D)
 

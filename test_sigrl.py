@@ -259,3 +259,17 @@ def test_seeded_runs_repeat():
         runs.append(value_and_grads(lambda x, h: model(x, h).scores, model, images, H))
     assert_same(*runs)
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+
+
+def test_encode_once_score_many_equals_forward():
+    """Evaluation encodes a batch once and scores it against several label sets with a precomputed G."""
+    model = make_model().eval()
+    images, H = inputs()
+    with torch.no_grad():
+        g, patch = model.encode(images)
+        for labels in (H, H[3:]):  # a second, smaller label set (like ZSL's unseen labels)
+            want = model(images, labels)
+            got = model.score(g, patch, labels, G=model.label_graph(labels))
+            assert torch.allclose(got.scores, want.scores, atol=1e-6)
+    with pytest.raises(AssertionError, match="precomputed G"):
+        model.train().score(g, patch, H, G=H)

@@ -165,10 +165,10 @@ def apl_round(model, label_emb, data, state, cfg, device):
     pipeline with the model in eval mode, as in the reference."""
     model.eval()
     transform = build_transform("spml", True, model.student.resolution)
-    probs = evaluation.predict(lambda x, e: model(runs.spml_resize(x, model.student.resolution), e).scores,
-                               data.train_paths, transform, {"all": label_emb.to(device)}, device,
-                               cfg.eval_batch_size, cfg.workers, "APL")["all"]
-    probs = 1 / (1 + np.exp(-probs.astype(np.float64)))
+    encode, scorers = evaluation.sigrl_scorers(model, {"all": label_emb.to(device)}, model.student.resolution,
+                                               spml=True)
+    probs = evaluation.sigmoid(evaluation.predict(data.train_paths, transform, encode, scorers, device,
+                                                  cfg.eval_batch_size, cfg.workers, "APL")["all"])
     obs = apl_update(state["obs"].numpy().astype(np.float64), probs, state["unlabel_num"].numpy(),
                      cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
     state["obs"] = torch.from_numpy(obs).float()
