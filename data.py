@@ -292,7 +292,7 @@ def _show(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Prepare or inspect the SigRL datasets (layouts: shared/datasets.md).",
+        description="Prepare or inspect the SigRL datasets (layouts: README.md, 'Datasets').",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
   python data.py prepare nuswide --root data/NUS_WIDE       # BiAM h5 layout or official release -> sigrl_nuswide/
   python data.py prepare nuswide --root /ro/NUS_WIDE --out ~/nus   # read-only root; then load_nuswide(root, out)

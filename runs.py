@@ -39,6 +39,10 @@ class Config:
     data: str = _f("toy", "toy (offline synthetic world), nuswide, coco or voc",
                    choices=["toy", "nuswide", "coco", "voc"])
     data_root: str = _f("", "dataset folder (README: 'Datasets'); the toy world is generated here")
+    data_out: str = _f("", "where prepared label files are written / read (default: --data-root; use it when "
+                           "the dataset folder is read-only)")
+    voc_year: str = _f("2012", "VOC release: 2012 (as the reference code) or 2007 (the paper's counts)",
+                       choices=["2012", "2007"])
     clip: str = _f("", "CLIP checkpoint: the official ViT-B-16.pt or a plain state dict")
     out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
@@ -174,12 +178,12 @@ def load_dataset(cfg):
     if not os.path.isdir(cfg.data_root):
         raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
     if cfg.task == "zsl":
-        data = load_nuswide(cfg.data_root)
+        data = load_nuswide(cfg.data_root, out=cfg.data_out or None)
     elif cfg.data == "toy":
         import toyworld
         data = toyworld.load_spml_view(cfg.data_root)
     else:
-        data = load_spml(cfg.data, cfg.data_root)
+        data = load_spml(cfg.data, cfg.data_root, year=cfg.voc_year, out=cfg.data_out or None)
     for split in SPLITS[cfg.task]:
         paths = getattr(data, f"{split}_paths")
         good, bad = check_images(paths)
