@@ -1,0 +1,398 @@
+"""Benchmarks: how much faster and leaner sigrl is than the reference formulation, and how close to the machine.
+
+Shape legend: B images, P patches (196), C classes, D joint width (512), K/O GATv2 heads/head width.
+
+Ours and a baseline run in ONE process (same threads, weights, inputs), interleaved (A B, B A, ...); medians:
+  head      all after the backbone (GMC, SDA, VFR, scores) on random F (B, P, D), g (B, D), H (C, D): sigrl's chunked
+            modules vs `dense_head`, which computes on (B, P, C, D) tensors as the reference code does.
+  encoders  clip_text.CLIP's image and text towers vs open_clip's (QuickGELU), same weights.
+  train     one training step, paper configuration; `train_flops` vs a big square matmul timed in the same run.
+
+    python bench.py --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
+    python bench.py --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~30 min
+    python bench.py --full --device cuda --dtypes bf16 fp32 --json bench_gpu.json   # THE GPU RUN (one H100)
+
+Peak memory of a call is measured above what was in use before it (inputs and weights excluded). CUDA:
+torch.cuda.max_memory_allocated in the timed calls. CPU: one more call in a fresh process, peak resident set
+(VmHWM, reset by writing 5 to /proc/self/clear_refs) minus resident set before; that process sets glibc's mmap
+threshold to 64 KiB, so freed tensors go back to the kernel and resident memory follows the live tensors (not
+in the timed process: the page faults cost ~40 %). CPU threads default to 1: on a shared machine an OpenMP
+region stalls whenever one of its threads is descheduled (the chunked head ran 3x slower with 2 threads).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from losses import l1_distill, ranking_loss
+from sigrl import SigRL, SigRLConfig
+from vit import VisionConfig, VisionTransformer
+
+P, D = 196, 512
+SECTIONS = ["head", "encoders", "train"]
+MMAP_THRESHOLD = "65536"  # bytes: MALLOC_MMAP_THRESHOLD_ of the CPU memory process
+HEAD_TARGETS = {("fwdbwd", "memory ours/dense"): 0.25, ("fwdbwd", "time ours/dense"): 1.5,  # the issue's
+                ("fwd", "time ours/dense"): 1.1}
+
+
+@dataclass
+class Preset:
+    head_batches: tuple = (1,)
+    head_classes: tuple = (81,)
+    repeats: int = 3
+    image_batch: int = 2
+    text_batch: int = 16
+    train_batch: int = 1
+    train_classes: int = 81
+
+
+PRESETS = {  # (--quick/--full, device type)
+    ("quick", "cpu"): Preset(),
+    ("full", "cpu"): Preset((1,), (81, 925, 1006), 3, 4, 32, 4, 925),
+    ("quick", "cuda"): Preset((8,), (81, 925), 5, 32, 128, 32, 925),
+    ("full", "cuda"): Preset((8, 32), (81, 925, 1006), 5, 64, 256, 32, 925),
+}
+
+
+# ---- device-agnostic timing and peak memory ----------------------------------------------------------------
+def _kib(path, key):
+    with open(path) as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def measure(fn, device):
+    """Run fn() once: (seconds, peak bytes above those in use before, peak bytes in all); no memory on CPU."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    base, start = cuda and torch.cuda.memory_allocated(device), time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds, peak = time.perf_counter() - start, cuda and torch.cuda.max_memory_allocated(device)
+    return (seconds, peak - base, peak) if cuda else (seconds, None, None)
+
+
+def compare(fns, repeats, device, warmup=0):
+    """Time every fn `repeats` times, interleaved (order reversed on odd rounds): {name: medians, or None (OOM)}."""
+    runs = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            try:
+                result = runs[name] is not None and measure(fns[name], device)
+            except torch.cuda.OutOfMemoryError:  # the dense head at a large batch on a GPU: give it up
+                runs[name] = result = None
+                torch.cuda.empty_cache()
+            if result and r >= warmup:
+                runs[name].append(result)
+    keys = ("seconds", "peak_bytes", "total_peak_bytes")
+    return {name: rs and {k: None if rs[0][i] is None else statistics.median(r[i] for r in rs)
+                          for i, k in enumerate(keys)} for name, rs in runs.items()}
+
+
+def cpu_peak(spec):
+    """Peak memory of one call described by `spec` (see `child`), measured in a fresh process."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
+                         capture_output=True, text=True)
+    if run.returncode > 0:
+        raise RuntimeError(f"memory process for {spec} failed:\n{run.stderr[-2000:]}")
+    killed = run.returncode < 0  # e.g. by the kernel's out-of-memory killer
+    return dict(peak_bytes=None, total_peak_bytes=None) if killed else json.loads(run.stdout.splitlines()[-1])
+
+
+def child(spec):
+    """The CPU memory process: set up, pay the first-call costs, measure one call, print the result as JSON."""
+    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") == MMAP_THRESHOLD, "run through cpu_peak"
+    cpu = torch.device("cpu")
+    if spec["section"] == "head":
+        model = head_model()
+        head_fns(model, 1, 64, spec["mode"], cpu, spec["dtype"])[spec["impl"]]()  # one class chunk: MKL's buffers
+        fn = head_fns(model, spec["B"], spec["C"], spec["mode"], cpu, spec["dtype"])[spec["impl"]]
+    else:
+        fn = train_fns(spec["B"], spec["C"], cpu, spec["dtype"])[0]["train step"]
+        fn()  # AdamW creates its state in the first step
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = _kib("/proc/self/status", "VmRSS")
+    fn()
+    peak = _kib("/proc/self/status", "VmHWM")
+    print(json.dumps(dict(peak_bytes=peak - base, total_peak_bytes=peak)))
+
+
+# ---- the head: ours (sigrl's modules) and the dense reference formulation ----------------------------------
+def head_model(dim=D, **config):
+    """A SigRL whose head modules are the ones measured; its 1-block stub tower never runs."""
+    tower = VisionTransformer(VisionConfig(width=64, layers=1, patch=16, resolution=16, embed_dim=dim))
+    return SigRL(tower, SigRLConfig(embed_dim=dim, **config))
+
+
+def _scores(model, M_hat, g, H):
+    """Eq. 13: (normalised top-k mean of patch-label similarities + normalised global score) / 2, (B, C)."""
+    sim = torch.einsum("bpd,cd->bpc", M_hat, H)  # (B, P, C)
+    local = sim.topk(min(model.config.topk, sim.shape[1]), dim=1).values.mean(dim=1)  # (B, C)
+    return (F.normalize(local, dim=-1) + F.normalize(g @ H.T, dim=-1)) / 2  # (B, C)
+
+
+def our_head(model, patch, g, H):
+    """What SigRL.forward does after the backbone (test_bench checks it equals model(images, H).scores)."""
+    chunk = model.config.class_chunk
+    T = model.sda(patch, H, chunk)  # (B, C, D)
+    return _scores(model, model.vfr(patch, T, model.gmc(H), chunk), g, H)  # (B, C)
+
+
+def dense_gatv2(layer, h):
+    """One GATv2 layer on the C*C edge list, as torch_geometric's GATv2Conv runs a complete graph."""
+    C, K, O = h.shape[0], layer.heads, layer.out_dim
+    x = layer.lin(h).view(C, K, O)  # (C, K, O)
+    dst, src = torch.arange(C, device=h.device).repeat_interleave(C), torch.arange(C, device=h.device).repeat(C)
+    pair = F.leaky_relu(x[dst] + x[src], layer.negative_slope)  # (C*C, K, O): x_i + x_j per edge
+    alpha = (pair * layer.att).sum(dim=-1).view(C, C, K).softmax(dim=1)  # (C, C, K), e_ij then softmax over j
+    messages = x[src] * F.dropout(alpha, layer.dropout, layer.training).view(C * C, K, 1)  # (C*C, K, O)
+    return messages.view(C, C, K, O).sum(dim=1).reshape(C, K * O)  # (C, K * O)
+
+
+def dense_head(model, patch, g, H):
+    """The reference code's formulation: each step on materialised (B, P, C, D) tensors. (The reference also
+    softmaxes a transposed view, one more (B, P, C, D) copy, left out: if anything, this baseline is lean.)"""
+    (B, P, D), C = patch.shape, H.shape[0]
+    patch_rep = patch[:, :, None, :].repeat(1, 1, C, 1)  # (B, P, C, D), the reference's .repeat of F
+    # SDA (Eq. 5-9, code version): softmax over p of fc_sda(tanh(F * H)), pooled over p
+    A = model.sda.fc_sda(torch.tanh(patch_rep * H.repeat(B, P, 1, 1)))  # (B, P, C, D)
+    M = (patch_rep * A.softmax(dim=1)).sum(dim=1)  # (B, C, D)
+    Q = torch.relu(M.transpose(1, 2) @ H / (M.norm() * H.norm()))  # (B, D, D)
+    T = M @ (Q / Q.norm(dim=2, keepdim=True).clamp_min(1e-12))  # (B, C, D)
+    # GMC (Eq. 2-4, GATv2) then VFR (Eq. 10-12, code version: the sum runs over the classes)
+    drop = lambda x: F.dropout(x, model.gmc.dropout, model.training)  # noqa: E731
+    G = dense_gatv2(model.gmc.layer2, drop(F.elu(dense_gatv2(model.gmc.layer1, drop(H)))))  # (C, D)
+    O = model.vfr.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, D)
+    A = model.vfr.fc_vfr(torch.tanh(patch_rep * O[:, None].repeat(1, P, 1, 1)))  # (B, P, C, D)
+    return _scores(model, (patch_rep * A.softmax(dim=1)).sum(dim=2), g, H)  # (B, P, D) -> (B, C)
+
+
+def head_fns(model, B, C, mode, device, dtype, P=P):
+    """{"ours": fn, "dense": fn}: one forward (no grad, eval) or forward + backward (train) on shared inputs."""
+    gen, D = torch.Generator().manual_seed(0), model.config.embed_dim
+    act = torch.bfloat16 if dtype == "bf16" else torch.float32  # what the backbone hands over under autocast
+    patch, g = (torch.randn(*s, generator=gen).to(device, act) for s in ((B, P, D), (B, D)))
+    H, w = torch.randn(C, D, generator=gen).to(device), torch.randn(B, C, generator=gen).to(device)
+    patch.requires_grad_(mode == "fwdbwd"), g.requires_grad_(mode == "fwdbwd")
+
+    def make(head):
+        def fn():
+            model.train(mode == "fwdbwd")
+            with torch.set_grad_enabled(mode == "fwdbwd"), \
+                    torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+                scores = head(model, patch, g, H)  # (B, C)
+            if mode == "fwdbwd":
+                model.zero_grad(set_to_none=True)
+                patch.grad = g.grad = None
+                (scores.float() * w).sum().backward()
+        return fn
+    return {"ours": make(our_head), "dense": make(dense_head)}
+
+
+def bench_head(preset, device, dtypes, progress):
+    model, rows = head_model().to(device), []
+    for dtype, C, B, mode in ((d, C, B, m) for d in dtypes for C in preset.head_classes
+                              for B in preset.head_batches for m in ("fwd", "fwdbwd")):
+        progress(f"head {dtype} B={B} C={C} {mode}")
+        fns = head_fns(model, B, C, mode, device, dtype)
+        # run dense only if its ~10 (B, P, C, D) and ~4 (C*C, D) fp32 tensors (measured) fit in 80 % of free memory
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _kib("/proc/meminfo", "MemAvailable")
+        if 4 * (11 * B * P * C * D + 4.5 * C * C * D) > 0.8 * free:
+            del fns["dense"]
+        res = compare(fns, preset.repeats, device, warmup=int(device.type == "cuda"))
+        for impl in fns if device.type == "cpu" else ():
+            res[impl].update(cpu_peak(dict(section="head", impl=impl, B=B, C=C, mode=mode, dtype=dtype)))
+        o, d = res["ours"], res.get("dense")
+        rows.append({"pass": mode, "dtype": dtype, "B": B, "C": C, "ours ms": o["seconds"] * 1e3,
+                     "dense ms": d and d["seconds"] * 1e3, "time ours/dense": _ratio(o, d, "seconds"),
+                     "ours MiB": _mib(o["peak_bytes"]), "dense MiB": d and _mib(d["peak_bytes"]),
+                     "memory ours/dense": _ratio(o, d, "peak_bytes"), "raw": res})
+    return rows
+
+
+# ---- encoders: ours vs open_clip on the same weights --------------------------------------------------------
+def build_encoders(size="full"):
+    """(open_clip's CLIP, ours) with the same weights: open_clip's own initialisation, copied by key."""
+    from open_clip.model import CLIP as OpenCLIP
+    from clip_text import CLIP, CLIPConfig
+    from fixtures_clip import SIZES
+    embed_dim, vision_cfg, text_cfg = SIZES[size]
+    torch.manual_seed(0)
+    theirs = OpenCLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=True).eval()
+    ours = CLIP(CLIPConfig.from_state_dict(theirs.state_dict()))
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours.eval()
+
+
+def bench_encoders(preset, device, dtypes, progress):
+    theirs, ours = (m.to(device) for m in build_encoders())
+    V, gen = theirs.vocab_size, torch.Generator().manual_seed(0)
+    tokens = torch.zeros(preset.text_batch, theirs.context_length, dtype=torch.long)  # (N, L): SOT, 8 words, EOT, pad
+    tokens[:, 0], tokens[:, 9], tokens[:, 1:9] = V - 2, V - 1, torch.randint(1, V - 2, (len(tokens), 8), generator=gen)
+    x, tokens = torch.randn(preset.image_batch, 3, 224, 224, generator=gen).to(device), tokens.to(device)
+    rows = []
+    for tower, inputs, mine, other in [("image", x, ours.encode_image, theirs.encode_image),
+                                       ("text", tokens, ours.encode_text, theirs.encode_text)]:
+        progress(f"{tower} encoder, batch {len(inputs)}")
+
+        def fn(encode, inputs=inputs):
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=dtypes[0] == "bf16"):
+                encode(inputs)
+        res = compare({"ours": lambda: fn(mine), "open_clip": lambda: fn(other)}, preset.repeats, device, 1)
+        rows.append({"encoder": tower, "batch": len(inputs), "ours items/s": len(inputs) / res["ours"]["seconds"],
+                     "open_clip items/s": len(inputs) / res["open_clip"]["seconds"],
+                     "time ours/open_clip": _ratio(res["ours"], res["open_clip"], "seconds"), "raw": res})
+    return rows
+
+
+# ---- one training step, its FLOPs, and the machine's matmul throughput ---------------------------------------
+def train_flops(B, C, v=VisionConfig(), h=SigRLConfig(), fix_layer=10):
+    """Matmul FLOPs (a multiply-add = 2) of one training step, by part; elementwise ops are not counted.
+
+    Backward costs 2x the forward of a matmul whose operands both need a gradient, 1x where one is frozen (the
+    labels H). The student's backward runs through blocks fix_layer+1.. and proj only. Checkpoint recomputes a
+    chunk until its saved tensors are back: fc_sda, fc_vfr and GATv2's e_ij run twice, the chunks' last matmuls
+    (pooling, aggregation) once. test_bench checks this against torch's FlopCounterMode.
+    """
+    W, L, E, Pv = v.width, v.layers, v.embed_dim, (v.resolution // v.patch) ** 2
+    N, KO = Pv + 1, h.gat_heads * h.gat_hidden
+    embed, block = 2 * Pv * 3 * v.patch ** 2 * W, 24 * N * W * W + 4 * N * N * W  # qkv, out, MLP; QK^T, AV
+    gat_e, fc = 2 * C * C * (KO + E), 2 * B * Pv * C * E * E  # GATv2 e_ij (both layers); a D x D on B*P*C vectors
+    # both operands need gradients: GAT e_ij + aggregation, fc_sda, fc_vfr, pooling, GAT layer-2 W, M Q, fc_o
+    both = 2 * gat_e + 2 * fc + 2 * B * Pv * C * E + 2 * C * KO * E + 6 * B * C * E * E
+    one = 2 * C * E * KO + B * (2 * C * E * E + 2 * Pv * C * E + 2 * C * E)  # layer-1 W, M^T H, the two scores
+    return {
+        "student forward": B * (embed + L * block + 2 * N * W * E),  # proj on every token
+        "teacher forward": B * (embed + L * block + 2 * W * E),  # proj on the class token
+        "student backward": B * (2 * (L - fix_layer) * block + 4 * N * W * E),
+        "head forward": both + one,
+        "head backward": 2 * both + one,
+        "head recompute (checkpoint)": gat_e + 2 * fc,
+    }
+
+
+def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10):
+    """({"train step": fn, "matmul": fn}, matmul FLOPs). The step: student + frozen teacher + head, ranking + L1
+    loss, AdamW; patch embedding, class token, positions, ln_pre and the first fix_layer blocks frozen."""
+    torch.manual_seed(0)
+    model = SigRL(VisionTransformer(vision), SigRLConfig(embed_dim=vision.embed_dim)).to(device).train()
+    s = model.student
+    for frozen in [s.conv1, s.ln_pre, *s.transformer.resblocks[:fix_layer], s.class_embedding, s.positional_embedding]:
+        frozen.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(B, 3, vision.resolution, vision.resolution, generator=gen).to(device)  # (B, 3, R, R)
+    H = torch.randn(C, vision.embed_dim, generator=gen).to(device)  # (C, D)
+    labels = torch.where(torch.rand(B, C, generator=gen) < 0.05, 1.0, -1.0).index_fill(1, torch.tensor(0), 1.0)
+    labels = labels.to(device)  # (B, C): ~5 % positives, and class 0 for all (train.py drops images without one)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+            out = model(images, H)
+            target = model.teacher_feat(images)  # (B, D)
+        (ranking_loss(out.scores.float(), labels) + l1_distill(out.feat.float(), target.float())).backward()
+        opt.step()
+
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(2, n, n, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    return {"train step": step, "matmul": lambda: a @ b}, 2 * n ** 3
+
+
+def bench_train(preset, device, dtypes, progress):
+    B, C, dtype = preset.train_batch, preset.train_classes, dtypes[0]
+    progress(f"train step {dtype} B={B} C={C}")
+    fns, matmul_flops = train_fns(B, C, device, dtype)
+    res = compare(fns, preset.repeats, device, warmup=1)
+    if device.type == "cpu":
+        res["train step"].update(cpu_peak(dict(section="train", B=B, C=C, dtype=dtype)))
+    flops, step, matmul = train_flops(B, C), res["train step"], res["matmul"]
+    achieved, limit = sum(flops.values()) / step["seconds"], matmul_flops / matmul["seconds"]
+    return [{"train step": f"B={B} C={C} {dtype}", "s/step": step["seconds"], "images/s": B / step["seconds"],
+             "peak MiB (all)": _mib(step["total_peak_bytes"]), "TFLOP/step": sum(flops.values()) / 1e12,
+             "achieved TFLOP/s": achieved / 1e12, "matmul TFLOP/s": limit / 1e12, "of matmul": achieved / limit,
+             "raw": dict(flops=flops, step=step, matmul=matmul)}]
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def _ratio(a, b, key):
+    return None if a is None or b is None or a[key] is None or b[key] is None else a[key] / b[key]
+
+
+def _mib(n):
+    return None if n is None else n / 2 ** 20
+
+
+def targets(result):
+    """The issue's targets as (what, ratio, limit): every C = 925 head row with a dense run, and the encoders."""
+    return [(f"head {r['pass']} {col}, B={r['B']} C=925 {r['dtype']}", r[col], limit) for r in result["head"]
+            if r["C"] == 925 and r["dense ms"] for (mode, col), limit in HEAD_TARGETS.items() if mode == r["pass"]] + \
+        [(f"{e['encoder']} encoder time ours/open_clip", e["time ours/open_clip"], 1.1) for e in result["encoders"]]
+
+
+def markdown(result):
+    def cell(x):
+        return "skipped/OOM" if x is None else x if isinstance(x, (str, int)) else f"{x:.0f}" if x >= 100 else \
+            f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+    m, lines = result["meta"], []
+    for rows in (result["head"], result["encoders"], result["train"]):
+        cols = [k for k in rows[0] if k != "raw"] if rows else []  # "raw": the measurements behind the row
+        lines += ["", f"| {' | '.join(cols)} |", "|---" + "|--:" * (len(cols) - 1) + "|"] * bool(rows) + \
+            [f"| {' | '.join(str(cell(r[c])) for c in cols)} |" for r in rows]
+    for flops in (t["raw"]["flops"] for t in result["train"]):
+        lines += ["", "FLOPs per step: " + ", ".join(f"{k} {v / 1e9:.0f} G ({v / sum(flops.values()):.0%})"
+                                                    for k, v in flops.items())]
+    lines += ["", "Targets:"] + [f"- {what} <= {limit}: " + ("n/a" if v is None else f"{v:.3f} "
+                                 f"({'met' if v <= limit else 'MISSED'})") for what, v, limit in targets(result)]
+    return "\n".join([f"{m['device']}, {m['threads']} thread(s), torch {m['torch']}; P={P}, D={D}; medians of "
+                      "interleaved repeats; memory: peak above the inputs and weights (train: in all)"] + lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="all sizes, more repeats (default: --quick)")
+    parser.add_argument("--quick", action="store_true", help="the small preset (the default)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"],
+                        help="head precisions (default: bf16 on CUDA, fp32 on CPU); the other sections use the first")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for ours and the baselines")
+    parser.add_argument("--only", nargs="+", default=SECTIONS, choices=SECTIONS, help="run these sections only")
+    parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # the CPU memory process
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    preset = PRESETS["full" if args.full else "quick", device.type]
+    dtypes, start = args.dtypes or ["bf16" if device.type == "cuda" else "fp32"], time.time()
+    torch.set_num_threads(args.threads if device.type == "cpu" else torch.get_num_threads())
+    progress = lambda label: print(f"[{time.time() - start:5.0f} s] {label}", file=sys.stderr, flush=True)  # noqa: E731
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    result = {"meta": dict(device=name, threads=torch.get_num_threads(), torch=torch.__version__,
+                           preset=asdict(preset), argv=sys.argv[1:]), **{section: [] for section in SECTIONS}}
+    for fn in head_fns(head_model().to(device), 1, 64, "fwd", device, dtypes[0]).values():
+        fn()  # first calls pay for library set-up (MKL buffers, cuBLAS handles): not part of any measurement
+    for section in args.only:
+        bench = {"head": bench_head, "encoders": bench_encoders, "train": bench_train}[section]
+        result[section] = bench(preset, device, dtypes, progress)
+    result["meta"]["wall_s"] = round(time.time() - start, 1)
+    result["targets"] = [dict(target=what, value=v, limit=limit) for what, v, limit in targets(result)]
+    print(markdown(result) + f"\n\nwall time {result['meta']['wall_s']} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""bench.py's building blocks at toy sizes: the dense reference equals our head (values and gradients), our head
+equals SigRL.forward, the FLOP count equals torch's FlopCounterMode, the encoders compared are the same maths,
+and the timing / memory helpers run. No timings are checked (those belong to the benchmark)."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from sigrl import SigRL, SigRLConfig
+from vit import VisionConfig, VisionTransformer
+
+B, P, C, D = 2, 9, 11, 16  # toy sizes (bench.P, bench.D are the real ones)
+CPU = torch.device("cpu")
+
+
+def toy_head(**config):
+    torch.manual_seed(0)
+    return bench.head_model(dim=D, topk=4, class_chunk=3, **config).double().eval()
+
+
+def head_and_grads(head, model, patch, g, H):
+    patch, g = (x.detach().clone().requires_grad_(True) for x in (patch, g))
+    scores = head(model, patch, g, H)  # (B, C)
+    w = torch.randn(scores.shape, generator=torch.Generator().manual_seed(7), dtype=scores.dtype)
+    params = [p for module in (model.gmc, model.sda, model.vfr) for p in module.parameters()]
+    return scores, torch.autograd.grad((scores * w).sum(), [patch, g] + params)  # every one reached
+
+
+@pytest.mark.parametrize("classes", [1, C])
+def test_dense_head_equals_our_head(classes):
+    model = toy_head()
+    gen = torch.Generator().manual_seed(1)
+    patch, g, H = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((B, P, D), (B, D), (classes, D)))
+    ours, dense = (head_and_grads(h, model, patch, g, H) for h in (bench.our_head, bench.dense_head))
+    torch.testing.assert_close(ours[0], dense[0], rtol=1e-9, atol=1e-9)
+    for a, b in zip(ours[1], dense[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_dense_gatv2_equals_gat_layers():
+    model = toy_head()
+    H = torch.randn(C, D, dtype=torch.float64)
+    x = model.gmc.layer1(H)  # (C, K * O)
+    torch.testing.assert_close(bench.dense_gatv2(model.gmc.layer1, H), x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(bench.dense_gatv2(model.gmc.layer2, x), model.gmc.layer2(x), rtol=1e-9, atol=1e-9)
+
+
+def test_our_head_equals_sigrl_forward():
+    torch.manual_seed(0)
+    tower = VisionTransformer(VisionConfig(width=64, layers=1, patch=8, resolution=24, embed_dim=D))
+    model = SigRL(tower, SigRLConfig(embed_dim=D, topk=4, class_chunk=4)).double().eval()
+    images, H = torch.randn(B, 3, 24, 24, dtype=torch.float64), torch.randn(C, D, dtype=torch.float64)
+    with torch.no_grad():
+        tokens = tower.forward_tokens(images) @ tower.proj  # (B, 1+P, D)
+        torch.testing.assert_close(bench.our_head(model, tokens[:, 1:], tokens[:, 0], H), model(images, H).scores)
+
+
+@pytest.mark.parametrize("fix_layer", [1, 2])
+def test_train_flops_equal_flop_counter(fix_layer):
+    """FlopCounterMode counts every mm/bmm/addmm/conv (math SDPA -> bmm) but no matrix-vector product: the GATv2
+    score e = LeakyReLU(...) @ a (forward, recompute, and its backward ~2x) is the only difference."""
+    v, h = VisionConfig(width=64, layers=3, patch=8, resolution=32, embed_dim=32), SigRLConfig(embed_dim=32)
+    fns, _ = bench.train_fns(2, 10, CPU, "fp32", vision=v, fix_layer=fix_layer)
+    fns["train step"]()  # AdamW's first step differs only in state creation; count the second
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fns["train step"]()
+    flops = bench.train_flops(2, 10, v, h, fix_layer=fix_layer)
+    matvec = 4 * 2 * 10 * 10 * (h.gat_heads * h.gat_hidden + 32)
+    assert sum(flops.values()) - matvec == counter.get_total_flops()
+
+
+def test_vit_b16_forward_flops():
+    """ViT-B/16 forward is ~17.6 G multiply-adds (the figure quoted with the architecture)."""
+    assert abs(bench.train_flops(1, 1)["teacher forward"] / 2 / 17.6e9 - 1) < 0.01
+
+
+def test_encoders_compare_the_same_maths():
+    from clip_text import tokenize
+    theirs, ours = bench.build_encoders("tiny")
+    x, tokens = torch.randn(2, 3, 32, 32), tokenize(["a photo of a dog", "There is a cat in the scene"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(x), theirs.encode_image(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_compare_runs_both_formulations(mode, dtype):
+    model = bench.head_model(dim=D).to(CPU)
+    res = bench.compare(bench.head_fns(model, B, C, mode, CPU, dtype, P=P), repeats=2, device=CPU, warmup=1)
+    assert set(res) == {"ours", "dense"} and all(r["seconds"] > 0 and r["peak_bytes"] is None for r in res.values())
+
+
+def test_cpu_peak_memory_sees_the_dense_tensors():
+    """The memory process: dense holds several (B, P, C, D) fp32 tensors at once, ours one class chunk's worth."""
+    one = bench.P * 256 * bench.D * 4  # bytes of one (1, P, C, D) fp32 tensor at C = 256
+    ours, dense = (bench.cpu_peak(dict(section="head", impl=impl, B=1, C=256, mode="fwd", dtype="fp32"))["peak_bytes"]
+                   for impl in ("ours", "dense"))
+    assert 3 * one < dense < 12 * one and ours < dense / 3, (ours / one, dense / one)
+
+
+def test_markdown_handles_skipped_runs():
+    timing = {"seconds": 0.5, "peak_bytes": 2 ** 30, "total_peak_bytes": 2 ** 31}
+    head = dict(zip(["pass", "dtype", "B", "C"], ["fwdbwd", "bf16", 32, 925]))
+    result = {"meta": dict(device="X", threads=1, torch="2"), "encoders": [], "train": [],
+              "head": [{**head, "ours ms": 500.0, "dense ms": None, "time ours/dense": None, "ours MiB": 1024.0,
+                        "dense MiB": None, "memory ours/dense": None, "raw": {"ours": timing, "dense": None}},
+                       {**head, "B": 8, "ours ms": 100.0, "dense ms": 50.0, "time ours/dense": 2.0, "ours MiB": 1.0,
+                        "dense MiB": 10.0, "memory ours/dense": 0.1, "raw": {"ours": timing, "dense": timing}}]}
+    text = bench.markdown(result)
+    assert "| fwdbwd | bf16 | 32 | 925 | 500 | skipped/OOM |" in text
+    assert "time ours/dense, B=8 C=925 bf16 <= 1.5: 2.000 (MISSED)" in text
+    assert "memory ours/dense, B=8 C=925 bf16 <= 0.25: 0.100 (met)" in text
