@@ -101,6 +101,19 @@ def format_table(results, title=""):
     return "\n".join(lines)
 
 
+def format_comparison(rows, title="", spread=None):
+    """Methods side by side on the headline figures; `spread` (same shape as rows) adds '± std'."""
+    settings = [s for s in ("zsl", "gzsl", "test") if s in next(iter(rows.values()))]
+    columns = [(s, c) for s in settings for c in ("map", "f1@3", "f1@5")]
+    head = "| method | " + " | ".join(f"{s.upper()} {c.replace('map', 'mAP').replace('f1', 'F1')}"
+                                      for s, c in columns) + " |"
+    lines = ([title] if title else []) + [head, "|" + "---|" * (len(columns) + 1)]
+    for name, r in rows.items():
+        cells = [f"{r[s][c]:.2f}" + (f" ± {spread[name][s][c]:.2f}" if spread else "") for s, c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_epoch(record):
     """One line per epoch: the losses and the headline figures."""
     losses = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())

@@ -186,3 +186,16 @@ def test_help_explains():
     for flag in ("--task", "--data-root", "--clip", "--loss", "--prompt", "--resume", "--device"):
         assert flag in out
     assert "--ckpt" in cli("eval.py", "--help").stdout
+
+
+def test_ablation_table(world, tmp_path):
+    proc = cli("ablation.py", "--seeds", 1, 2, "--only", 0, 4, "--out", tmp_path, "--task", "spml", "--data", "coco",
+               "--data-root", world["coco"], "--clip", world["clip"], "--epochs", 1, "--workers", 0,
+               "--fix-layer", 1, "--batch-size", 8, env=world["env"])
+    table = proc.stdout[proc.stdout.index("Ablation"):]
+    assert "| baseline (no GMC, SDA, VFR) |" in table and "| GMC + SDA + VFR (SigRL) |" in table
+    assert "±" in table and "| VFR |" not in table
+    for row, seed in ((0, 1), (0, 2), (4, 1), (4, 2)):
+        assert (tmp_path / f"row{row}-seed{seed}" / "last.pt").exists()
+    baseline = torch.load(tmp_path / "row0-seed1" / "last.pt", weights_only=True)["head_config"]
+    assert not (baseline["gmc"] or baseline["sda"] or baseline["vfr"])

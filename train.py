@@ -179,13 +179,16 @@ def apl_round(model, label_emb, data, state, cfg, device):
 def main(argv=None):
     cfg = runs.parse_args(argv)
     try:
-        return run(cfg)
+        run(cfg)
+        return 0
     except (CheckpointError, DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def run(cfg):
+def run(cfg, baseline=True):
+    """Train (or resume) one run; returns the last epoch's metrics. `baseline`: on the toy world, also
+    evaluate the zero-shot tiny CLIP and print both side by side."""
     # Validate everything (checkpoint kinds, CLIP file, dataset, run directory) before writing anything.
     resume = runs.load_run_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
@@ -259,16 +262,17 @@ def run(cfg):
         if improved:
             runs.save_checkpoint(ckpt, os.path.join(cfg.out, "best.pt"))
     if metrics is None:
-        return 0
+        return None
     print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                             f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:
         print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
               f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
-    if cfg.data == "toy" and state["epoch"] == cfg.epochs:
-        baseline = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)
-        print(evaluation.format_table(baseline, f"\nzero-shot tiny CLIP ({cfg.clip}), same protocol"))
-    return 0
+    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs:
+        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)
+        print(evaluation.format_comparison({"zero-shot tiny CLIP": zero_shot, "SigRL (this run)": metrics},
+                                           title="\nThe same test images, the same protocol:"))
+    return metrics
 
 
 if __name__ == "__main__":
