@@ -9,7 +9,7 @@ Ours and a baseline run in ONE process (same threads, weights, inputs), interlea
   train     one training step, paper configuration; `train_flops` vs a big square matmul timed in the same run.
 
     python bench.py --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
-    python bench.py --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~30 min
+    python bench.py --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~25 min
     python bench.py --full --device cuda --dtypes bf16 fp32 --json bench_gpu.json   # THE GPU RUN (one H100)
 
 Peak memory of a call is measured above what was in use before it (inputs and weights excluded). CUDA:
