@@ -1,14 +1,21 @@
-"""Tests of the toy world (toyworld.py) (the tiny CLIP's tests come with its weights): determinism,
-co-occurrence, the real loaders reading the files."""
+"""Tests of the toy world (toyworld.py) and its tiny CLIP (toyclip/): determinism, co-occurrence, the real
+loaders reading the files, OpenAI's checkpoint layout (open_clip as the oracle) and a zero-shot margin."""
 import hashlib
+import json
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 import toyworld as tw
 from data import check_images, load_nuswide
+from toyclip.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
+
+REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def tree_digest(root):
@@ -99,3 +106,72 @@ def test_spml_view(world):
     assert (len(spml.train_paths), len(spml.val_paths), len(spml.test_paths)) == (192, 48, 160)
     assert (spml.train_obs.sum(1) == 1).all() and (spml.train_obs <= spml.train_true).all()
     assert all(os.path.isfile(p) for p in spml.train_paths[:5] + spml.test_paths[:5])
+
+
+def test_prefix_text_encoding_is_exact():
+    torch.manual_seed(0)
+    clip = build_clip(PretrainConfig(vision_layers=1, text_layers=2), vocab_size=600).eval()
+    tokens = torch.zeros(3, 77, dtype=torch.long)
+    for row, n in enumerate([5, 9, 2]):
+        tokens[row, :n] = torch.randint(1, 598, (n,))
+        tokens[row, n] = 599                                   # EOT = the largest id
+    torch.testing.assert_close(encode_text_prefix(clip, tokens), clip.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_saved_layout_matches_openai(tmp_path):
+    """Key names, shapes and the fp16 subset of an open_clip model of the same size (the independent oracle)."""
+    from open_clip.model import CLIP as OpenClip, CLIPTextCfg, CLIPVisionCfg
+    from fixtures_clip import fp16_subset
+    cfg = PretrainConfig(vision_layers=2, text_layers=2)
+    ours = build_clip(cfg, vocab_size=600).eval()
+    path = tmp_path / "x.pt"
+    save_official(ours, path)
+    sd = torch.load(path, weights_only=True)
+    oracle = OpenClip(cfg.embed_dim, CLIPVisionCfg(layers=2, width=cfg.vision_width, patch_size=cfg.patch,
+                                                   image_size=tw.RES),
+                      CLIPTextCfg(context_length=77, vocab_size=600, width=cfg.text_width, heads=2, layers=2),
+                      quick_gelu=True)
+    ints = {"input_resolution": tw.RES, "context_length": 77, "vocab_size": 600}
+    assert set(sd) == set(oracle.state_dict()) | set(ints)
+    for k, v in oracle.state_dict().items():
+        assert sd[k].shape == v.shape, k
+        assert sd[k].dtype == (torch.float16 if k in fp16_subset(oracle) else torch.float32), k
+    assert {k: (sd[k].item(), sd[k].dtype, sd[k].dim()) for k in ints} == {k: (v, torch.int64, 0)
+                                                                          for k, v in ints.items()}
+
+
+def test_toyclip_loads_from_the_repository_alone(tmp_path):
+    """Load the committed tiny CLIP with HOME elsewhere and $SIGRL_BPE unset, recording every file opened:
+    nothing outside the repository and the Python installation may be read."""
+    script = f"""
+import json, os, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and
+                 isinstance(args[0], (str, bytes, os.PathLike)) else None)
+sys.path.insert(0, {REPO!r})
+import toyworld
+from clip_text import encode_labels, load_clip
+clip = load_clip(toyworld.TOYCLIP)
+emb = encode_labels(clip, toyworld.LABELS, cache_dir={str(tmp_path / 'cache')!r})
+ids = clip.tokenizer.encode("snowman")
+allowed = ({REPO!r}, sys.prefix, sys.base_prefix, {str(tmp_path)!r}, "/proc", "/sys", "/dev", "/etc")
+outside = sorted({{p for p in opened if os.path.isabs(p) and not p.startswith(allowed)}})
+print(json.dumps([clip.bpe, list(emb.shape), ids, clip.resolution, outside, sorted(set(opened))]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("SIGRL_BPE", "SIGRL_CACHE")}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    bpe, shape, ids, resolution, outside, opened = json.loads(out.stdout.strip().splitlines()[-1])
+    assert os.path.realpath(bpe) == os.path.realpath(os.path.join(REPO, "toyclip", "toyclip.bpe.txt.gz"))
+    assert bpe in opened and tw.TOYCLIP in opened                       # the hook does see the files read
+    assert shape[0] == 32 and len(ids) == 1 and resolution == tw.RES  # "snowman" is one learned token
+    assert outside == []
+
+
+def test_toyclip_recognises_unseen_labels_zero_shot():
+    """Fresh test images (world seed 1: never drawn in pre-training): unseen mAP far above chance."""
+    r = tw.zeroshot(tw.TOYCLIP, n=400, seed=1)
+    assert r["zsl"]["map"] > 2.5 * r["chance"]["zsl"], r
+    assert r["gzsl"]["map"] > 2.5 * r["chance"]["gzsl"], r

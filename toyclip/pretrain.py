@@ -10,7 +10,7 @@ from the train/test images) with captions that name every label, seen and unseen
 learned on those captions (tokenizer.learn_bpe); symmetric InfoNCE over the B x B cosine-similarity matrix
 scaled by a learned temperature (clamped at 100, as CLIP); AdamW, linear warm-up then cosine decay; CLIP's own
 image mean/std (SigRL later feeds ImageNet-normalised images to it, as the reference code does to the real CLIP).
-Augmentation: a random zoom (1-1.15x) and horizontal flip; the world is drawn fresh for every image anyway.
+Augmentation: a random zoom (1-1.15x) and a horizontal flip; by default each image is seen about 5 times.
 
 The file is OpenAI's layout (clip_format.md 1.1): a plain state dict with exactly the official keys, the fp16
 subset stored in half precision, plus int64 scalars input_resolution, context_length and vocab_size; the
@@ -41,8 +41,8 @@ FP16_KEYS = ("visual.proj", "text_projection")
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    n_images: int = 16000        # pre-training images, drawn once and kept in memory (uint8)
-    steps: int = 1000
+    n_images: int = 20000        # pre-training images, drawn once and kept in memory (uint8, 250 MB)
+    steps: int = 800
     batch_size: int = 128
     lr: float = 2e-3
     warmup: int = 50
@@ -149,6 +149,7 @@ def pretrain(out_dir, cfg=PretrainConfig()):
     save_official(clip.eval(), path)
     results = toyworld.zeroshot(path)
     with open(os.path.join(out_dir, "toyclip.json"), "w") as f:
-        json.dump({"command": "python toyworld.py pretrain --out toyclip/", "config": asdict(cfg),
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(PretrainConfig, k)]
+        json.dump({"command": " ".join(["python toyworld.py pretrain --out", out_dir] + changed), "config": asdict(cfg),
                    "minutes": round(minutes, 1), "torch": torch.__version__, "zeroshot": results}, f, indent=2)
     return path
