@@ -81,14 +81,14 @@ class Config:
 
 PRESETS = {
     ("zsl", "nuswide"): {},
-    ("zsl", "toy"): dict(epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=1, workers=0,
+    ("zsl", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
                          eval_batch_size=128),
     ("spml", "coco"): dict(epochs=10, batch_size=16, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0,
                            layer_decay=1.0),
     ("spml", "voc"): dict(epochs=10, batch_size=8, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0,
                           layer_decay=1.0, alpha=0.2, beta=0.02),
-    ("spml", "toy"): dict(epochs=6, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=1, workers=0,
-                          eval_batch_size=128, apl_warmup=3),
+    ("spml", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
+                          eval_batch_size=128, apl_warmup=1),
 }
 RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite"}
 
