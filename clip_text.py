@@ -191,14 +191,17 @@ def read_state_dict(path):
 def bpe_for(path, vocab_size, bpe=None):
     """Which BPE file the checkpoint at `path` needs; None = the official lookup (see tokenizer.find_bpe).
 
-    A non-official vocabulary (a toy CLIP trained here) needs its own merges: `bpe`, else $SIGRL_BPE,
-    else `<checkpoint stem>.bpe.txt.gz` next to the checkpoint.
+    A non-official vocabulary (a toy CLIP trained here) needs its own merges: `bpe`, else
+    `<checkpoint stem>.bpe.txt.gz` next to the checkpoint, else $SIGRL_BPE. The sibling file wins over the
+    environment variable, which usually names the official vocabulary: its first merges would tokenize a
+    small-vocabulary model without any error, but wrongly.
     """
     if bpe is not None or vocab_size == OFFICIAL_VOCAB:
         return bpe
-    if os.environ.get("SIGRL_BPE"):
-        return os.environ["SIGRL_BPE"]
-    return os.path.splitext(str(path))[0] + ".bpe.txt.gz"
+    sibling = os.path.splitext(str(path))[0] + ".bpe.txt.gz"
+    if os.path.exists(sibling) or not os.environ.get("SIGRL_BPE"):
+        return sibling
+    return os.environ["SIGRL_BPE"]
 
 
 def load_clip(path, bpe=None):

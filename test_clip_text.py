@@ -107,12 +107,15 @@ def test_custom_vocab_finds_its_bpe_next_to_the_checkpoint(tmp_path, monkeypatch
     assert (clip.config.vocab_size, clip.config.context_length) == (vocab, 16)
     tokens = clip.tokenizer(["a photo of a dog"], context_length=16)
     assert tokens.max() == vocab - 1 and clip.encode_text(tokens).shape == (1, 32)
-    # lookup order: argument, then $SIGRL_BPE, then <stem>.bpe.txt.gz beside the checkpoint
+    # lookup order: argument, then <stem>.bpe.txt.gz beside the checkpoint, then $SIGRL_BPE
     assert bpe_for("/x/toy.pt", vocab) == "/x/toy.bpe.txt.gz"
     assert bpe_for("/x/toy.pt", vocab, bpe="/y/arg.gz") == "/y/arg.gz"
     assert bpe_for("/x/toy.pt", 49408) is None
     monkeypatch.setenv("SIGRL_BPE", "/z/env.gz")
-    assert bpe_for("/x/toy.pt", vocab) == "/z/env.gz"
+    assert bpe_for("/x/toy.pt", vocab) == "/z/env.gz"  # no sibling file: the variable
+    assert bpe_for(tmp_path / "toy.pt", vocab) == str(tmp_path / "toy.bpe.txt.gz")  # the sibling wins
+    with_env = load_clip(tmp_path / "toy.pt")
+    assert torch.equal(with_env.tokenizer(["a photo of a dog"], context_length=16), tokens)
 
 
 # ---------------------------------------------------------------------------------------- bad files
