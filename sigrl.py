@@ -92,7 +92,7 @@ class SDA(nn.Module):
         x = patch[:, :, None, :] * H_c  # (B, P, 1, D) * (c, D) -> (B, P, c, D)
         A = self.fc_sda(x.tanh_())  # (B, P, c, D); tanh in place saves one tensor of this size
         alpha = A.softmax(dim=1)  # (B, P, c, D), softmax over p for each class and channel
-        return (alpha * patch[:, :, None, :]).sum(dim=1)  # (B, P, c, D) -> (B, c, D), M = sum_p alpha * patch
+        return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, c, D), M = sum_p alpha * patch
 
 
 class VFR(nn.Module):
