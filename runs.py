@@ -6,7 +6,6 @@ else: the checkpoint carries the config, the label names and their embeddings, t
 normalisation, the model's shapes, the optimiser, the RNG state and the epoch.
 """
 import argparse
-import hashlib
 import os
 import sys
 import warnings
