@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from data import DataError, check_images, load_nuswide, load_spml
+from losses import SPML_DEFAULTS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -85,7 +86,7 @@ PRESETS = {
     ("spml", "coco"): dict(epochs=10, batch_size=16, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0,
                            layer_decay=1.0),
     ("spml", "voc"): dict(epochs=10, batch_size=8, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0,
-                          layer_decay=1.0, alpha=0.2, beta=0.02),
+                          layer_decay=1.0, alpha=SPML_DEFAULTS["voc"]["alpha"], beta=SPML_DEFAULTS["voc"]["beta"]),
     ("spml", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
                           eval_batch_size=128, apl_warmup=1),
 }
