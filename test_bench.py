@@ -112,3 +112,32 @@ def test_markdown_handles_skipped_runs():
     assert "| fwdbwd | bf16 | 32 | 925 | 500 | skipped/OOM |" in text
     assert "time ours/dense, B=8 C=925 bf16 <= 1.5: 2.000 (MISSED)" in text
     assert "memory ours/dense, B=8 C=925 bf16 <= 0.25: 0.100 (met)" in text
+    assert "train step" not in text  # no GPU training-step targets without a GPU training step
+
+
+def train_row(seconds, peak_bytes, flops=1e12, matmul_tflops=100.0):
+    """A training-step row as bench_train builds it from its measurements (None: the step ran out of memory)."""
+    achieved = seconds and flops / seconds
+    return {"train step": "B=32 C=925 bf16", "s/step": seconds, "images/s": seconds and 32 / seconds,
+            "peak MiB (all)": peak_bytes and peak_bytes / 2 ** 20, "TFLOP/step": flops / 1e12,
+            "achieved TFLOP/s": achieved and achieved / 1e12, "matmul TFLOP/s": matmul_tflops,
+            "of matmul": achieved and achieved / (matmul_tflops * 1e12), "raw": {"flops": {"head forward": flops}}}
+
+
+@pytest.mark.parametrize("device", ["NVIDIA H100 80GB HBM3", "CPU (2 cores)"])
+def test_markdown_checks_the_gpu_training_step_targets(device):
+    meta = dict(device=device, threads=1, torch="2", skipped=["encoders (open_clip is not installed)"])
+    result = {"meta": meta, "head": [], "encoders": [], "train": [train_row(0.02, 45e9), train_row(None, None)]}
+    text = bench.markdown(result)
+    assert "| B=32 C=925 bf16 | skipped/OOM | skipped/OOM |" in text and "Skipped: encoders" in text
+    gpu = device.startswith("NVIDIA")
+    assert ("train step B=32 C=925 bf16 peak GB (all) <= 40: 45.000 (MISSED)" in text) == gpu
+    assert ("train step B=32 C=925 bf16 of matmul >= 0.4: 0.500 (met)" in text) == gpu
+    assert ("train step B=32 C=925 bf16 of matmul >= 0.4: n/a" in text) == gpu  # the OOM row
+
+
+def test_encoders_are_skipped_without_open_clip(monkeypatch, capsys):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "open_clip" else real(name))
+    bench.main(["--only", "encoders", "--device", "cpu"])
+    assert "Skipped: encoders (open_clip is not installed" in capsys.readouterr().out
