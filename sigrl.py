@@ -25,6 +25,7 @@ inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a tim
 forward nor backward memory grows with B x P x C x D.
 """
 import copy
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -64,6 +65,20 @@ def _chunked(fn, *args, x: torch.Tensor, chunk: int):
         yield checkpoint(fn, *args, x.narrow(dim, i, min(chunk, x.shape[dim] - i)), use_reentrant=False)
 
 
+@functools.cache
+def _fused(fn):
+    """fn (a chunk body below) through torch.compile, once per process (SigRL.compile_heads).
+
+    Fast path: a chunk body makes several passes over (B, P, c, D) tensors (product, tanh, the D x D linear,
+    softmax, pooling); all but the linear are elementwise or reductions, so their cost is memory traffic. The
+    compiler fuses product + tanh into one kernel and softmax + pooling into another, the same maths in fewer
+    passes. Measured on 1 CPU thread at B = 1 (bench.py --compile): 0.67x / 0.84x the eager head's time forward
+    at C = 81 / 925, 0.83x / 0.91x forward + backward. On a GPU, where these passes rather than the matmuls
+    bound the step, the gain should be larger (not yet measured).
+    """
+    return torch.compile(fn, dynamic=True)  # symbolic sizes: one graph for every B, P and chunk size
+
+
 class SDA(nn.Module):
     """Semantic decoupling attention (paper Eq. 5-9): patch (B, P, D), H (C, D) -> T (B, C, D).
 
@@ -74,11 +89,13 @@ class SDA(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.fc_sda = nn.Linear(dim, dim)
+        self.fused = False  # True: the chunk body runs compiled (SigRL.compile_heads); same result
 
     def forward(self, patch: torch.Tensor, H: torch.Tensor, chunk: int) -> torch.Tensor:
         (B, P, D), C = patch.shape, H.shape[0]
         assert H.shape == (C, D), f"expected H (C, {D}), got {tuple(H.shape)}"
-        M = torch.cat(list(_chunked(self._decouple, patch, x=H, chunk=chunk)), dim=1)  # (B, C, D)
+        body = _fused(SDA._decouple) if self.fused else SDA._decouple
+        M = torch.cat(list(_chunked(body, self, patch, x=H, chunk=chunk)), dim=1)  # (B, C, D)
         # Eq. 8-9 (code): the reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar
         # passes through the ReLU and the row normalisation below removes it (except on rows of norm < 1e-12,
         # which stay ~0 either way), so it is left out.
@@ -106,6 +123,7 @@ class VFR(nn.Module):
         super().__init__()
         self.fc_o = nn.Linear(2 * dim, dim, bias=False)
         self.fc_vfr = nn.Linear(dim, dim)
+        self.fused = False  # as in SDA
 
     def forward(self, patch: torch.Tensor, T: torch.Tensor, G: torch.Tensor, chunk: int) -> torch.Tensor:
         (B, P, D), C = patch.shape, G.shape[0]
@@ -113,7 +131,8 @@ class VFR(nn.Module):
         # fuse the decoupled features with the graph-refined label embeddings
         O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
         # a running sum, so only one chunk's (B, P, D) term is alive at a time
-        weight = sum(_chunked(self._attention_sum, patch, x=O, chunk=chunk))  # (B, P, D), sum_c alpha'
+        body = _fused(VFR._attention_sum) if self.fused else VFR._attention_sum
+        weight = sum(_chunked(body, self, patch, x=O, chunk=chunk))  # (B, P, D), sum_c alpha'
         M_hat = patch * weight  # (B, P, D), Eq. 12 (code: sum over classes)
         return M_hat
 
@@ -153,6 +172,14 @@ class SigRL(nn.Module):
         """SigRL on a copy of clip.visual (the CLIP model itself is left untouched), e.g. from_clip(clip, sda=False)."""
         config = SigRLConfig(**{"embed_dim": clip.visual.proj.shape[1], **config_overrides})
         return cls(copy.deepcopy(clip.visual), config)
+
+    def compile_heads(self) -> "SigRL":
+        """Run SDA's and VFR's chunk bodies through torch.compile (see _fused). Not saved with the weights; the
+        first calls at each new shape are slow while it compiles."""
+        for module in (self.sda, self.vfr):
+            if module is not None:
+                module.fused = True
+        return self
 
     def train(self, mode: bool = True) -> "SigRL":
         super().train(mode)
