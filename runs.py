@@ -72,6 +72,8 @@ class Config:
     global_only: bool = _f(False, "score with the global (class-token) branch only")
     topk: int = _f(16, "top-k patches averaged in the local score")
     class_chunk: int = _f(64, "classes per SDA/VFR chunk (memory vs speed; results do not depend on it)")
+    compile: bool = _f(False, "run SDA/VFR's per-chunk work through torch.compile (same maths, fewer memory "
+                              "passes; the first steps are slow while it compiles)")
     seed: int = _f(42, "random seed")
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...")
     workers: int = _f(min(8, os.cpu_count() or 1), "DataLoader worker processes")
@@ -90,7 +92,7 @@ PRESETS = {
     ("spml", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
                           eval_batch_size=128, apl_warmup=1),
 }
-RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite"}
+RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile"}
 
 
 def parser():

@@ -68,6 +68,23 @@ def test_zsl_train_then_eval(world, tmp_path):
     assert not any(k.startswith("teacher.") for k in ckpt["model"])
 
 
+def test_compile_trains_the_same_model(world, tmp_path):
+    """--compile (SDA/VFR chunk bodies through torch.compile) changes speed only: same losses, same weights."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        runs[name] = tmp_path / name
+        proc = cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", world["nus"], *extra,
+                   *common(world, runs[name]), env=world["env"])
+        assert ("SDA/VFR compiled" in proc.stdout) == (name == "compiled")
+    eager, compiled = (read_log(runs[k])[0]["loss"] for k in ("eager", "compiled"))
+    for k in ("local", "global"):
+        np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-4)
+    weights = [torch.load(runs[k] / "last.pt", weights_only=True)["model"] for k in ("eager", "compiled")]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("data,loss", [("coco", "iun"), ("coco", "em"), ("coco", "em_apl"), ("voc", "em")])
 def test_spml_train_then_eval(world, tmp_path, data, loss):
     run = tmp_path / "run"

@@ -205,6 +205,8 @@ def run(cfg, baseline=True):
     model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
                             topk=cfg.topk, class_chunk=cfg.class_chunk)
     freeze_early_layers(model.student, cfg.fix_layer)
+    if cfg.compile:
+        model.compile_heads()
     if cfg.prompt == "coop":  # learned context, frozen text tower; a submodule so it is saved and optimised
         model.prompt = PromptLearner(clip, runs.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
         label_emb_fn = model.prompt
@@ -233,7 +235,9 @@ def run(cfg, baseline=True):
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "
-          f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}, -> {cfg.out}")
+          f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}"
+          f"{', SDA/VFR compiled' if any(m is not None and m.fused for m in (model.sda, model.vfr)) else ''}"
+          f", -> {cfg.out}")
 
     end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
     metrics = resume["metrics"] if resume is not None else None
