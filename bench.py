@@ -10,7 +10,8 @@ Ours and a baseline run in ONE process (same threads, weights, inputs), interlea
 
     python bench.py --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
     python bench.py --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~25 min
-    python bench.py --full --device cuda --dtypes bf16 fp32 --json bench_gpu.json   # THE GPU RUN (one H100)
+    python bench.py --full --device cuda --dtypes bf16 fp32 --compile --json bench_gpu.json   # THE GPU RUN (one H100)
+    --compile adds "compiled" columns/rows: ours with SDA/VFR's chunk bodies through torch.compile (SigRL.compile_heads)
 
 Peak memory of a call is measured above what was in use before it (inputs and weights excluded). CUDA:
 torch.cuda.max_memory_allocated in the timed calls. CPU: one more call in a fresh process, peak resident set
@@ -20,6 +21,7 @@ in the timed process: the page faults cost ~40 %). CPU threads default to 1: on 
 region stalls whenever one of its threads is descheduled (the chunked head ran 3x slower with 2 threads).
 """
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -179,15 +181,16 @@ def dense_head(model, patch, g, H):
     return _scores(model, (patch_rep * A.softmax(dim=1)).sum(dim=2), g, H)  # (B, P, D) -> (B, C)
 
 
-def head_fns(model, B, C, mode, device, dtype, P=P):
-    """{"ours": fn, "dense": fn}: one forward (no grad, eval) or forward + backward (train) on shared inputs."""
+def head_fns(model, B, C, mode, device, dtype, P=P, fused=None):
+    """{"ours": fn, "dense": fn}: one forward (no grad, eval) or forward + backward (train) on shared inputs;
+    with `fused` (a copy of model after compile_heads) also "compiled": ours through torch.compile."""
     gen, D = torch.Generator().manual_seed(0), model.config.embed_dim
     act = torch.bfloat16 if dtype == "bf16" else torch.float32  # what the backbone hands over under autocast
     patch, g = (torch.randn(*s, generator=gen).to(device, act) for s in ((B, P, D), (B, D)))
     H, w = torch.randn(C, D, generator=gen).to(device), torch.randn(B, C, generator=gen).to(device)
     patch.requires_grad_(mode == "fwdbwd"), g.requires_grad_(mode == "fwdbwd")
 
-    def make(head):
+    def make(head, model=model):
         def fn():
             model.train(mode == "fwdbwd")
             with torch.set_grad_enabled(mode == "fwdbwd"), \
@@ -198,27 +201,33 @@ def head_fns(model, B, C, mode, device, dtype, P=P):
                 patch.grad = g.grad = None
                 (scores.float() * w).sum().backward()
         return fn
-    return {"ours": make(our_head), "dense": make(dense_head)}
+    return {"ours": make(our_head), "dense": make(dense_head), **({"compiled": make(our_head, fused)} if fused else {})}
 
 
-def bench_head(preset, device, dtypes, progress):
+def bench_head(preset, device, dtypes, progress, compile=False):
     model, rows = head_model().to(device), []
+    fused = copy.deepcopy(model).compile_heads() if compile else None  # the same weights
     for dtype, C, B, mode in ((d, C, B, m) for d in dtypes for C in preset.head_classes
                               for B in preset.head_batches for m in ("fwd", "fwdbwd")):
         progress(f"head {dtype} B={B} C={C} {mode}")
-        fns = head_fns(model, B, C, mode, device, dtype)
+        fns = head_fns(model, B, C, mode, device, dtype, fused=fused)
         # run dense only if its ~10 (B, P, C, D) and ~4 (C*C, D) fp32 tensors (measured) fit in 80 % of free memory
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _kib("/proc/meminfo", "MemAvailable")
         if 4 * (11 * B * P * C * D + 4.5 * C * C * D) > 0.8 * free:
             del fns["dense"]
-        res = compare(fns, preset.repeats, device, warmup=int(device.type == "cuda"))
+        res = compare(fns, preset.repeats, device, warmup=int(device.type == "cuda" or compile))  # compile: 1st call
         for impl in fns if device.type == "cpu" else ():
-            res[impl].update(cpu_peak(dict(section="head", impl=impl, B=B, C=C, mode=mode, dtype=dtype)))
-        o, d = res["ours"], res.get("dense")
+            if impl != "compiled":  # (its memory process would compile again; CUDA measures it in the timed calls)
+                res[impl].update(cpu_peak(dict(section="head", impl=impl, B=B, C=C, mode=mode, dtype=dtype)))
+        o, d, c = res["ours"], res.get("dense"), res.get("compiled")
         rows.append({"pass": mode, "dtype": dtype, "B": B, "C": C, "ours ms": o["seconds"] * 1e3,
                      "dense ms": d and d["seconds"] * 1e3, "time ours/dense": _ratio(o, d, "seconds"),
                      "ours MiB": _mib(o["peak_bytes"]), "dense MiB": d and _mib(d["peak_bytes"]),
-                     "memory ours/dense": _ratio(o, d, "peak_bytes"), "raw": res})
+                     "memory ours/dense": _ratio(o, d, "peak_bytes"),
+                     **({"compiled ms": c and c["seconds"] * 1e3, "time compiled/ours": _ratio(c, o, "seconds")}
+                        if compile else {}),  # c None: out of memory
+                     **({"compiled MiB": c and _mib(c["peak_bytes"])} if compile and device.type == "cuda" else {}),
+                     "raw": res})
     return rows
 
 
@@ -283,11 +292,13 @@ def train_flops(B, C, v=VisionConfig(), h=SigRLConfig(), fix_layer=10):
     }
 
 
-def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10):
+def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10, compile=False):
     """({"train step": fn, "matmul": fn}, matmul FLOPs). The step: student + frozen teacher + head, ranking + L1
-    loss, AdamW; patch embedding, class token, positions, ln_pre and the first fix_layer blocks frozen."""
+    loss, AdamW; patch embedding, class token, positions, ln_pre and the first fix_layer blocks frozen.
+    compile: the head's chunk bodies through torch.compile (SigRL.compile_heads)."""
     torch.manual_seed(0)
     model = SigRL(VisionTransformer(vision), SigRLConfig(embed_dim=vision.embed_dim)).to(device).train()
+    model = model.compile_heads() if compile else model
     s = model.student
     for frozen in [s.conv1, s.ln_pre, *s.transformer.resblocks[:fix_layer], s.class_embedding, s.positional_embedding]:
         frozen.requires_grad_(False)
@@ -311,20 +322,29 @@ def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10):
     return {"train step": step, "matmul": lambda: a @ b}, 2 * n ** 3
 
 
-def bench_train(preset, device, dtypes, progress):
-    B, C, dtype = preset.train_batch, preset.train_classes, dtypes[0]
-    progress(f"train step {dtype} B={B} C={C}")
-    fns, matmul_flops = train_fns(B, C, device, dtype)
-    res = compare(fns, preset.repeats, device, warmup=1)
-    if device.type == "cpu":
-        res["train step"].update(cpu_peak(dict(section="train", B=B, C=C, dtype=dtype)))
-    flops, step, matmul = train_flops(B, C), res["train step"] or {}, res["matmul"]  # {}: out of memory
-    seconds, limit = step.get("seconds"), matmul_flops / matmul["seconds"]
-    achieved = seconds and sum(flops.values()) / seconds
-    return [{"train step": f"B={B} C={C} {dtype}", "s/step": seconds, "images/s": seconds and B / seconds,
-             "peak MiB (all)": _mib(step.get("total_peak_bytes")), "TFLOP/step": sum(flops.values()) / 1e12,
-             "achieved TFLOP/s": achieved and achieved / 1e12, "matmul TFLOP/s": limit / 1e12,
-             "of matmul": achieved and achieved / limit, "raw": dict(flops=flops, step=step or None, matmul=matmul)}]
+def bench_train(preset, device, dtypes, progress, compile=False):
+    """One row per variant (eager, and compiled with --compile), each built after the last one is freed."""
+    B, C, dtype, rows = preset.train_batch, preset.train_classes, dtypes[0], []
+    for compiled in [False] + [True] * compile:
+        name = f"B={B} C={C} {dtype}" + " compiled" * compiled
+        progress(f"train step {name}")
+        fns, matmul_flops = train_fns(B, C, device, dtype, compile=compiled)
+        res = compare(fns, preset.repeats, device, warmup=1 + compiled)  # compiled: backward compiles in call 2
+        del fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if device.type == "cpu" and not compiled:
+            res["train step"].update(cpu_peak(dict(section="train", B=B, C=C, dtype=dtype)))
+        flops, step, matmul = train_flops(B, C), res["train step"] or {}, res["matmul"]  # {}: out of memory
+        seconds, limit = step.get("seconds"), matmul_flops / matmul["seconds"]
+        achieved = seconds and sum(flops.values()) / seconds
+        peak = "not measured" if device.type == "cpu" and compiled else _mib(step.get("total_peak_bytes"))
+        rows.append({"train step": name, "s/step": seconds, "images/s": seconds and B / seconds,
+                     "peak MiB (all)": peak, "TFLOP/step": sum(flops.values()) / 1e12,
+                     "achieved TFLOP/s": achieved and achieved / 1e12, "matmul TFLOP/s": limit / 1e12,
+                     "of matmul": achieved and achieved / limit,
+                     "raw": dict(flops=flops, step=step or None, matmul=matmul)})
+    return rows
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -344,7 +364,7 @@ def targets(result):
             if r["C"] == 925 and r["dense ms"] for (mode, col), limit in HEAD_TARGETS.items() if mode == r["pass"]] + \
         [(f"{e['encoder']} encoder time ours/open_clip", e["time ours/open_clip"], "<=", 1.1)
          for e in result["encoders"]] + \
-        [target for t in result["train"] if cuda and t["train step"] == "B=32 C=925 bf16" for target in [
+        [target for t in result["train"] if cuda and t["train step"].startswith("B=32 C=925 bf16") for target in [
             (f"train step {t['train step']} peak GB (all)", t["peak MiB (all)"] and t["peak MiB (all)"] * 2 ** 20 / 1e9,
              "<=", 40), (f"train step {t['train step']} of matmul", t["of matmul"], ">=", 0.4)]]
 
@@ -358,7 +378,7 @@ def markdown(result):
         cols = [k for k in rows[0] if k != "raw"] if rows else []  # "raw": the measurements behind the row
         lines += ["", f"| {' | '.join(cols)} |", "|---" + "|--:" * (len(cols) - 1) + "|"] * bool(rows) + \
             [f"| {' | '.join(str(cell(r[c])) for c in cols)} |" for r in rows]
-    for flops in (t["raw"]["flops"] for t in result["train"]):
+    for flops in (t["raw"]["flops"] for t in result["train"][:1]):  # the same count for every variant
         lines += ["", "FLOPs per step: " + ", ".join(f"{k} {v / 1e9:.0f} G ({v / sum(flops.values()):.0%})"
                                                     for k, v in flops.items())]
     met = lambda v, op, limit: v <= limit if op == "<=" else v >= limit  # noqa: E731
@@ -378,6 +398,8 @@ def main(argv=None):
                         help="head precisions (default: bf16 on CUDA, fp32 on CPU); the other sections use the first")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for ours and the baselines")
     parser.add_argument("--only", nargs="+", default=SECTIONS, choices=SECTIONS, help="run these sections only")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with SDA/VFR's chunk bodies through torch.compile (head and train step)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the CPU memory process
     args = parser.parse_args(argv)
@@ -398,7 +420,8 @@ def main(argv=None):
         progress("skipping the encoders: open_clip is not installed")
     for section in [s for s in args.only if not (s == "encoders" and result["meta"].get("skipped"))]:
         bench = {"head": bench_head, "encoders": bench_encoders, "train": bench_train}[section]
-        result[section] = bench(preset, device, dtypes, progress)
+        result[section] = bench(preset, device, dtypes, progress, **({"compile": True} if args.compile and
+                                                                      section != "encoders" else {}))
     result["meta"]["wall_s"] = round(time.time() - start, 1)
     result["targets"] = [dict(target=what, value=v, op=op, limit=limit) for what, v, op, limit in targets(result)]
     print(markdown(result) + f"\n\nwall time {result['meta']['wall_s']} s")

@@ -1,6 +1,8 @@
 """bench.py's building blocks at toy sizes: the dense reference equals our head (values and gradients), our head
 equals SigRL.forward, the FLOP count equals torch's FlopCounterMode, the encoders compared are the same maths,
 and the timing / memory helpers run. No timings are checked (those belong to the benchmark)."""
+import copy
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -90,6 +92,15 @@ def test_compare_runs_both_formulations(mode, dtype):
     model = bench.head_model(dim=D).to(CPU)
     res = bench.compare(bench.head_fns(model, B, C, mode, CPU, dtype, P=P), repeats=2, device=CPU, warmup=1)
     assert set(res) == {"ours", "dense"} and all(r["seconds"] > 0 and r["peak_bytes"] is None for r in res.values())
+
+
+def test_compare_times_the_compiled_head_too():
+    model = bench.head_model(dim=D).to(CPU)
+    fused = copy.deepcopy(model).compile_heads()
+    fns = bench.head_fns(model, B, C, "fwdbwd", CPU, "fp32", P=P, fused=fused)
+    res = bench.compare(fns, repeats=1, device=CPU, warmup=1)
+    assert set(res) == {"ours", "dense", "compiled"} and res["compiled"]["seconds"] > 0
+    assert fused.sda.fused and not model.sda.fused  # "ours" stays eager
 
 
 def test_cpu_peak_memory_sees_the_dense_tensors():
