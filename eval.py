@@ -139,6 +139,7 @@ def eval_checkpoint(args):
     data = runs.load_dataset(cfg)
     runs.check_labels_match(ckpt, cfg, data, args.ckpt)
     model = runs.model_from_checkpoint(ckpt).to(device)
+    model = model.compile_heads() if args.compile else model
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
                              splits=("test",) if cfg.task == "spml" else None)
     print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
@@ -211,6 +212,8 @@ def parser():
     p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toyclip/toyclip.pt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--compile", action="store_true",
+                   help="--ckpt: run SDA/VFR's per-chunk work through torch.compile (as train.py --compile)")
     p.add_argument("--json", help="also write the figures (percent) to this JSON file")
     return p
 

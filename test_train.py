@@ -83,6 +83,11 @@ def test_compile_trains_the_same_model(world, tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-5)
+    cli("eval.py", "--ckpt", runs["compiled"] / "last.pt", "--compile", "--json", tmp_path / "r.json", env=world["env"])
+    got, logged = json.loads((tmp_path / "r.json").read_text()), read_log(runs["compiled"])[0]
+    for setting in ("zsl", "gzsl"):  # eval.py --compile reproduces the compiled run's own evaluation
+        for k in NUS_KEYS:
+            np.testing.assert_allclose(got[setting][k], logged[setting][k], atol=1e-4, equal_nan=True)
 
 
 @pytest.mark.parametrize("data,loss", [("coco", "iun"), ("coco", "em"), ("coco", "em_apl"), ("voc", "em")])
