@@ -2,7 +2,8 @@
 
 Shape legend: B images, P patches (196), C classes, D joint width (512), K/O GATv2 heads/head width.
 
-Ours and a baseline run in ONE process (same threads, weights, inputs), interleaved (A B, B A, ...); medians:
+Ours and a baseline run in one process, interleaved, medians of repeats (how time and memory are measured:
+measure.py); the sections:
   head      all after the backbone (GMC, SDA, VFR, scores) on random F (B, P, D), g (B, D), H (C, D): sigrl's chunked
             modules vs `dense_head`, which computes on (B, P, C, D) tensors as the reference code does.
   encoders  clip_text.CLIP's image and text towers vs open_clip's (QuickGELU), same weights.
@@ -13,20 +14,14 @@ Ours and a baseline run in ONE process (same threads, weights, inputs), interlea
     python bench.py --full --device cuda --dtypes bf16 fp32 --compile --json bench_gpu.json   # THE GPU RUN (one H100)
     --compile adds "compiled" columns/rows: ours with SDA/VFR's chunk bodies through torch.compile (SigRL.compile_heads)
 
-Peak memory of a call is measured above what was in use before it (inputs and weights excluded). CUDA:
-torch.cuda.max_memory_allocated in the timed calls. CPU: one more call in a fresh process, peak resident set
-(VmHWM, reset by writing 5 to /proc/self/clear_refs) minus resident set before; that process sets glibc's mmap
-threshold to 64 KiB, so freed tensors go back to the kernel and resident memory follows the live tensors (not
-in the timed process: the page faults cost ~40 %). CPU threads default to 1: on a shared machine an OpenMP
-region stalls whenever one of its threads is descheduled (the chunked head ran 3x slower with 2 threads).
+CPU threads default to 1: on a shared machine an OpenMP region stalls whenever one of its threads is descheduled
+(the chunked head ran 3x slower with 2 threads).
 """
 import argparse
 import copy
 import importlib.util
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from losses import l1_distill, ranking_loss
+from measure import compare, in_fresh_process, peak_rss, proc_bytes
 from sigrl import SigRL, SigRLConfig
+from train import freeze_early_layers
 from vit import VisionConfig, VisionTransformer
 
 P, D = 196, 512
 SECTIONS = ["head", "encoders", "train"]
-MMAP_THRESHOLD = "65536"  # bytes: MALLOC_MMAP_THRESHOLD_ of the CPU memory process
 HEAD_TARGETS = {("fwdbwd", "memory ours/dense"): 0.25, ("fwdbwd", "time ours/dense"): 1.5,  # the issue's
                 ("fwd", "time ours/dense"): 1.1}
 
@@ -64,57 +60,13 @@ PRESETS = {  # (--quick/--full, device type)
 }
 
 
-# ---- device-agnostic timing and peak memory ----------------------------------------------------------------
-def _kib(path, key):
-    with open(path) as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-def measure(fn, device):
-    """Run fn() once: (seconds, peak bytes above those in use before, peak bytes in all); no memory on CPU."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    base, start = cuda and torch.cuda.memory_allocated(device), time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds, peak = time.perf_counter() - start, cuda and torch.cuda.max_memory_allocated(device)
-    return (seconds, peak - base, peak) if cuda else (seconds, None, None)
-
-
-def compare(fns, repeats, device, warmup=0):
-    """Time every fn `repeats` times, interleaved (order reversed on odd rounds): {name: medians, or None (OOM)}."""
-    runs = {name: [] for name in fns}
-    for r in range(warmup + repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            try:
-                result = runs[name] is not None and measure(fns[name], device)
-            except torch.cuda.OutOfMemoryError:  # the dense head at a large batch on a GPU: give it up
-                runs[name] = result = None
-                torch.cuda.empty_cache()
-            if result and r >= warmup:
-                runs[name].append(result)
-    keys = ("seconds", "peak_bytes", "total_peak_bytes")
-    return {name: rs and {k: None if rs[0][i] is None else statistics.median(r[i] for r in rs)
-                          for i, k in enumerate(keys)} for name, rs in runs.items()}
-
-
 def cpu_peak(spec):
     """Peak memory of one call described by `spec` (see `child`), measured in a fresh process."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
-                         capture_output=True, text=True)
-    if run.returncode > 0:
-        raise RuntimeError(f"memory process for {spec} failed:\n{run.stderr[-2000:]}")
-    killed = run.returncode < 0  # e.g. by the kernel's out-of-memory killer
-    return dict(peak_bytes=None, total_peak_bytes=None) if killed else json.loads(run.stdout.splitlines()[-1])
+    return in_fresh_process([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)])
 
 
 def child(spec):
     """The CPU memory process: set up, pay the first-call costs, measure one call, print the result as JSON."""
-    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") == MMAP_THRESHOLD, "run through cpu_peak"
     cpu = torch.device("cpu")
     if spec["section"] == "head":
         model = head_model()
@@ -123,12 +75,7 @@ def child(spec):
     else:
         fn = train_fns(spec["B"], spec["C"], cpu, spec["dtype"])[0]["train step"]
         fn()  # AdamW creates its state in the first step
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base = _kib("/proc/self/status", "VmRSS")
-    fn()
-    peak = _kib("/proc/self/status", "VmHWM")
-    print(json.dumps(dict(peak_bytes=peak - base, total_peak_bytes=peak)))
+    print(json.dumps(peak_rss(fn)))
 
 
 # ---- the head: ours (sigrl's modules) and the dense reference formulation ----------------------------------
@@ -138,18 +85,17 @@ def head_model(dim=D, **config):
     return SigRL(tower, SigRLConfig(embed_dim=dim, **config))
 
 
+def our_head(model, patch, g, H):
+    """What SigRL.forward does after the backbone (test_bench checks it equals model(images, H).scores)."""
+    return model.score(g, patch, H).scores  # (B, C)
+
+
 def _scores(model, M_hat, g, H):
-    """Eq. 13: (normalised top-k mean of patch-label similarities + normalised global score) / 2, (B, C)."""
+    """Eq. 13 for the dense formulation: (normalised top-k mean of patch-label similarities + normalised global
+    score) / 2, (B, C)."""
     sim = torch.einsum("bpd,cd->bpc", M_hat, H)  # (B, P, C)
     local = sim.topk(min(model.config.topk, sim.shape[1]), dim=1).values.mean(dim=1)  # (B, C)
     return (F.normalize(local, dim=-1) + F.normalize(g @ H.T, dim=-1)) / 2  # (B, C)
-
-
-def our_head(model, patch, g, H):
-    """What SigRL.forward does after the backbone (test_bench checks it equals model(images, H).scores)."""
-    chunk = model.config.class_chunk
-    T = model.sda(patch, H, chunk)  # (B, C, D)
-    return _scores(model, model.vfr(patch, T, model.gmc(H), chunk), g, H)  # (B, C)
 
 
 def dense_gatv2(layer, h):
@@ -212,7 +158,7 @@ def bench_head(preset, device, dtypes, progress, compile=False):
         progress(f"head {dtype} B={B} C={C} {mode}")
         fns = head_fns(model, B, C, mode, device, dtype, fused=fused)
         # run dense only if its ~10 (B, P, C, D) and ~4 (C*C, D) fp32 tensors (measured) fit in 80 % of free memory
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _kib("/proc/meminfo", "MemAvailable")
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else proc_bytes("/proc/meminfo", "MemAvailable")
         if 4 * (11 * B * P * C * D + 4.5 * C * C * D) > 0.8 * free:
             del fns["dense"]
         res = compare(fns, preset.repeats, device, warmup=int(device.type == "cuda" or compile))  # compile: 1st call
@@ -245,7 +191,8 @@ def build_encoders(size="full"):
     return theirs, ours.eval()
 
 
-def bench_encoders(preset, device, dtypes, progress):
+def bench_encoders(preset, device, dtypes, progress, compile=False):
+    """Ours vs open_clip, eager both (`compile` does not apply here)."""
     theirs, ours = (m.to(device) for m in build_encoders())
     V, gen = theirs.vocab_size, torch.Generator().manual_seed(0)
     tokens = torch.zeros(preset.text_batch, theirs.context_length, dtype=torch.long)  # (N, L): SOT, 8 words, EOT, pad
@@ -299,9 +246,7 @@ def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10, compile=
     torch.manual_seed(0)
     model = SigRL(VisionTransformer(vision), SigRLConfig(embed_dim=vision.embed_dim)).to(device).train()
     model = model.compile_heads() if compile else model
-    s = model.student
-    for frozen in [s.conv1, s.ln_pre, *s.transformer.resblocks[:fix_layer], s.class_embedding, s.positional_embedding]:
-        frozen.requires_grad_(False)
+    freeze_early_layers(model.student, fix_layer)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(B, 3, vision.resolution, vision.resolution, generator=gen).to(device)  # (B, 3, R, R)
@@ -325,6 +270,7 @@ def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10, compile=
 def bench_train(preset, device, dtypes, progress, compile=False):
     """One row per variant (eager, and compiled with --compile), each built after the last one is freed."""
     B, C, dtype, rows = preset.train_batch, preset.train_classes, dtypes[0], []
+    flops = train_flops(B, C)  # the same count for every variant
     for compiled in [False] + [True] * compile:
         name = f"B={B} C={C} {dtype}" + " compiled" * compiled
         progress(f"train step {name}")
@@ -335,7 +281,7 @@ def bench_train(preset, device, dtypes, progress, compile=False):
             torch.cuda.empty_cache()
         if device.type == "cpu" and not compiled:
             res["train step"].update(cpu_peak(dict(section="train", B=B, C=C, dtype=dtype)))
-        flops, step, matmul = train_flops(B, C), res["train step"] or {}, res["matmul"]  # {}: out of memory
+        step, matmul = res["train step"] or {}, res["matmul"]  # {}: out of memory
         seconds, limit = step.get("seconds"), matmul_flops / matmul["seconds"]
         achieved = seconds and sum(flops.values()) / seconds
         peak = "not measured" if device.type == "cpu" and compiled else _mib(step.get("total_peak_bytes"))
@@ -415,13 +361,14 @@ def main(argv=None):
                            preset=asdict(preset), argv=sys.argv[1:]), **{section: [] for section in SECTIONS}}
     for fn in head_fns(head_model().to(device), 1, 64, "fwd", device, dtypes[0]).values():
         fn()  # first calls pay for library set-up (MKL buffers, cuBLAS handles): not part of any measurement
-    if "encoders" in args.only and importlib.util.find_spec("open_clip") is None:  # a test-only dependency
+    sections = list(args.only)
+    if "encoders" in sections and importlib.util.find_spec("open_clip") is None:  # a test-only dependency
+        sections.remove("encoders")
         result["meta"]["skipped"] = ["encoders (open_clip is not installed: pip install -r requirements-dev.txt)"]
         progress("skipping the encoders: open_clip is not installed")
-    for section in [s for s in args.only if not (s == "encoders" and result["meta"].get("skipped"))]:
+    for section in sections:
         bench = {"head": bench_head, "encoders": bench_encoders, "train": bench_train}[section]
-        result[section] = bench(preset, device, dtypes, progress, **({"compile": True} if args.compile and
-                                                                      section != "encoders" else {}))
+        result[section] = bench(preset, device, dtypes, progress, args.compile)
     result["meta"]["wall_s"] = round(time.time() - start, 1)
     result["targets"] = [dict(target=what, value=v, op=op, limit=limit) for what, v, op, limit in targets(result)]
     print(markdown(result) + f"\n\nwall time {result['meta']['wall_s']} s")
