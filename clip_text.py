@@ -32,6 +32,8 @@ from vit import CheckpointError, Transformer, VisionConfig, VisionTransformer, c
 
 OFFICIAL_VOCAB = 49408
 INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")  # int scalars in OpenAI's file, not weights
+# CLIP's own image normalisation (OpenAI's preprocess); SigRL's reference code feeds ImageNet's instead (data.py)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # Keys the configuration is inferred from; a file without any of them is not a CLIP checkpoint at all.
 STRUCTURAL = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
               "positional_embedding", "ln_final.weight", "text_projection")

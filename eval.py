@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import runs
-from clip_text import CheckpointError, encode_labels, load_clip
+from clip_text import CLIP_MEAN, CLIP_STD, CheckpointError, encode_labels, load_clip
 from data import DataError, ImageList, build_transform
 from metrics import nus_metrics, spml_metrics
 from runs import UsageError
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
 SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @torch.no_grad()

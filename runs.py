@@ -15,11 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError, check_images, load_nuswide, load_spml
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_images, load_nuswide, load_spml
 from losses import SPML_DEFAULTS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "sigrl-run/1"
 
 
@@ -132,7 +131,8 @@ def parse_args(argv=None):
 
 
 def resume_config(cfg, ckpt):
-    """A resumed run keeps its own config; only device/worker/stop flags may change."""
+    """A resumed run keeps its own config; only the RESUME_OVERRIDABLE flags (device, workers, stop-after,
+    eval batch size, overwrite, compile) may change."""
     saved = Config(**ckpt["config"])
     for k in ("task", "data"):
         if k in cfg._given and getattr(cfg, k) != getattr(saved, k):
@@ -174,7 +174,7 @@ def load_dataset(cfg):
     (never a crash hours into an epoch, never a silent black image)."""
     if cfg.data == "toy":
         import toyworld
-        toyworld.ensure_world(cfg.data_root, seed=cfg.world_seed)
+        toyworld.make_world(cfg.data_root, seed=cfg.world_seed)  # written once, then reused
     if not cfg.data_root:
         raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
     if not os.path.isdir(cfg.data_root):
@@ -242,7 +242,7 @@ def make_checkpoint(cfg, model, opt, state, rng, metrics, names, n_train, label_
         {"kind": "coop", "n_ctx": cfg.n_ctx, "init": cfg.coop_init}
     return {
         "format": CHECKPOINT_FORMAT,
-        "config": {k: v for k, v in asdict(cfg).items()},
+        "config": asdict(cfg),
         "vision_config": asdict(model.student.config),
         "head_config": asdict(model.config),
         "model": model.state_dict_trainable(),

@@ -128,7 +128,7 @@ class VFR(nn.Module):
     def forward(self, patch: torch.Tensor, T: torch.Tensor, G: torch.Tensor, chunk: int) -> torch.Tensor:
         (B, P, D), C = patch.shape, G.shape[0]
         assert T.shape == (B, C, D) and G.shape == (C, D), f"expected T (B, C, D), G (C, D); got {T.shape}, {G.shape}"
-        # fuse the decoupled features with the graph-refined label embeddings
+        # Eq. 10: fuse the decoupled features with the graph-refined label embeddings
         O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
         # a running sum, so only one chunk's (B, P, D) term is alive at a time
         body = _fused(VFR._attention_sum) if self.fused else VFR._attention_sum
@@ -140,7 +140,7 @@ class VFR(nn.Module):
         """sum over the chunk's classes of alpha' (B, P, D), for O_c (B, c, D)."""
         x = patch[:, :, None, :] * O_c[:, None]  # (B, P, 1, D) * (B, 1, c, D) -> (B, P, c, D)
         A = self.fc_vfr(x.tanh_())  # (B, P, c, D); tanh in place, as in SDA
-        return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p
+        return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p (Eq. 11)
 
 
 class SigRL(nn.Module):

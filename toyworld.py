@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from clip_text import CLIP_MEAN, CLIP_STD  # noqa: E402
 from data import nus_path, observe_single_positive, read_spml_folder  # noqa: E402
 
 RES = 64                 # image side in pixels (the tiny CLIP's input resolution)
@@ -42,7 +43,6 @@ VERSION = 1              # bump when the drawing or sampling changes, so cached 
 TRAIN, TEST, PRETRAIN = 0, 1, 2     # split ids: part of every image's seed
 SPML_DIR = os.path.join("sigrl_spml", "toy")
 TOYCLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyclip", "toyclip.pt")
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 # scene label -> (image folder, phrase used in captions, likely objects)
 SCENES = {
@@ -316,9 +316,6 @@ def make_world(root, seed=0, n_train=3000, n_test=1000):
     (spml / "classes.txt").write_text("".join(f"{name}\n" for name in LABELS))
     marker.write_text(json.dumps(want))
     return root
-
-
-ensure_world = make_world                                    # the name runs.py uses: generate once, then reuse
 
 
 def load_spml_view(root):

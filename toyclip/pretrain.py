@@ -12,7 +12,7 @@ scaled by a learned temperature (clamped at 100, as CLIP); AdamW, linear warm-up
 image mean/std (SigRL later feeds ImageNet-normalised images to it, as the reference code does to the real CLIP).
 Augmentation: a random zoom (1-1.15x) and a horizontal flip; by default each image is seen about 5 times.
 
-The file is OpenAI's layout (clip_format.md 1.1): a plain state dict with exactly the official keys, the fp16
+The file is OpenAI's layout: a plain state dict with exactly the official keys, the fp16
 subset stored in half precision, plus int64 scalars input_resolution, context_length and vocab_size; the
 vocabulary sits next to it as <stem>.bpe.txt.gz, where clip_text.load_clip looks for it.
 """
@@ -32,7 +32,7 @@ from clip_text import CLIP, CLIPConfig, INT_ENTRIES
 from tokenizer import N_RESERVED, Tokenizer, learn_bpe, write_bpe
 from vit import VisionConfig
 
-# OpenAI stores these in fp16 (clip_format.md 1.1): conv1, every Linear and in_proj tensor, both projections.
+# OpenAI stores these in fp16 (as in its ViT-B-16.pt): conv1, every Linear and in_proj tensor, both projections.
 FP16_SUFFIXES = ("conv1.weight", "attn.in_proj_weight", "attn.in_proj_bias", "out_proj.weight", "out_proj.bias",
                  "c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias")
 FP16_KEYS = ("visual.proj", "text_projection")
