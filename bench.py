@@ -180,12 +180,16 @@ def bench_head(preset, device, dtypes, progress, compile=False):
 # ---- encoders: ours vs open_clip on the same weights --------------------------------------------------------
 def build_encoders(size="full"):
     """(open_clip's CLIP, ours) with the same weights: open_clip's own initialisation, copied by key."""
-    from open_clip.model import CLIP as OpenCLIP
+    from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
     from clip_text import CLIP, CLIPConfig
-    from fixtures_clip import SIZES
-    embed_dim, vision_cfg, text_cfg = SIZES[size]
+    # (embed_dim, vision width / layers / patch / resolution, text width / heads / layers): ViT-B/16, or a
+    # small one for the tests
+    embed_dim, (width, layers, patch, res), (t_width, t_heads, t_layers) = \
+        {"full": (512, (768, 12, 16, 224), (512, 8, 12)), "tiny": (64, (128, 2, 16, 32), (128, 2, 2))}[size]
     torch.manual_seed(0)
-    theirs = OpenCLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=True).eval()
+    theirs = OpenCLIP(embed_dim, CLIPVisionCfg(width=width, layers=layers, patch_size=patch, image_size=res),
+                      CLIPTextCfg(context_length=77, vocab_size=49408, width=t_width, heads=t_heads, layers=t_layers),
+                      quick_gelu=True).eval()
     ours = CLIP(CLIPConfig.from_state_dict(theirs.state_dict()))
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours.eval()

@@ -19,7 +19,7 @@ from PIL import Image
 import data
 import fixtures_data as fx
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def names(fname):

@@ -13,7 +13,7 @@ from sklearn.metrics import average_precision_score
 import metrics
 from metrics import nus_ap, nus_metrics, nus_topk, spml_ap, spml_metrics, spml_topk
 
-GOLDEN = Path(os.environ.get("SIGRL_SHARED", Path(__file__).parent.parent / "shared")) / "golden"
+GOLDEN = Path(os.environ.get("SIGRL_SHARED", Path(__file__).resolve().parent.parent.parent / "shared")) / "golden"
 
 
 def golden(prefix):

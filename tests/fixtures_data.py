@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labels")
+LABELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
 NUS_FOLDERS = ("actor", "car_crash", "cul-de-sac", "dark-skinned_people")  # with `_` and `-`, as in the release
 
 

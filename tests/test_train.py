@@ -16,7 +16,7 @@ import fixtures_clip
 import fixtures_data
 from metrics import nus_metrics
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUS_KEYS = {"map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"}
 SPML_KEYS = NUS_KEYS | {"p@1", "r@1"}
 

@@ -13,7 +13,7 @@ from tokenizer import Tokenizer, find_bpe, learn_bpe, normalize, pretokenize, to
 
 open_clip = pytest.importorskip("open_clip")
 
-LABEL_DIR = Path(__file__).parent / "labels"
+LABEL_DIR = Path(__file__).resolve().parent.parent / "labels"
 TEMPLATES = ["{}", "There is a {} in the scene", "a photo of a {}."]
 ASCII_CASES = [
     "1,000", "3.14 x 10", "it's", "don't", "we'll they'd you're I'm I've", "_-", "snake_case", "__init__",

@@ -15,7 +15,7 @@ import toyworld as tw
 from data import check_images, load_nuswide
 from toyclip.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tree_digest(root):

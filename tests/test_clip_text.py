@@ -16,7 +16,7 @@ from fixtures_clip import build_oracle, make_clip_checkpoint, randomize_, save_o
 from tokenizer import learn_bpe, write_bpe
 
 ATOL = RTOL = 1e-4  # clip_format.md section 2
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TEXTS = ["a photo of a dog.", "There is a sunset in the scene", "x"]
 NAMES = ["dog", "traffic light", "sunset"]
 
