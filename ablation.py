@@ -18,7 +18,7 @@ import numpy as np
 import eval as evaluation
 import runs
 import train
-from clip_text import CheckpointError
+from clip_files import CheckpointError
 from data import DataError
 
 SETTINGS = {  # Table IV rows: name -> flags

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torchvision import transforms as T
 from tqdm import tqdm
@@ -212,7 +213,7 @@ def build_transform(task, train, resolution):
                "rand-m9-mstd0.5-inc1" draws each magnitude from N(9, 0.5), applies each op with p = 0.5 and picks
                from its own op set (Invert, SolarizeAdd, no Identity); torchvision's RandAugment does not.
     zsl eval:  Resize the shorter side to int(R / 0.875) (256 for 224: timm's floor), bicubic -> CenterCrop(R).
-    spml:      Resize((2R, 2R)) bilinear (448 for 224) [+ flip in training]; train.py / eval.py resize the
+    spml:      Resize((2R, 2R)) bilinear (448 for 224) [+ flip in training]; spml_resize (below) resizes the
                normalised batch to R, as the reference model does.
     """
     bicubic, R = T.InterpolationMode.BICUBIC, resolution
@@ -227,6 +228,13 @@ def build_transform(task, train, resolution):
     else:
         raise ValueError(f"task must be 'zsl' or 'spml', got {task!r}")
     return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def spml_resize(images, resolution):
+    """SPML loads 2R x 2R images; the reference model resizes the normalised tensor to R (bilinear)."""
+    if images.shape[-1] == resolution:
+        return images
+    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)  # (B, 3, R, R)
 
 
 class ImageList(torch.utils.data.Dataset):

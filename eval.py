@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import runs
-from clip_text import CLIP_MEAN, CLIP_STD, CheckpointError, encode_labels, load_clip
-from data import DataError, ImageList, build_transform
+import tasks
+from clip_files import CheckpointError, load_clip
+from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
+from data import DataError, ImageList, build_transform, spml_resize
 from metrics import nus_metrics, spml_metrics
 from runs import UsageError
 
@@ -50,7 +52,7 @@ def predict(paths, transform, encode, scorers, device, batch_size, workers, desc
 def sigrl_scorers(model, label_sets, resolution, spml):
     """encode / scorers for `predict`: the backbone runs once per batch, GMC once per label set."""
     def encode(images):
-        return model.encode(runs.spml_resize(images, resolution) if spml else images)
+        return model.encode(spml_resize(images, resolution) if spml else images)
 
     def scorer(H, G):
         return lambda features: model.score(*features, H, G=G).scores
@@ -63,7 +65,7 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None)
     """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
     label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows."""
     model.eval()
-    n_train = runs.n_train_classes(cfg, data)
+    n_train = tasks.n_train_classes(cfg, data)
     transform = build_transform(cfg.task, False, resolution)
     emb = label_emb.to(device)
     results = {}
@@ -135,8 +137,8 @@ def eval_checkpoint(args):
     cfg.data_root = args.data_root or cfg.data_root
     cfg.workers = args.workers if args.workers is not None else cfg.workers
     device = runs.pick_device(args.device)
-    data = runs.load_dataset(cfg)
-    runs.check_labels_match(ckpt, cfg, data, args.ckpt)
+    data = tasks.load_dataset(cfg)
+    tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     model = runs.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
@@ -168,8 +170,8 @@ def clip_baseline(clip, cfg, data, device):
     transform = transforms.Compose([
         transforms.Resize(R, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(R),
         transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    names, n_train = runs.label_names(cfg, data)
-    text = F.normalize(encode_labels(clip, runs.prompt_names(names), template=cfg.template), dim=-1).to(device)
+    names, n_train = tasks.label_names(cfg, data)
+    text = F.normalize(encode_labels(clip, tasks.prompt_names(names), template=cfg.template), dim=-1).to(device)
     clip.to(device).eval()
     encode = lambda images: F.normalize(clip.encode_image(images), dim=-1)  # noqa: E731, (B, D)
     paths = data.test_paths
@@ -190,7 +192,7 @@ def eval_baseline(args):
         cfg.workers = args.workers
     device = runs.pick_device(args.device)
     clip = load_clip(cfg.clip)
-    data = runs.load_dataset(cfg)
+    data = tasks.load_dataset(cfg)
     results = clip_baseline(clip, cfg, data, device)
     print(format_table(results, f"zero-shot CLIP ({cfg.clip}) on {cfg.data}"))
     return results

@@ -1,5 +1,5 @@
-"""A run: its configuration (one dataclass whose fields are the command-line flags, with named presets),
-the data and label sets it uses, and the self-describing checkpoint it writes.
+"""A run: its configuration (one dataclass whose fields are the command-line flags, with named presets)
+and the self-describing checkpoint it writes. (The data a run uses: tasks.py.)
 
 train.py and eval.py share this file so that a checkpoint written by one is read by the other with nothing
 else: the checkpoint carries the config, the label names and their embeddings, the prompt, the image
@@ -7,16 +7,15 @@ normalisation, the model's shapes, the optimiser, the RNG state and the epoch.
 """
 import argparse
 import os
-import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from data import IMAGENET_MEAN, IMAGENET_STD, DataError, check_images, load_nuswide, load_spml
+from data import IMAGENET_MEAN, IMAGENET_STD
 from losses import SPML_DEFAULTS
+from sigrl import SigRL, SigRLConfig
+from vit import VisionConfig, VisionTransformer
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINT_FORMAT = "sigrl-run/1"
@@ -165,68 +164,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-# ----------------------------------------------------------------------------- data and label sets
-SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
-
-
-def load_dataset(cfg):
-    """The dataset of the run, with missing or unreadable images excluded once, at the start, in one report
-    (never a crash hours into an epoch, never a silent black image)."""
-    if cfg.data == "toy":
-        import toyworld
-        toyworld.make_world(cfg.data_root, seed=cfg.world_seed)  # written once, then reused
-    if not cfg.data_root:
-        raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
-    if not os.path.isdir(cfg.data_root):
-        raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
-    if cfg.task == "zsl":
-        data = load_nuswide(cfg.data_root, out=cfg.data_out or None)
-    elif cfg.data == "toy":
-        import toyworld
-        data = toyworld.load_spml_view(cfg.data_root)
-    else:
-        data = load_spml(cfg.data, cfg.data_root, year=cfg.voc_year, out=cfg.data_out or None)
-    for split in SPLITS[cfg.task]:
-        paths = getattr(data, f"{split}_paths")
-        good, bad = check_images(paths)
-        if bad:
-            print(f"warning: {len(bad)} of {len(paths)} {split} images are missing or unreadable and are "
-                  f"excluded; first: {', '.join(bad[:3])}", file=sys.stderr)
-            keep = np.flatnonzero(good)
-            setattr(data, f"{split}_paths", [paths[i] for i in keep])
-            for f in fields(data):
-                if f.name.startswith(f"{split}_") and f.name != f"{split}_paths":
-                    setattr(data, f.name, getattr(data, f.name)[keep])
-    return data
-
-
-def label_names(cfg, data):
-    """(every label name in score-column order, S = number of training classes). ZSL trains on the first S
-    (seen) columns and tests on the rest (unseen); SPML trains and tests on all."""
-    if cfg.task == "zsl":
-        return list(data.seen) + list(data.unseen), len(data.seen)
-    return list(data.classes), len(data.classes)
-
-
-def n_train_classes(cfg, data):
-    return label_names(cfg, data)[1]
-
-
-# VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
-READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
-
-
-def prompt_names(names):
-    return [READABLE.get(n, n) for n in names]
-
-
-def spml_resize(images, resolution):
-    """SPML loads 2R x 2R images; the reference model resizes the normalised tensor to R (bilinear)."""
-    if images.shape[-1] == resolution:
-        return images
-    return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(obj, path):
     """Write atomically (temporary file, then rename): a crash mid-write never leaves half a last.pt."""
@@ -281,20 +218,8 @@ def load_run_checkpoint(path, expect=None):
     return ckpt
 
 
-def check_labels_match(ckpt, cfg, data, path):
-    """A checkpoint scores its own label set, in its own column order: the dataset must agree."""
-    names, _ = label_names(cfg, data)
-    if names != ckpt["label_names"]:
-        first = next((i for i, (a, b) in enumerate(zip(names, ckpt["label_names"])) if a != b),
-                     min(len(names), len(ckpt["label_names"])))
-        raise UsageError(f"{path}: its {len(ckpt['label_names'])} labels do not match the "
-                         f"{len(names)} of {cfg.data_root} (first difference at column {first})")
-
-
 def model_from_checkpoint(ckpt):
     """Rebuild the trained SigRL from the checkpoint alone (no CLIP file needed)."""
-    from sigrl import SigRL, SigRLConfig
-    from vit import VisionConfig, VisionTransformer
     visual = VisionTransformer(VisionConfig(**ckpt["vision_config"]))
     model = SigRL(visual, SigRLConfig(**ckpt["head_config"]))
     model.load_state_dict_trainable(ckpt["model"])

@@ -339,7 +339,8 @@ def zeroshot(clip=TOYCLIP, n=1000, seed=0, template="There is a {} in the scene"
     Returns percentages: {"zsl": nus_metrics over the unseen labels, "gzsl": over all, "chance": {"zsl",
     "gzsl"}}; chance = the mAP of a random ranking, i.e. the mean label frequency.
     """
-    from clip_text import encode_labels, load_clip
+    from clip_files import load_clip
+    from clip_text import encode_labels
     from metrics import nus_metrics
     clip = load_clip(clip) if isinstance(clip, (str, os.PathLike)) else clip
     draws = [draw_example(seed, TEST, i) for i in range(n)]

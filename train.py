@@ -24,8 +24,10 @@ from tqdm import tqdm
 
 import eval as evaluation
 import runs
-from clip_text import CheckpointError, PromptLearner, encode_labels, load_clip
-from data import DataError, ImageList, build_transform
+import tasks
+from clip_files import CheckpointError, load_clip
+from clip_text import PromptLearner, encode_labels
+from data import DataError, ImageList, build_transform, spml_resize
 from losses import apl_update, l1_distill, ranking_loss, spml_loss
 from runs import UsageError
 from sigrl import SigRL
@@ -128,7 +130,7 @@ def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train,
             if images.shape[0] == 0:
                 continue
         else:
-            images = runs.spml_resize(images, model.student.resolution)
+            images = spml_resize(images, model.student.resolution)
         lr = lr_at(state["step"], steps_per_epoch, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -200,18 +202,18 @@ def run(cfg, baseline=True):
     if resume is not None and resume["clip_sha256"] != clip.sha256:
         raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
                               f"the frozen teacher must be the same")
-    data = runs.load_dataset(cfg)
-    names, n_train = runs.label_names(cfg, data)
+    data = tasks.load_dataset(cfg)
+    names, n_train = tasks.label_names(cfg, data)
     model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
                             topk=cfg.topk, class_chunk=cfg.class_chunk)
     freeze_early_layers(model.student, cfg.fix_layer)
     if cfg.compile:
         model.compile_heads()
     if cfg.prompt == "coop":  # learned context, frozen text tower; a submodule so it is saved and optimised
-        model.prompt = PromptLearner(clip, runs.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
+        model.prompt = PromptLearner(clip, tasks.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
         label_emb_fn = model.prompt
     else:
-        fixed = encode_labels(clip, runs.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
+        fixed = encode_labels(clip, tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
         label_emb_fn = lambda: fixed  # noqa: E731
     clip_sha256 = clip.sha256
     del clip
@@ -225,7 +227,7 @@ def run(cfg, baseline=True):
         state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
         state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
     if resume is not None:
-        runs.check_labels_match(resume, cfg, data, cfg.resume)
+        tasks.check_labels_match(resume, cfg, data, cfg.resume)
         model.load_state_dict_trainable(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         state.update(resume["state"])

@@ -1,5 +1,5 @@
-"""clip_text.py against open_clip on files in OpenAI's format (built by fixtures_clip), plus loader errors,
-encode_labels and CoOp."""
+"""clip_text.py and clip_files.py against open_clip on files in OpenAI's format (built by fixtures_clip), plus
+loader errors, encode_labels and CoOp."""
 import hashlib
 import os
 import subprocess
@@ -11,7 +11,8 @@ import pytest
 import torch
 from open_clip.model import CLIP as OpenClipCLIP, CLIPTextCfg, CLIPVisionCfg
 
-from clip_text import CheckpointError, PromptLearner, bpe_for, encode_labels, load_clip, main, tokenize
+from clip_files import CheckpointError, bpe_for, load_clip, main
+from clip_text import PromptLearner, encode_labels, tokenize
 from fixtures_clip import build_oracle, make_clip_checkpoint, randomize_, save_official
 from tokenizer import learn_bpe, write_bpe
 
@@ -169,7 +170,7 @@ def test_bad_checkpoints_give_one_line(tiny, kind):
 def test_cli(tiny, capsys):
     folder = tiny[2]
     bad = _bad_file("truncated", folder, str(folder / "tiny.pt"))
-    run = subprocess.run([sys.executable, os.path.join(HERE, "clip_text.py"), bad], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, os.path.join(HERE, "clip_files.py"), bad], capture_output=True, text=True,
                          cwd=HERE)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1 and "truncated zip archive" in run.stderr

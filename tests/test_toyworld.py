@@ -150,7 +150,8 @@ sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "op
                  isinstance(args[0], (str, bytes, os.PathLike)) else None)
 sys.path.insert(0, {REPO!r})
 import toyworld
-from clip_text import encode_labels, load_clip
+from clip_files import load_clip
+from clip_text import encode_labels
 clip = load_clip(toyworld.TOYCLIP)
 emb = encode_labels(clip, toyworld.LABELS, cache_dir={str(tmp_path / 'cache')!r})
 ids = clip.tokenizer.encode("snowman")

@@ -14,7 +14,7 @@ Augmentation: a random zoom (1-1.15x) and a horizontal flip; by default each ima
 
 The file is OpenAI's layout: a plain state dict with exactly the official keys, the fp16
 subset stored in half precision, plus int64 scalars input_resolution, context_length and vocab_size; the
-vocabulary sits next to it as <stem>.bpe.txt.gz, where clip_text.load_clip looks for it.
+vocabulary sits next to it as <stem>.bpe.txt.gz, where clip_files.load_clip looks for it.
 """
 import json
 import math
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import toyworld
-from clip_text import CLIP, CLIPConfig, INT_ENTRIES
+from clip_files import INT_ENTRIES
+from clip_text import CLIP, CLIPConfig
 from tokenizer import N_RESERVED, Tokenizer, learn_bpe, write_bpe
 from vit import VisionConfig
 

@@ -1,0 +1,86 @@
+"""The paper's two tasks as a run sees them: which dataset a Config names, its images checked once, the
+label columns it trains on and scores, and the names the text encoder reads.
+
+    zsl   NUS-WIDE (or the toy world's view of it): train on the S seen labels; score the test images against
+          the U unseen labels (ZSL) and against all S + U (GZSL). Splits: train, test.
+    spml  COCO / VOC (or the toy world's SPML view): one observed positive per training image; train and score
+          on all C classes; the best epoch is chosen by clean-validation mAP. Splits: train, val, test.
+"""
+import os
+import sys
+from dataclasses import fields
+
+import numpy as np
+
+from data import DataError, check_images, load_nuswide, load_spml
+from runs import UsageError
+
+SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
+# VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
+READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+
+
+def load_dataset(cfg):
+    """The dataset of the run, with missing or unreadable images excluded once, at the start, in one report
+    (never a crash hours into an epoch, never a silent black image)."""
+    if cfg.data == "toy":
+        import toyworld  # only --data toy needs the synthetic world
+        toyworld.make_world(cfg.data_root, seed=cfg.world_seed)  # written once, then reused
+    if not cfg.data_root:
+        raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
+    if not os.path.isdir(cfg.data_root):
+        raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
+    if cfg.task == "zsl":
+        data = load_nuswide(cfg.data_root, out=cfg.data_out or None)
+    elif cfg.data == "toy":
+        data = toyworld.load_spml_view(cfg.data_root)
+    else:
+        data = load_spml(cfg.data, cfg.data_root, year=cfg.voc_year, out=cfg.data_out or None)
+    for split in SPLITS[cfg.task]:
+        paths = getattr(data, f"{split}_paths")
+        good, bad = check_images(paths)
+        if bad:
+            print(f"warning: {len(bad)} of {len(paths)} {split} images are missing or unreadable and are "
+                  f"excluded; first: {', '.join(bad[:3])}", file=sys.stderr)
+            keep = np.flatnonzero(good)
+            setattr(data, f"{split}_paths", [paths[i] for i in keep])
+            for f in fields(data):
+                if f.name.startswith(f"{split}_") and f.name != f"{split}_paths":
+                    setattr(data, f.name, getattr(data, f.name)[keep])
+    return data
+
+
+def label_names(cfg, data):
+    """(every label name in score-column order, S = number of training classes). ZSL trains on the first S
+    (seen) columns and tests on the rest (unseen); SPML trains and tests on all."""
+    if cfg.task == "zsl":
+        return list(data.seen) + list(data.unseen), len(data.seen)
+    return list(data.classes), len(data.classes)
+
+
+def n_train_classes(cfg, data):
+    return label_names(cfg, data)[1]
+
+
+def prompt_names(names):
+    return [READABLE.get(n, n) for n in names]
+
+
+def check_labels_match(ckpt, cfg, data, path):
+    """A checkpoint scores its own label set, in its own column order: the dataset must agree."""
+    names, _ = label_names(cfg, data)
+    if names != ckpt["label_names"]:
+        first = next((i for i, (a, b) in enumerate(zip(names, ckpt["label_names"])) if a != b),
+                     min(len(names), len(ckpt["label_names"])))
+        raise UsageError(f"{path}: its {len(ckpt['label_names'])} labels do not match the "
+                         f"{len(names)} of {cfg.data_root} (first difference at column {first})")
+
+
+if __name__ == "__main__":
+    import runs
+    cfg = runs.parse_args(sys.argv[1:])  # the same flags as train.py; default: the toy world
+    data = load_dataset(cfg)
+    names, n_train = label_names(cfg, data)
+    print(f"{cfg.task} / {cfg.data}: {len(names)} labels, the first {n_train} trained on; "
+          + ", ".join(f"{s} {len(getattr(data, s + '_paths'))} images" for s in SPLITS[cfg.task]))
+    print("text encoder reads:", prompt_names(names)[:8], "...")
