@@ -4,8 +4,9 @@ Shape legend: B images, P patches (196), C classes, D joint width (512), K/O GAT
 
 Ours and a baseline run in one process, interleaved, medians of repeats (how time and memory are measured:
 measure.py); the sections:
-  head      all after the backbone (GMC, SDA, VFR, scores) on random F (B, P, D), g (B, D), H (C, D): sigrl's chunked
-            modules vs `dense_head`, which computes on (B, P, C, D) tensors as the reference code does.
+  head      all after the backbone (GMC, SDA, VFR, scores) on random F (B, P, D), g (B, D), H (C, D): sigrl's fast
+            path vs "dense", the same weights on its plain path (SigRLConfig.fast = False), the reference code's
+            memory class (the reference also keeps .repeat() copies of F and H: if anything, dense is lean).
   encoders  clip_text.CLIP's image and text towers vs open_clip's (QuickGELU), same weights.
   train     one training step, paper configuration; `train_flops` vs a big square matmul timed in the same run.
 
@@ -27,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from losses import l1_distill, ranking_loss
 from measure import compare, in_fresh_process, peak_rss, proc_bytes
@@ -78,7 +78,7 @@ def child(spec):
     print(json.dumps(peak_rss(fn)))
 
 
-# ---- the head: ours (sigrl's modules) and the dense reference formulation ----------------------------------
+# ---- the head: sigrl's fast path and its plain (dense) path ----------------------------------------------------
 def head_model(dim=D, **config):
     """A SigRL whose head modules are the ones measured; its 1-block stub tower never runs."""
     tower = VisionTransformer(VisionConfig(width=64, layers=1, patch=16, resolution=16, embed_dim=dim))
@@ -90,46 +90,11 @@ def our_head(model, patch, g, H):
     return model.score(g, patch, H).scores  # (B, C)
 
 
-def _scores(model, M_hat, g, H):
-    """Eq. 13 for the dense formulation: (normalised top-k mean of patch-label similarities + normalised global
-    score) / 2, (B, C)."""
-    sim = torch.einsum("bpd,cd->bpc", M_hat, H)  # (B, P, C)
-    local = sim.topk(min(model.config.topk, sim.shape[1]), dim=1).values.mean(dim=1)  # (B, C)
-    return (F.normalize(local, dim=-1) + F.normalize(g @ H.T, dim=-1)) / 2  # (B, C)
-
-
-def dense_gatv2(layer, h):
-    """One GATv2 layer on the C*C edge list, as torch_geometric's GATv2Conv runs a complete graph."""
-    C, K, O = h.shape[0], layer.heads, layer.out_dim
-    x = layer.lin(h).view(C, K, O)  # (C, K, O)
-    dst, src = torch.arange(C, device=h.device).repeat_interleave(C), torch.arange(C, device=h.device).repeat(C)
-    pair = F.leaky_relu(x[dst] + x[src], layer.negative_slope)  # (C*C, K, O): x_i + x_j per edge
-    alpha = (pair * layer.att).sum(dim=-1).view(C, C, K).softmax(dim=1)  # (C, C, K), e_ij then softmax over j
-    messages = x[src] * F.dropout(alpha, layer.dropout, layer.training).view(C * C, K, 1)  # (C*C, K, O)
-    return messages.view(C, C, K, O).sum(dim=1).reshape(C, K * O)  # (C, K * O)
-
-
-def dense_head(model, patch, g, H):
-    """The reference code's formulation: each step on materialised (B, P, C, D) tensors. (The reference also
-    softmaxes a transposed view, one more (B, P, C, D) copy, left out: if anything, this baseline is lean.)"""
-    (B, P, D), C = patch.shape, H.shape[0]
-    patch_rep = patch[:, :, None, :].repeat(1, 1, C, 1)  # (B, P, C, D), the reference's .repeat of F
-    # SDA (Eq. 5-9, code version): softmax over p of fc_sda(tanh(F * H)), pooled over p
-    A = model.sda.fc_sda(torch.tanh(patch_rep * H.repeat(B, P, 1, 1)))  # (B, P, C, D)
-    M = (patch_rep * A.softmax(dim=1)).sum(dim=1)  # (B, C, D)
-    Q = torch.relu(M.transpose(1, 2) @ H / (M.norm() * H.norm()))  # (B, D, D)
-    T = M @ (Q / Q.norm(dim=2, keepdim=True).clamp_min(1e-12))  # (B, C, D)
-    # GMC (Eq. 2-4, GATv2) then VFR (Eq. 10-12, code version: the sum runs over the classes)
-    drop = lambda x: F.dropout(x, model.gmc.dropout, model.training)  # noqa: E731
-    G = dense_gatv2(model.gmc.layer2, drop(F.elu(dense_gatv2(model.gmc.layer1, drop(H)))))  # (C, D)
-    O = model.vfr.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, D)
-    A = model.vfr.fc_vfr(torch.tanh(patch_rep * O[:, None].repeat(1, P, 1, 1)))  # (B, P, C, D)
-    return _scores(model, (patch_rep * A.softmax(dim=1)).sum(dim=2), g, H)  # (B, P, D) -> (B, C)
-
-
 def head_fns(model, B, C, mode, device, dtype, P=P, fused=None):
     """{"ours": fn, "dense": fn}: one forward (no grad, eval) or forward + backward (train) on shared inputs;
-    with `fused` (a copy of model after compile_heads) also "compiled": ours through torch.compile."""
+    "dense": a copy on the plain path; with `fused` (a copy after compile_heads) "compiled": ours compiled."""
+    plain = copy.deepcopy(model)
+    plain.config.fast = False
     gen, D = torch.Generator().manual_seed(0), model.config.embed_dim
     act = torch.bfloat16 if dtype == "bf16" else torch.float32  # what the backbone hands over under autocast
     patch, g = (torch.randn(*s, generator=gen).to(device, act) for s in ((B, P, D), (B, D)))
@@ -147,7 +112,7 @@ def head_fns(model, B, C, mode, device, dtype, P=P, fused=None):
                 patch.grad = g.grad = None
                 (scores.float() * w).sum().backward()
         return fn
-    return {"ours": make(our_head), "dense": make(dense_head), **({"compiled": make(our_head, fused)} if fused else {})}
+    return {"ours": make(our_head), "dense": make(our_head, plain), **({"compiled": make(our_head, fused)} if fused else {})}
 
 
 def bench_head(preset, device, dtypes, progress, compile=False):
@@ -157,7 +122,7 @@ def bench_head(preset, device, dtypes, progress, compile=False):
                               for B in preset.head_batches for m in ("fwd", "fwdbwd")):
         progress(f"head {dtype} B={B} C={C} {mode}")
         fns = head_fns(model, B, C, mode, device, dtype, fused=fused)
-        # run dense only if its ~10 (B, P, C, D) and ~4 (C*C, D) fp32 tensors (measured) fit in 80 % of free memory
+        # run dense only if 11 (B, P, C, D) and 4.5 (C, C, D) fp32 tensors fit in 80 % of free memory (it peaks at ~8)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else proc_bytes("/proc/meminfo", "MemAvailable")
         if 4 * (11 * B * P * C * D + 4.5 * C * C * D) > 0.8 * free:
             del fns["dense"]
@@ -182,8 +147,7 @@ def build_encoders(size="full"):
     """(open_clip's CLIP, ours) with the same weights: open_clip's own initialisation, copied by key."""
     from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg
     from clip_text import CLIP, CLIPConfig
-    # (embed_dim, vision width / layers / patch / resolution, text width / heads / layers): ViT-B/16, or a
-    # small one for the tests
+    # (embed_dim, vision width / layers / patch / resolution, text width / heads / layers): ViT-B/16, or tiny
     embed_dim, (width, layers, patch, res), (t_width, t_heads, t_layers) = \
         {"full": (512, (768, 12, 16, 224), (512, 8, 12)), "tiny": (64, (128, 2, 16, 32), (128, 2, 2))}[size]
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Datasets: NUS-WIDE for (generalised) zero-shot, COCO-2014 / PASCAL VOC for single-positive multi-label.
 
-On-disk formats and protocols: shared/datasets.md. N images, S seen / U unseen labels, C classes.
+Layouts on disk: README.md, 'Datasets'. N images, S seen / U unseen labels, C classes.
   load_nuswide(root, out=None)  the prepared layout <out or root>/sigrl_nuswide/ (numpy + text), else BiAM's h5
       layout in root. `python data.py prepare nuswide --root DIR [--out DIR]` writes the prepared layout from the
       h5 layout or from the official release, derived as BiAM/LESA did. Images: <root>/Flickr/<folder>/<file>.
@@ -185,9 +185,10 @@ def load_spml(dataset, root, year="2012", out=None):
 
 
 def read_spml_folder(folder, image_root, classes=None):
-    """Cole et al.'s formatted_*.npy in `folder` -> Spml (classes default to folder/classes.txt). Split as in
-    datasets.md 2d: a RandomState(1200) permutation sends 80 % of the train file to train (observed labels) and
-    20 % to val (clean labels); test = the val file (clean). Image paths are relative to image_root."""
+    """Cole et al.'s formatted_*.npy in `folder` -> Spml (classes default to folder/classes.txt). Split as
+    SigRL's SPML/datasets.py (Cole et al.'s generate_split) does: a RandomState(1200) permutation sends 80 % of
+    the train file to train (observed labels) and 20 % to val (clean labels); test = the val file (clean).
+    Image paths are relative to image_root."""
     classes = classes or read_names(os.path.join(folder, "classes.txt"))
     a = {f[10:-4]: _load_npy(os.path.join(folder, f)) for f in SPML_FILES}  # "formatted_train_labels.npy"
     for key in ("train_labels", "train_labels_obs", "val_labels", "val_labels_obs"):  # -> "train_labels"
@@ -206,7 +207,9 @@ def read_spml_folder(folder, image_root, classes=None):
 
 # ------------------------------------------------------------------------------------------ images
 def build_transform(task, train, resolution):
-    """The reference preprocessing (datasets.md 3) at R = `resolution`, the checkpoint's input size.
+    """The reference preprocessing at R = `resolution`, the checkpoint's input size: SigRL's OV code builds it
+    with timm 0.6.12's create_transform (input size 224), its SPML/datasets.py with torchvision; both normalise
+    with the ImageNet mean/std, not CLIP's.
 
     zsl train: RandomResizedCrop(R, scale (0.08, 1), bicubic) -> flip -> RandAugment(2 ops, magnitude 9, bicubic,
                fill = ImageNet mean) -> tensor -> ImageNet mean/std. Reference code differs: timm's

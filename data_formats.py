@@ -4,7 +4,7 @@
   read_raw_release(root)    the official NUS-WIDE release, labels derived exactly as BiAM/LESA did
   format_coco(root), format_voc(root, year), observe_single_positive(labels)   Cole et al.'s SPML formatting
 Both NUS-WIDE readers return (seen, unseen, (train_names, train_labels), (test_names, test_labels)) with int8
-+1 / -1 labels, test columns seen then unseen. Formats and protocols: shared/datasets.md sections 1 and 2.
++1 / -1 labels, test columns seen then unseen. The layouts each reader expects: README.md, 'Datasets'.
 """
 import json
 import os
@@ -209,7 +209,7 @@ def format_voc(root, year):
 
 
 def observe_single_positive(labels):
-    """Cole et al.'s generate_observed_labels (datasets.md 2c): a fresh RandomState(1200) per file; per row the
+    """Cole et al.'s preproc/generate_observed_labels.py: a fresh RandomState(1200) per file; per row the
     positive indices are shuffled and the first kept, then the negative indices are shuffled too: none is kept,
     but it advances the generator exactly as the reference does, which reproduces the published draw."""
     signed = np.where(labels == 1, 1, -1)  # (N, C); 0 -> -1

@@ -2,7 +2,7 @@
 
 Shape legend
     C  labels in the scored label set (the graph's nodes)
-    c  query nodes in one chunk (<= chunk)
+    c  query nodes in one chunk of the fast path (<= chunk)
     D  joint embedding width (GMC's input and output, 512 for CLIP ViT-B/16)
     K  attention heads of a layer
     O  width of one head
@@ -20,13 +20,17 @@ Paper vs. reference code
     (length O), no bias terms, dropout 0.3 on the GMC input, on alpha and between the two layers.
     Layer 1: D -> 4 heads x 32 (concatenated, 128), then ELU; layer 2: 128 -> D with one head.
 
-Fast path: e_ij needs the (C, C, K, O) tensor LeakyReLU(W h_i + W h_j) (layer 2 at C = 1006, D = 512: 2 GB in
-fp32). Every query row i only needs its own row of scores, so the rows are computed `chunk` at a time, and
-each chunk runs under torch.utils.checkpoint: autograd keeps only the chunk's inputs and its (c, K, O) output
+Plain path and fast path (forward's `chunk`: None or a number of query rows). The plain path computes e_ij
+for every pair at once, through the (C, C, K, O) tensor LeakyReLU(W h_i + W h_j) (layer 2 at C = 1006,
+D = 512: 2 GB in fp32, and autograd keeps it). The fast path exists to avoid that, and it is exact because a
+query row i needs only its own scores e_i:, softmaxed over j: it runs the same `attend` on `chunk` rows at a
+time, each under torch.utils.checkpoint, so autograd keeps only the chunk's inputs and its (c, K, O) output
 and rebuilds the (c, C, K, O) intermediates one chunk at a time in backward. Checkpoint replays the random
-state, so the recomputed dropout mask on alpha is the one used in forward.
+state, so the recomputed dropout mask on alpha is the one used in forward. (In training mode the two paths
+draw their dropout masks differently, one (C, C, K) draw against one per chunk; each is exact dropout.)
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -37,11 +41,10 @@ from torch.utils.checkpoint import checkpoint
 class GATv2Layer(nn.Module):
     """One GATv2 layer on the complete graph with self-loops; heads are concatenated (K * O outputs)."""
 
-    def __init__(self, in_dim: int, out_dim: int, heads: int = 1, dropout: float = 0.0, chunk: int = 16,
-                 negative_slope: float = 0.2):
+    def __init__(self, in_dim: int, out_dim: int, heads: int = 1, dropout: float = 0.0, negative_slope: float = 0.2):
         super().__init__()
         self.in_dim, self.out_dim, self.heads = in_dim, out_dim, heads
-        self.dropout, self.chunk, self.negative_slope = dropout, chunk, negative_slope
+        self.dropout, self.negative_slope = dropout, negative_slope
         self.lin = nn.Linear(in_dim, heads * out_dim, bias=False)  # W (= W_l = W_r), all heads stacked
         self.att = nn.Parameter(torch.empty(out_dim))  # a, shared by all heads of this layer
         self.reset_parameters()
@@ -52,45 +55,51 @@ class GATv2Layer(nn.Module):
         bound = math.sqrt(6.0 / (1 + self.out_dim))
         nn.init.uniform_(self.att, -bound, bound)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """chunk None: the plain path; a number: the fast path, `chunk` query rows at a time (module docstring)."""
         assert h.dim() == 2 and h.shape[1] == self.in_dim, f"expected h (C, {self.in_dim}), got {tuple(h.shape)}"
         C = h.shape[0]
         x = self.lin(h).view(C, self.heads, self.out_dim)  # (C, D_in) -> (C, K, O): W h_j for every node
-        rows = [checkpoint(self._attend, x[i:i + self.chunk], x, use_reentrant=False)  # (c, K, O) each
-                for i in range(0, C, self.chunk)]
-        return torch.cat(rows).reshape(C, self.heads * self.out_dim)  # (C, K * O), heads concatenated
+        if chunk is None:
+            out = self.attend(x, x)  # (C, K, O), through (C, C, K, O) tensors
+        else:
+            out = torch.cat([checkpoint(self.attend, x_query, x, use_reentrant=False)  # (c, K, O) each
+                             for x_query in x.split(chunk)])  # (C, K, O)
+        return out.reshape(C, self.heads * self.out_dim)  # (C, K * O), heads concatenated
 
-    def _attend(self, x_query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x_query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """New features of the query nodes x_query (c, K, O), attending to all C nodes x (C, K, O)."""
-        # GATv2 score: e_ij = a^T LeakyReLU(W h_i + W h_j)
+        # e_ij = a^T LeakyReLU(W h_i + W h_j)
         pair = x_query[:, None] + x[None]  # (c, 1, K, O) + (1, C, K, O) -> (c, C, K, O)
         pair = F.leaky_relu(pair, self.negative_slope, inplace=True)  # in place: the largest tensor here, once
         e = pair @ self.att  # (c, C, K, O) @ (O,) -> (c, C, K)
-        alpha = F.dropout(e.softmax(dim=1), self.dropout, self.training)  # (c, C, K), softmax over j
+        # alpha_ij = softmax_j(e_ij), then dropout on the coefficients
+        alpha = F.dropout(e.softmax(dim=1), self.dropout, self.training)  # (c, C, K)
         # h_i' = sum_j alpha_ij W h_j, per head
         return torch.einsum("ijk,jko->iko", alpha, x)  # (c, C, K) x (C, K, O) -> (c, K, O)
 
     def extra_repr(self) -> str:
-        return f"{self.in_dim} -> {self.heads} x {self.out_dim}, dropout={self.dropout}, chunk={self.chunk}"
+        return f"{self.in_dim} -> {self.heads} x {self.out_dim}, dropout={self.dropout}"
 
 
 class GMC(nn.Module):
     """Graph-based multi-label correlation: label embeddings H (C, D) -> graph-refined G (C, D).
 
-    G depends only on the label set, not on the image. `chunk` bounds the query rows per attention step.
+    G depends only on the label set, not on the image. `chunk` (forward): None for the plain path, else the
+    query rows per attention step of the fast path.
     """
 
-    def __init__(self, dim: int = 512, heads: int = 4, hidden: int = 32, dropout: float = 0.3, chunk: int = 16):
+    def __init__(self, dim: int = 512, heads: int = 4, hidden: int = 32, dropout: float = 0.3):
         super().__init__()
         self.dim, self.dropout = dim, dropout
-        self.layer1 = GATv2Layer(dim, hidden, heads, dropout, chunk)  # D -> K x O, concatenated
-        self.layer2 = GATv2Layer(heads * hidden, dim, 1, dropout, chunk)  # K * O -> D, one head
+        self.layer1 = GATv2Layer(dim, hidden, heads, dropout)  # D -> K x O, concatenated
+        self.layer2 = GATv2Layer(heads * hidden, dim, 1, dropout)  # K * O -> D, one head
 
-    def forward(self, H: torch.Tensor) -> torch.Tensor:
+    def forward(self, H: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
         assert H.dim() == 2 and H.shape[1] == self.dim, f"expected H (C, {self.dim}), got {tuple(H.shape)}"
         x = F.dropout(H, self.dropout, self.training)  # (C, D)
-        x = F.dropout(F.elu(self.layer1(x)), self.dropout, self.training)  # (C, K * O)
-        G = self.layer2(x)  # (C, D)
+        x = F.dropout(F.elu(self.layer1(x, chunk)), self.dropout, self.training)  # (C, K * O)
+        G = self.layer2(x, chunk)  # (C, D)
         assert G.shape == H.shape, f"expected G {tuple(H.shape)}, got {tuple(G.shape)}"
         return G
 
@@ -98,11 +107,13 @@ class GMC(nn.Module):
 if __name__ == "__main__":
     torch.manual_seed(0)
     H = torch.randn(10, 64)  # (C, D): 10 labels
-    gmc = GMC(dim=64, heads=4, hidden=8, chunk=3).eval()
+    gmc = GMC(dim=64, heads=4, hidden=8).eval()
     with torch.no_grad():
         x = gmc.layer1.lin(H).view(10, 4, 8)  # (C, K, O)
-        alpha = (F.leaky_relu(x[:, None] + x[None], 0.2) @ gmc.layer1.att).softmax(dim=1)  # (C, C, K), unchunked
+        alpha = (F.leaky_relu(x[:, None] + x[None], 0.2) @ gmc.layer1.att).softmax(dim=1)  # (C, C, K)
+        plain, fast = gmc(H), gmc(H, chunk=3)  # (C, D) each: every pair at once, or 3 query rows at a time
     torch.set_printoptions(precision=2, linewidth=120)
     print("layer-1 attention alpha_ij of head 0 (row i sums to 1 over j):")
     print(alpha[..., 0])
-    print("H", tuple(H.shape), "-> layer1", tuple(gmc.layer1(H).shape), "-> G", tuple(gmc(H).shape))
+    print("H", tuple(H.shape), "-> layer1", tuple(gmc.layer1(H).shape), "-> G", tuple(plain.shape),
+          f"| fast vs plain path: largest difference {(fast - plain).abs().max():.1e}")

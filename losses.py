@@ -2,7 +2,8 @@
 
 Shape legend: B batch, C classes, D embedding width (512), N training images (APL update).
 
-Paper Eq. 14-16 (exact semantics in metrics_losses.md sections 3-4):
+Paper Eq. 14-16, with the semantics of the code that produced the published numbers (MKT's models/rank_loss.py
+for the ranking loss, Zhou et al.'s (ECCV 2022) and Cole et al.'s (CVPR 2021) loss code for SPML):
   Eq. 14  L_local  = pairwise ranking loss on the fused score s (B, C) against seen labels y in {+1,-1,0}
                      -> ``ranking_loss(scores, labels)``
   Eq. 15  L_global = |f_student - f_teacher|, the student/teacher CLS embeddings (B, D)
@@ -11,12 +12,13 @@ Paper Eq. 14-16 (exact semantics in metrics_losses.md sections 3-4):
   SPML: the same model trained with IUN, EM or EM_APL on p = sigmoid(s) -> ``spml_loss(name, ...)``,
         plus the end-of-epoch pseudo-labelling of EM_APL -> ``apl_update(...)``.
 
-Where the reference code differs from the paper (metrics_losses.md section 5), we follow the code:
+Where the reference code differs from the paper, we follow the code:
   * Ranking loss: divided by the number of STRICTLY violating pairs of each image (not by all pairs, not
-    a plain sum), then averaged over ALL B images, zero-loss images included (item 1).
-  * "Local" loss is applied to the fused score, not the local branch alone (item 2; caller's choice).
-  * IUN reads the TRUE negatives: an oracle baseline, not a single-positive method (item 8).
-  * The released SPML script cannot run EM_APL (item 7); its runnable logic is EM with SigRL's alpha.
+    a plain sum), then averaged over ALL B images, zero-loss images included.
+  * "Local" loss is applied to the fused score, not the local branch alone (the caller's choice).
+  * IUN reads the TRUE negatives: an oracle baseline, not a single-positive method.
+  * SigRL's released SPML script (main_clip.py) cannot run EM_APL: its APL update call is commented out and
+    EM_APL reads a beta it never defines; its runnable logic is EM with SigRL's alpha.
     ``SPML_DEFAULTS`` carries Zhou et al.'s beta / neg_proportion / warm-up for "EM+APL" runs.
 """
 
@@ -27,7 +29,7 @@ import torch
 
 EPS = 1e-5  # inside every log of the SPML losses: nl(x) = -ln(x + 1e-5); matters once p hits 0 or 1
 
-# Zhou et al.'s (ECCV 2022) per-dataset hyperparameters; alpha is also SigRL's (metrics_losses.md 4.6).
+# Zhou et al.'s (ECCV 2022) per-dataset hyperparameters, from their paper and code; alpha is also SigRL's.
 SPML_DEFAULTS = {
     "voc": dict(alpha=0.2, beta=0.02, neg_proportion=0.9, warmup_epoch=5, num_epochs=10),
     "coco": dict(alpha=0.1, beta=0.9, neg_proportion=0.9, warmup_epoch=5, num_epochs=10),
@@ -104,7 +106,8 @@ def spml_loss(name, logits, obs, true=None, alpha=None, beta=None, pseudo=None,
 
     obs: 1 = the observed positive, 0 = unobserved, in [-1, 0) = an APL soft negative with target -obs.
     The loss matrix L is 0 where no rule applies and loss = sum(L) / (B C), the mean over ALL entries.
-    With H(p) = p nl(p) + (1 - p) nl(1 - p) (an entropy, >= 0), per name (metrics_losses.md 4.3-4.7):
+    With H(p) = p nl(p) + (1 - p) nl(1 - p) (an entropy, >= 0), per name (Cole et al.: iun, an; Zhou et al.:
+    em, em_apl; VLPL (Xing et al.): em_pl, em_pl_asl):
       iun        nl(p) on obs = 1;  nl(1 - p) where TRUE = 0 (oracle: needs `true`)
       an         nl(p) on obs = 1;  nl(1 - p) on obs = 0
       em         nl(p) on obs = 1;  -alpha H(p) on obs = 0 (pushes p to 0.5; the loss can be negative)
@@ -166,7 +169,7 @@ def spml_loss(name, logits, obs, true=None, alpha=None, beta=None, pseudo=None,
 
 
 def apl_update(obs, probs, unlabel_num, num_epochs, warmup_epoch, neg_proportion):
-    """One end-of-epoch round of asymmetric pseudo-labelling (Zhou et al.; metrics_losses.md 4.6).
+    """One end-of-epoch round of asymmetric pseudo-labelling (Zhou et al., ECCV 2022, as their code runs it).
 
     For each class c, among the entries still unobserved (obs == 0; soft negatives are never reselected)
     the n_c = floor(neg_proportion * U_c / (num_epochs - warmup_epoch)) with the LOWEST probability

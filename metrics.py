@@ -2,7 +2,8 @@
 
 Shape legend: N images, C classes, K predictions kept per image.
 
-Two families, with deliberately different conventions (metrics_losses.md sections 1-2):
+Two families, with deliberately different conventions (MKT's utils/misc.py compute_AP / compute_F1, from
+BiAM and LESA, for NUS-WIDE; sklearn's average_precision_score as Cole et al.'s SPML code calls it):
 
 NUS-WIDE (MKT/BiAM/LESA protocol), labels +1 / -1 / 0 (0 = not annotated), raw scores, float32:
   * ``nus_ap``: per class, drop the 0 entries, sort by score in a STABLE descending order (ties keep the
@@ -14,13 +15,13 @@ SPML (Cole et al. / Zhou et al. protocol), clean labels 0/1, probabilities, floa
   * ``spml_ap``: sklearn-style AP, where tied scores form ONE cut-off point (one block).
   * ``spml_metrics``: mAP x 100, and precision/recall/hit@k per image averaged over all images.
 
-Where the reference code differs from the paper or is arbitrary (metrics_losses.md section 5):
-  * GZSL mAP averages over all 1006 classes; classes without a test positive count as AP 0 (item 3).
-  * Top-K F1 is micro-averaged over the whole test set, not per class or per image (item 4).
-  * ZSL scores come from their own 81-class forward pass, not a column slice of GZSL (item 5; the
+Where the reference code differs from the paper or is arbitrary:
+  * GZSL mAP averages over all 1006 classes; classes without a test positive count as AP 0.
+  * Top-K F1 is micro-averaged over the whole test set, not per class or per image.
+  * ZSL scores come from their own 81-class forward pass, not a column slice of GZSL (the
     caller's job, these functions only see a score matrix).
-  * The reference sorts with a non-stable sort; we use a stable one, so ties are reproducible (item 6).
-  * The SPML code computes no F1; ``f1@k`` here is DERIVED as 2PR/(P+R) of the averaged P and R (item 10).
+  * The reference sorts with a non-stable sort; we use a stable one, so ties are reproducible.
+  * The SPML code computes no F1; ``f1@k`` here is DERIVED as 2PR/(P+R) of the averaged P and R.
   * The code logs fractions; the paper's tables (and the ``*_metrics`` dicts here) are in percent.
 """
 
@@ -97,7 +98,7 @@ def _average_precision(scores, signed, group_ties, dtype):
 def nus_ap(scores, labels):
     """Per-class AP (C,) float32 of raw scores (N, C) against labels (N, C) in {+1, -1, 0}.
 
-    Stable descending order, 0 entries dropped, AP 0 for a class without a +1 (metrics_losses.md 1.2).
+    Stable descending order, 0 entries dropped, AP 0 for a class without a +1 (MKT's compute_AP skips it).
     Equals sklearn's average_precision_score on the kept entries when no scores are tied.
     """
     scores, labels = _check(scores, labels, (-1, 0, 1), np.float32, "nus_ap")
@@ -147,7 +148,7 @@ def nus_metrics(scores, labels):
 # ----------------------------------------------------------------------------- SPML (VOC / COCO)
 
 def spml_ap(probs, labels):
-    """Per-class AP (C,) float64, sklearn-style: tied scores form one cut-off (metrics_losses.md 2.2).
+    """Per-class AP (C,) float64, sklearn-style: tied scores form one cut-off (sklearn average_precision_score).
 
     labels are the clean 0/1 labels; a class without a positive has AP 0.
     """
@@ -157,7 +158,7 @@ def spml_ap(probs, labels):
 
 
 def spml_topk(probs, labels, k):
-    """Image-averaged (precision@k, recall@k, hit@k) as fractions (metrics_losses.md 2.3).
+    """Image-averaged (precision@k, recall@k, hit@k) as fractions, as the SPML code logs them.
 
     Per image: h = positives among its k most probable classes (all C if k > C); P = h / k (divisor k
     even when k > C), R = h / #positives, hit = [h > 0]; an image without positives scores 0 on all
@@ -189,7 +190,7 @@ def spml_metrics(probs, labels):
 
 
 if __name__ == "__main__":
-    # The worked example of metrics_losses.md 1.2: ranked labels + - + - - +, first four tied, last two tied.
+    # Where the two conventions part: ranked labels + - + - - +, the first four tied, the last two tied.
     s = np.array([[0.9], [0.9], [0.9], [0.9], [0.1], [0.1]], dtype=np.float32)  # (N=6, C=1)
     y = np.array([[1], [-1], [1], [-1], [-1], [1]])                          # (6, 1)
     print("stable-order AP (NUS-WIDE):", nus_ap(s, y)[0], " tie-grouped AP (SPML):", spml_ap(s, y > 0)[0])

@@ -31,7 +31,8 @@ def _f(default, help, **kw):
 
 @dataclass
 class Config:
-    """Defaults = the paper's NUS-WIDE recipe (sigrl_method.md, "Optimisation"); presets adjust them."""
+    """Defaults = the NUS-WIDE recipe of the reference code (the flags of SigRL's OV/train_nus.py, AdamW built by
+    its util/optimizer.py with MKT's utils/lr_decay.py); presets adjust them."""
     task: str = _f("zsl", "zsl: zero-shot multi-label (NUS-WIDE, Table I); spml: single-positive multi-label "
                           "(COCO / VOC, Tables II-III)", choices=["zsl", "spml"])
     data: str = _f("toy", "toy (offline synthetic world), nuswide, coco or voc",

@@ -2,7 +2,7 @@
 
 Shape legend
     B  images in the batch              P  patch tokens per image (196 at 224 px with 16 px patches)
-    C  classes in the scored label set  c  classes in one chunk (<= class_chunk)
+    C  classes in the scored label set  c  classes in one chunk of the fast path (<= class_chunk)
     D  joint embedding width (512)      W  ViT width (768 for ViT-B/16)
 
 Symbols (paper -> code): F -> patch, g -> g, H -> H (label_emb), G -> G, M -> M, T -> T, O -> O,
@@ -15,14 +15,17 @@ M_hat -> M_hat.  Pipeline, following the reference code wherever it differs from
     scores                        Eq. 13                                      (B, C)
 A frozen teacher (a copy of the initial student) gives the target of the distillation loss on g.
 
-Fast path (why class chunks are exact). Written plainly, SDA and VFR build (B, P, C, D) tensors; the reference
-code keeps several of them alive (12 GB each at B = 32, C = 925). But for one class c, every step before the
-pooling touches only that class: the product patch * H[c], the tanh, the D -> D linear applied to each vector,
-and the softmax, which runs over the patches p, not over the classes. The pooling then sums over p (SDA: one
-row M[:, c] per class) or over c (VFR: a running sum over the chunks). So both modules run `class_chunk` classes
-at a time with the same result. Each chunk runs under torch.utils.checkpoint: autograd keeps only the chunk's
-inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a time in backward, so neither
-forward nor backward memory grows with B x P x C x D.
+Two paths, one switch (SigRLConfig.fast; default True). The plain path computes SDA and VFR as written, on
+(B, P, C, D) tensors: the reference code's memory class, several such tensors alive at once (12 GB each in
+fp32 at B = 32, C = 925). The fast path exists because that does not fit a GPU at the paper's sizes, and it is
+exact because, for one class c, every step before the pooling touches only that class: the product
+patch * H[c], the tanh, the D -> D linear applied to each vector, and the softmax, which runs over the
+patches p, not over the classes. The pooling then sums over p (SDA: one row M[:, c] per class) or over c
+(VFR: a running sum over the chunks). So the fast path runs the plain path's own functions (`decouple`,
+`reconstruction_weight`) on `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
+autograd keeps only the chunk's inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a
+time in backward, so neither forward nor backward memory grows with B x P x C x D. The two paths give the
+same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
 """
 import copy
 import functools
@@ -45,7 +48,9 @@ class SigRLConfig:
     vfr: bool = True  # False: M_hat := patch (MKT's top-k on raw patch tokens); needs gmc = sda = False
     global_only: bool = False  # scores = normalised global score; the heads are not built
     topk: int = 16  # local score = mean of the top-k patch similarities (k = min(topk, P))
-    class_chunk: int = 64  # classes per SDA/VFR step; memory only, never the result
+    fast: bool = True  # False: the plain path on full (B, P, C, D) and (C, C, hidden) tensors; same numbers
+    class_chunk: int = 64  # fast path: classes per SDA/VFR step; memory only, never the result
+    gat_chunk: int = 16  # fast path: query labels per GATv2 step (gat.py); memory only
     gat_heads: int = 4
     gat_hidden: int = 32
     dropout: float = 0.3  # GMC dropout (input, attention coefficients, between the layers)
@@ -58,65 +63,72 @@ class SigRLOutput(NamedTuple):
     feat: torch.Tensor  # (B, D) student class-token embedding g (for L_global)
 
 
-def _chunked(fn, *args, x: torch.Tensor, chunk: int):
-    """Yield fn(*args, x_chunk) for each chunk of `chunk` classes of x (C, D) or (B, C, D), under checkpoint."""
-    dim = x.dim() - 2  # the class axis
-    for i in range(0, x.shape[dim], chunk):
-        yield checkpoint(fn, *args, x.narrow(dim, i, min(chunk, x.shape[dim] - i)), use_reentrant=False)
+# ---- SDA and VFR: the paper's computation, on any number of classes ------------------------------------------
+def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """SDA's category-specific features M (B, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7)."""
+    # A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
+    x = patch[:, :, None, :] * H  # (B, P, 1, D) * (C, D) -> (B, P, C, D)
+    A = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
+    # alpha[b,:,c,d] = softmax over p of A[b,:,c,d]  (one softmax per class and channel)
+    alpha = A.softmax(dim=1)  # (B, P, C, D)
+    # M[b,c,:] = sum_p alpha[b,p,c,:] * F[b,p,:]
+    return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, C, D)
 
 
-@functools.cache
-def _fused(fn):
-    """fn (a chunk body below) through torch.compile, once per process (SigRL.compile_heads).
-
-    Fast path: a chunk body makes several passes over (B, P, c, D) tensors (product, tanh, the D x D linear,
-    softmax, pooling); all but the linear are elementwise or reductions, so their cost is memory traffic. The
-    compiler fuses product + tanh into one kernel and softmax + pooling into another, the same maths in fewer
-    passes. Measured on 1 CPU thread at B = 1 (bench.py --compile): 0.67x / 0.84x the eager head's time forward
-    at C = 81 / 925, 0.83x / 0.91x forward + backward. On a GPU, where these passes rather than the matmuls
-    bound the step, the gain should be larger (not yet measured).
-    """
-    return torch.compile(fn, dynamic=True)  # symbolic sizes: one graph for every B, P and chunk size
+def reconstruction_weight(fc_vfr: nn.Linear, patch: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
+    """VFR's sum_c alpha'[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D) (Eq. 11)."""
+    # A'[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))
+    x = patch[:, :, None, :] * O[:, None]  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
+    A = fc_vfr(x.tanh_())  # (B, P, C, D); tanh in place, as in decouple
+    # alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d], then summed over the classes
+    return A.softmax(dim=1).sum(dim=2)  # (B, P, C, D) -> (B, P, D)
 
 
 class SDA(nn.Module):
-    """Semantic decoupling attention (paper Eq. 5-9): patch (B, P, D), H (C, D) -> T (B, C, D).
+    """Semantic decoupling attention (paper Eq. 5-9): patch F (B, P, D), H (C, D) -> T (B, C, D).
 
-    Reference code differs: Eq. 5-7 show two FC layers, the code uses one (fc_sda, D -> D with bias); Eq. 8-9
-    re-weight with a C x C cosine matrix, the code with the D x D matrix Q = rownorm(ReLU(M^T H)).
+        A[b,p,c,:]     = fc_sda(tanh(F[b,p,:] * H[c,:]))       fc_sda: D -> D with bias
+        alpha[b,:,c,d] = softmax over p of A[b,:,c,d]
+        M[b,c,:]       = sum_p alpha[b,p,c,:] * F[b,p,:]        category-specific features (B, C, D)
+        Q[b]           = rownorm(ReLU(M[b]^T H))                (D, D), each row scaled to unit L2 norm
+        T[b]           = M[b] Q[b]                              semantic-decoupled features (B, C, D)
+    That is the reference code's form; the paper's differs: Eq. 5-7 show two FC layers (the code: one), and
+    Eq. 8-9 re-weight with a C x C cosine matrix (the code: the D x D matrix Q).
     """
 
     def __init__(self, dim: int):
         super().__init__()
         self.fc_sda = nn.Linear(dim, dim)
-        self.fused = False  # True: the chunk body runs compiled (SigRL.compile_heads); same result
+        self.fused = False  # fast path only: the chunks run through torch.compile (SigRL.compile_heads)
 
-    def forward(self, patch: torch.Tensor, H: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(self, patch: torch.Tensor, H: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """chunk None: the plain path; an int: the fast path, `chunk` classes at a time (module docstring)."""
         (B, P, D), C = patch.shape, H.shape[0]
         assert H.shape == (C, D), f"expected H (C, {D}), got {tuple(H.shape)}"
-        body = _fused(SDA._decouple) if self.fused else SDA._decouple
-        M = torch.cat(list(_chunked(body, self, patch, x=H, chunk=chunk)), dim=1)  # (B, C, D)
-        # Eq. 8-9 (code): the reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar
-        # passes through the ReLU and the row normalisation below removes it (except on rows of norm < 1e-12,
-        # which stay ~0 either way), so it is left out.
+        if chunk is None:
+            M = decouple(self.fc_sda, patch, H)  # (B, C, D), through (B, P, C, D) tensors
+        else:
+            step = compiled(decouple) if self.fused else decouple
+            M = torch.cat([checkpoint(step, self.fc_sda, patch, H_c, use_reentrant=False)  # (B, c, D) each
+                           for H_c in H.split(chunk)], dim=1)  # (B, C, D)
+        # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar passes through the
+        # ReLU and the row normalisation removes it (except on rows of norm < 1e-12, which stay ~0 either way),
+        # so it is left out.
         Q = torch.relu(M.transpose(1, 2) @ H)  # (B, D, C) @ (C, D) -> (B, D, D)
         Q = F.normalize(Q, dim=-1, eps=1e-12)  # (B, D, D), each row to unit L2 norm
         T = M @ Q  # (B, C, D) @ (B, D, D) -> (B, C, D)
         return T
 
-    def _decouple(self, patch: torch.Tensor, H_c: torch.Tensor) -> torch.Tensor:
-        """Category-specific features M (B, c, D) of the chunk's classes H_c (c, D)."""
-        x = patch[:, :, None, :] * H_c  # (B, P, 1, D) * (c, D) -> (B, P, c, D)
-        A = self.fc_sda(x.tanh_())  # (B, P, c, D); tanh in place saves one tensor of this size
-        alpha = A.softmax(dim=1)  # (B, P, c, D), softmax over p for each class and channel
-        return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, c, D), M = sum_p alpha * patch
-
 
 class VFR(nn.Module):
-    """Visual feature reconstruction (paper Eq. 10-12): patch (B, P, D), T (B, C, D), G (C, D) -> M_hat (B, P, D).
+    """Visual feature reconstruction (paper Eq. 10-12): patch F (B, P, D), T (B, C, D), G (C, D) -> M_hat (B, P, D).
 
-    Reference code differs: Eq. 12 sums the attention over the patches; the code sums it over the classes,
-    keeping one reconstructed feature per patch, and this file follows the code.
+        O[b,c,:]        = fc_o([T[b,c,:] ; G[c,:]])             Eq. 10; fc_o: 2D -> D, no bias
+        A'[b,p,c,:]     = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))     Eq. 11; fc_vfr: D -> D with bias
+        alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]         Eq. 11
+        M_hat[b,p,:]    = F[b,p,:] * sum_c alpha'[b,p,c,:]      Eq. 12, as the code computes it
+    The paper's Eq. 12 sums the attention over the patches; the code sums it over the classes, keeping one
+    reconstructed feature per patch, and this file follows the code.
     """
 
     def __init__(self, dim: int):
@@ -125,22 +137,35 @@ class VFR(nn.Module):
         self.fc_vfr = nn.Linear(dim, dim)
         self.fused = False  # as in SDA
 
-    def forward(self, patch: torch.Tensor, T: torch.Tensor, G: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(self, patch: torch.Tensor, T: torch.Tensor, G: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """chunk None: the plain path; an int: the fast path, `chunk` classes at a time (module docstring)."""
         (B, P, D), C = patch.shape, G.shape[0]
         assert T.shape == (B, C, D) and G.shape == (C, D), f"expected T (B, C, D), G (C, D); got {T.shape}, {G.shape}"
-        # Eq. 10: fuse the decoupled features with the graph-refined label embeddings
         O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
-        # a running sum, so only one chunk's (B, P, D) term is alive at a time
-        body = _fused(VFR._attention_sum) if self.fused else VFR._attention_sum
-        weight = sum(_chunked(body, self, patch, x=O, chunk=chunk))  # (B, P, D), sum_c alpha'
-        M_hat = patch * weight  # (B, P, D), Eq. 12 (code: sum over classes)
+        if chunk is None:
+            weight = reconstruction_weight(self.fc_vfr, patch, O)  # (B, P, D), through (B, P, C, D) tensors
+        else:
+            step = compiled(reconstruction_weight) if self.fused else reconstruction_weight
+            weight = 0  # a running sum over the chunks: one chunk's (B, P, D) term alive at a time
+            for O_c in O.split(chunk, dim=1):  # (B, c, D)
+                weight = weight + checkpoint(step, self.fc_vfr, patch, O_c, use_reentrant=False)  # (B, P, D)
+        M_hat = patch * weight  # (B, P, D)
         return M_hat
 
-    def _attention_sum(self, patch: torch.Tensor, O_c: torch.Tensor) -> torch.Tensor:
-        """sum over the chunk's classes of alpha' (B, P, D), for O_c (B, c, D)."""
-        x = patch[:, :, None, :] * O_c[:, None]  # (B, P, 1, D) * (B, 1, c, D) -> (B, P, c, D)
-        A = self.fc_vfr(x.tanh_())  # (B, P, c, D); tanh in place, as in SDA
-        return A.softmax(dim=1).sum(dim=2)  # (B, P, c, D) -> (B, P, D), softmax over p (Eq. 11)
+
+@functools.cache
+def compiled(fn):
+    """fn (decouple or reconstruction_weight) through torch.compile, once per process (SigRL.compile_heads).
+
+    Why: a chunk makes several passes over (B, P, c, D) tensors (product, tanh, the D x D linear, softmax,
+    pooling); all but the linear are elementwise or reductions, so their cost is memory traffic. The compiler
+    fuses product + tanh into one kernel and softmax + pooling into another, the same maths in fewer passes.
+    Measured on 1 CPU thread at B = 1 (bench.py --compile): 0.67x / 0.84x the eager head's time forward at
+    C = 81 / 925, 0.83x / 0.91x forward + backward. On a GPU, where these passes rather than the matmuls bound
+    the step, the gain should be larger (not yet measured). Cached per function, not per module, so every SDA
+    (or VFR) shares one compiled body and a model is never kept alive by the cache.
+    """
+    return torch.compile(fn, dynamic=True)  # symbolic sizes: one graph for every B, P and chunk size
 
 
 class SigRL(nn.Module):
@@ -174,8 +199,8 @@ class SigRL(nn.Module):
         return cls(copy.deepcopy(clip.visual), config)
 
     def compile_heads(self) -> "SigRL":
-        """Run SDA's and VFR's chunk bodies through torch.compile (see _fused). Not saved with the weights; the
-        first calls at each new shape are slow while it compiles."""
+        """Run the fast path's SDA and VFR chunks through torch.compile (see `compiled`). Not saved with the
+        weights; the first calls at each new shape are slow while it compiles."""
         for module in (self.sda, self.vfr):
             if module is not None:
                 module.fused = True
@@ -199,7 +224,9 @@ class SigRL(nn.Module):
     def label_graph(self, H: torch.Tensor) -> torch.Tensor:
         """G (C, D): GMC's graph-refined label embeddings, or H itself when GMC is off. It depends only on the
         label set, so evaluation computes it once per label set instead of once per batch."""
-        return self.gmc(H) if self.gmc is not None else H  # (C, D)
+        if self.gmc is None:
+            return H  # (C, D)
+        return self.gmc(H, self.config.gat_chunk if self.config.fast else None)  # (C, D)
 
     def score(self, g: torch.Tensor, patch: torch.Tensor, label_emb: torch.Tensor, G=None) -> SigRLOutput:
         """Scores of encoded images against one label set (Eq. 13). Evaluation encodes a batch once and
@@ -210,19 +237,21 @@ class SigRL(nn.Module):
         assert G is None or not self.training, "a precomputed G would skip GMC's dropout and gradients"
         B, P, D = patch.shape
 
-        # Eq. 13, global part: class token against the labels, L2-normalised over the classes of each image
+        # Eq. 13, global part: s_global[b,c] = <g[b], H[c]>, L2-normalised over the classes of each image
         glob = F.normalize(g @ H.T, dim=-1)  # (B, D) @ (D, C) -> (B, C)
         if cfg.global_only:
             return SigRLOutput(glob, None, glob, g)
 
+        chunk = cfg.class_chunk if cfg.fast else None  # the fast path or the plain one (module docstring)
         if self.vfr is None:
             M_hat = patch  # (B, P, D)
         else:
             G = self.label_graph(H) if G is None else G  # (C, D)
-            T = self.sda(patch, H, cfg.class_chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
-            M_hat = self.vfr(patch, T, G, cfg.class_chunk)  # (B, P, D)
+            T = self.sda(patch, H, chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
+            M_hat = self.vfr(patch, T, G, chunk)  # (B, P, D)
 
-        # Eq. 13, local part: mean of the k best patches per class, then normalised like the global part
+        # Eq. 13, local part: s_local[b,c] = mean of the top-k over p of <M_hat[b,p,:], H[c,:]>, normalised
+        # like the global part; then score = (s_local + s_global) / 2
         sim = M_hat @ H.T  # (B, P, D) @ (D, C) -> (B, P, C)
         local = sim.topk(min(cfg.topk, P), dim=1).values.mean(dim=1)  # (B, k, C) -> (B, C)
         local = F.normalize(local, dim=-1)  # (B, C)
@@ -256,10 +285,13 @@ if __name__ == "__main__":
     images, H = torch.randn(2, 3, 64, 64), torch.randn(10, 32)  # (B, 3, R, R), (C, D)
     with torch.no_grad():
         tokens = visual.forward_tokens(images) @ visual.proj  # (B, 1+P, D)
-        patch = tokens[:, 1:]
-        T = model.sda(patch, H, 4)
-        print("tokens @ proj", tuple(tokens.shape), "| G", tuple(model.gmc(H).shape), "| T", tuple(T.shape),
-              "| M_hat", tuple(model.vfr(patch, T, model.gmc(H), 4).shape))
-        out = model(images, H)
+        patch, G = tokens[:, 1:], model.gmc(H)  # (B, P, D), (C, D)
+        T = model.sda(patch, H)  # (B, C, D), the plain path
+        print("tokens @ proj", tuple(tokens.shape), "| G", tuple(G.shape), "| T", tuple(T.shape),
+              "| M_hat", tuple(model.vfr(patch, T, G).shape))
+        out = model(images, H)  # the fast path: 4 classes at a time
+        model.config.fast = False
+        plain = model(images, H)
     print({k: tuple(v.shape) for k, v in out._asdict().items()}, "| teacher_feat", tuple(model.teacher_feat(images).shape))
     print("scores[0]", out.scores[0])
+    print(f"fast vs plain path: largest score difference {(out.scores - plain.scores).abs().max():.1e}")

@@ -68,10 +68,10 @@ def test_label_embeddings(clip, names):
 @pytest.mark.parametrize("C", [1, 2, 9])
 def test_gat(C):
     H = torch.randn(C, D)  # (C, D)
-    layer1 = GATv2Layer(D, 32, heads=4, chunk=4)
-    assert layer1(H).shape == (C, 4 * 32)
-    assert GATv2Layer(4 * 32, D, heads=1, chunk=4)(layer1(H)).shape == (C, D)
-    assert GMC(D, heads=4, hidden=32, chunk=4)(H).shape == (C, D)
+    layer1 = GATv2Layer(D, 32, heads=4)
+    assert layer1(H).shape == layer1(H, chunk=4).shape == (C, 4 * 32)  # plain path, fast path
+    assert GATv2Layer(4 * 32, D, heads=1)(layer1(H), chunk=4).shape == (C, D)
+    assert GMC(D, heads=4, hidden=32)(H, chunk=4).shape == (C, D)
 
 
 @pytest.mark.parametrize("C", [1, 9])

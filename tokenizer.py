@@ -1,6 +1,6 @@
 """CLIP's byte-level BPE tokenizer, written from its description: standard library (+ torch for batches).
 
-Text -> ids in five steps (shared/clip_format.md section 5):
+Text -> ids in five steps (as openai/CLIP's clip/simple_tokenizer.py does them):
 
 1. Normalise: ftfy.fix_text (repairs mojibake, curly quotes, ligatures, fullwidth forms, control characters),
    html.unescape twice, collapse every run of Unicode White_Space to one space, strip, lowercase.

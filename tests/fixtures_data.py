@@ -1,4 +1,4 @@
-"""Tiny datasets in each REAL on-disk format (shared/datasets.md 1d and 2h), for the data, train and eval tests.
+"""Tiny datasets in each REAL on-disk format (README.md, 'Datasets'), for the data, train and eval tests.
 
   make_nuswide_h5(dir)    -> root      BiAM/MKT layout: h5 label files, name pickles, Concepts*.txt, label_emb.pt
   make_nuswide_raw(dir)   -> (root, expected)   the official release; `expected` = labels computed by hand
@@ -68,7 +68,7 @@ def _nus_world(n_train, n_test, seed):
 
 
 def make_nuswide_h5(dir, n_train=12, n_test=8, seed=0):
-    """<dir>/NUS_WIDE in the layout SigRL/MKT read (datasets.md 1a); returns its path."""
+    """<dir>/NUS_WIDE in the layout SigRL/MKT read (BiAM's h5 labels, MKT's pickles); returns its path."""
     root = os.path.join(dir, "NUS_WIDE")
     rel, train, test, tags, human, exp, rng = _nus_world(n_train, n_test, seed)
     for r in rel:
@@ -91,7 +91,7 @@ def make_nuswide_h5(dir, n_train=12, n_test=8, seed=0):
 
 
 def make_nuswide_raw(dir, n_train=12, n_test=8, seed=0):
-    """<dir>/NUS_WIDE as the official release (datasets.md 1b) -> (root, expected), where expected holds seen,
+    """<dir>/NUS_WIDE as the official release -> (root, expected), where expected holds seen,
     unseen, train_names, train_labels (N, 925), test_names, test_labels (M, 1006) computed here by hand."""
     root = os.path.join(dir, "NUS_WIDE")
     rel, train, test, tags, human, expected, rng = _nus_world(n_train, n_test, seed)
@@ -110,7 +110,7 @@ def make_nuswide_raw(dir, n_train=12, n_test=8, seed=0):
 
 
 def _train_rows(n):
-    """Rows that load_spml keeps for training out of n formatted rows (datasets.md 2d)."""
+    """Rows that load_spml keeps for training out of n formatted rows (Cole et al.'s generate_split)."""
     n_train = n - int(np.round(0.2 * n))
     return np.sort(np.random.RandomState(1200).permutation(n)[:n_train])
 

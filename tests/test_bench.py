@@ -1,6 +1,7 @@
-"""bench.py's building blocks at toy sizes: the dense reference equals our head (values and gradients), our head
-equals SigRL.forward, the FLOP count equals torch's FlopCounterMode, the encoders compared are the same maths,
-and the timing / memory helpers run. No timings are checked (those belong to the benchmark)."""
+"""bench.py's building blocks at toy sizes: our head equals SigRL.forward (its "dense" baseline is the same head on
+the plain path, equal to the fast one in tests/test_sigrl.py), the FLOP count equals
+torch's FlopCounterMode, the encoders compared are the same maths, and the timing / memory helpers run. No
+timings are checked (those belong to the benchmark)."""
 import copy
 
 import pytest
@@ -14,38 +15,6 @@ from vit import VisionConfig, VisionTransformer
 
 B, P, C, D = 2, 9, 11, 16  # toy sizes (bench.P, bench.D are the real ones)
 CPU = torch.device("cpu")
-
-
-def toy_head(**config):
-    torch.manual_seed(0)
-    return bench.head_model(dim=D, topk=4, class_chunk=3, **config).double().eval()
-
-
-def head_and_grads(head, model, patch, g, H):
-    patch, g = (x.detach().clone().requires_grad_(True) for x in (patch, g))
-    scores = head(model, patch, g, H)  # (B, C)
-    w = torch.randn(scores.shape, generator=torch.Generator().manual_seed(7), dtype=scores.dtype)
-    params = [p for module in (model.gmc, model.sda, model.vfr) for p in module.parameters()]
-    return scores, torch.autograd.grad((scores * w).sum(), [patch, g] + params)  # every one reached
-
-
-@pytest.mark.parametrize("classes", [1, C])
-def test_dense_head_equals_our_head(classes):
-    model = toy_head()
-    gen = torch.Generator().manual_seed(1)
-    patch, g, H = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((B, P, D), (B, D), (classes, D)))
-    ours, dense = (head_and_grads(h, model, patch, g, H) for h in (bench.our_head, bench.dense_head))
-    torch.testing.assert_close(ours[0], dense[0], rtol=1e-9, atol=1e-9)
-    for a, b in zip(ours[1], dense[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
-
-
-def test_dense_gatv2_equals_gat_layers():
-    model = toy_head()
-    H = torch.randn(C, D, dtype=torch.float64)
-    x = model.gmc.layer1(H)  # (C, K * O)
-    torch.testing.assert_close(bench.dense_gatv2(model.gmc.layer1, H), x, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(bench.dense_gatv2(model.gmc.layer2, x), model.gmc.layer2(x), rtol=1e-9, atol=1e-9)
 
 
 def test_our_head_equals_sigrl_forward():
@@ -104,11 +73,12 @@ def test_compare_times_the_compiled_head_too():
 
 
 def test_cpu_peak_memory_sees_the_dense_tensors():
-    """The memory process: dense holds several (B, P, C, D) fp32 tensors at once, ours one class chunk's worth."""
+    """The memory process: dense (the plain path) holds several (B, P, C, D) fp32 tensors at once (3 measured:
+    the product, the linear's output, the softmax), ours one class chunk's worth."""
     one = bench.P * 256 * bench.D * 4  # bytes of one (1, P, C, D) fp32 tensor at C = 256
     ours, dense = (bench.cpu_peak(dict(section="head", impl=impl, B=1, C=256, mode="fwd", dtype="fp32"))["peak_bytes"]
                    for impl in ("ours", "dense"))
-    assert 3 * one < dense < 12 * one and ours < dense / 3, (ours / one, dense / one)
+    assert 2 * one < dense < 12 * one and ours < dense / 3, (ours / one, dense / one)
 
 
 def test_markdown_handles_skipped_runs():

@@ -1,4 +1,5 @@
-"""GATv2 / GMC tests: parity with torch_geometric's GATv2Conv (the oracle), and chunked == unchunked."""
+"""GATv2 / GMC tests: both paths (plain, and fast = chunked under checkpoint) against torch_geometric's GATv2Conv
+(the oracle), and fast == plain in values and gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,14 @@ def pyg_twin(layer: GATv2Layer) -> GATv2Conv:
     return conv.double().eval()
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("C", [1, 2, 9, 40])
 @pytest.mark.parametrize("in_dim, out_dim, heads", [(24, 8, 4), (32, 24, 1)])
-def test_layer_matches_torch_geometric(C, in_dim, out_dim, heads):
+def test_layer_matches_torch_geometric(C, in_dim, out_dim, heads, chunk):
     torch.manual_seed(C)
-    layer = GATv2Layer(in_dim, out_dim, heads, dropout=0.0, chunk=7).double().eval()
+    layer = GATv2Layer(in_dim, out_dim, heads, dropout=0.0).double().eval()
     h = torch.randn(C, in_dim, dtype=torch.float64)
-    ours = layer(h)
+    ours = layer(h, chunk)
     assert ours.shape == (C, heads * out_dim)
     theirs = pyg_twin(layer)(h, complete_graph(C))
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
@@ -42,7 +44,7 @@ def test_layer_matches_torch_geometric_float32_default_init():
     H = torch.randn(30, 512)
     x1 = F.elu(pyg_twin(gmc.layer1).float()(H, complete_graph(30)))
     G = pyg_twin(gmc.layer2).float()(x1, complete_graph(30))
-    torch.testing.assert_close(gmc(H), G, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gmc(H, 16), G, rtol=1e-5, atol=1e-5)
 
 
 def test_heads_share_one_attention_vector():
@@ -52,22 +54,21 @@ def test_heads_share_one_attention_vector():
 
 
 def grads_of(layer, h, chunk, weight):
-    layer.chunk = chunk
     h = h.clone().requires_grad_(True)
     layer.zero_grad()
-    out = layer(h)
+    out = layer(h, chunk)
     (out * weight).sum().backward()
     return out.detach(), h.grad, [p.grad.clone() for p in layer.parameters()]
 
 
 @pytest.mark.parametrize("heads", [4, 1])
-def test_chunked_equals_unchunked(heads):
+def test_fast_equals_plain(heads):
     torch.manual_seed(1)
     C = 13
     layer = GATv2Layer(12, 6, heads, dropout=0.3).eval()
     h = torch.randn(C, 12)
     weight = torch.randn(C, heads * 6)
-    ref_out, ref_dh, ref_dp = grads_of(layer, h, C, weight)  # one chunk holding every row = unchunked
+    ref_out, ref_dh, ref_dp = grads_of(layer, h, None, weight)  # the plain path
     for chunk in [1, 2, 5, 12, C + 5]:
         out, dh, dp = grads_of(layer, h, chunk, weight)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -80,14 +81,14 @@ def test_gradients_with_dropout_are_exact():
     # Training mode: the backward pass recomputes each chunk, and must replay the dropout mask of forward.
     # Reseeding before every call makes the layer a fixed function, so finite differences check autograd.
     torch.manual_seed(2)
-    gmc = GMC(dim=6, heads=2, hidden=3, dropout=0.3, chunk=2).double().train()
+    gmc = GMC(dim=6, heads=2, hidden=3, dropout=0.3).double().train()
     H = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
 
     def seeded(H):
         torch.manual_seed(123)
-        return gmc(H)
+        return gmc(H, 2)
 
-    assert not torch.equal(seeded(H), gmc.eval()(H)), "dropout should be active in training mode"
+    assert not torch.equal(seeded(H), gmc.eval()(H, 2)), "dropout should be active in training mode"
     gmc.train()
     assert torch.autograd.gradcheck(seeded, (H,), eps=1e-6, atol=1e-6)
 

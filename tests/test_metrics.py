@@ -63,7 +63,7 @@ def test_spml_golden(path):
 # ----------------------------------------------------------------------------- worked example, sklearn
 
 def test_worked_example_stable_vs_tie_grouped():
-    """metrics_losses.md 1.2: ranked + - + - - +, first four tied, last two tied."""
+    """Where the two AP conventions part: ranked + - + - - +, first four tied, last two tied."""
     scores = np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1], dtype=np.float32)[:, None]  # (6, 1)
     labels = np.array([1, -1, 1, -1, -1, 1])[:, None]                             # (6, 1)
     assert nus_ap(scores, labels)[0] == pytest.approx((1 + 2 / 3 + 3 / 6) / 3, abs=1e-6)  # 0.7222

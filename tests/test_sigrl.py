@@ -1,5 +1,5 @@
-"""SigRL tests: the class-chunked SDA / VFR / head against a plain dense reference written here, score
-normalisation, the frozen teacher, ablation switches, determinism."""
+"""SigRL tests: the fast path (class chunks under checkpoint, optionally compiled) against sigrl's plain path,
+the reference code's Frobenius scaling, score normalisation, the frozen teacher, ablation switches, determinism."""
 import pytest
 import torch
 import torch.nn as nn
@@ -17,27 +17,9 @@ def tower():
     return VisionTransformer(VisionConfig(width=64, layers=1, patch=8, resolution=24, embed_dim=D))
 
 
-# ---- the dense reference: the maths of shared/sigrl_method.md, materialising (B, P, C, D) ----------------
-
-def dense_sda(fc_sda, patch, H):
-    A = fc_sda(torch.tanh(patch[:, :, None, :] * H[None, None]))  # (B, P, C, D)
-    alpha = torch.softmax(A, dim=1)  # over p
-    M = (alpha * patch[:, :, None, :]).sum(dim=1)  # (B, C, D)
-    # the reference code's Frobenius scaling, kept here to check that leaving it out changes nothing
-    Q = torch.relu(M.transpose(1, 2) @ H / (M.norm() * H.norm()))  # (B, D, D)
-    Q = Q / Q.norm(dim=2, keepdim=True).clamp_min(1e-12)
-    return M @ Q  # (B, C, D)
-
-
-def dense_vfr(vfr, patch, T, G):
-    O = vfr.fc_o(torch.cat([T, G.expand(T.shape[0], -1, -1)], dim=-1))  # (B, C, D)
-    A = vfr.fc_vfr(torch.tanh(patch[:, :, None, :] * O[:, None, :, :]))  # (B, P, C, D)
-    alpha = torch.softmax(A, dim=1)  # over p
-    return patch * alpha.sum(dim=2)  # (B, P, D), summed over the classes
-
-
-def dense_forward(model, images, H):
-    """(scores, local, glob) of `model`, computed without any chunking."""
+def plain_forward(model, images, H):
+    """(scores, local, glob) of `model`: its ablation switches and Eq. 13 written out here, around the plain
+    path of its modules (no chunking anywhere)."""
     cfg = model.config
     tokens = model.student.forward_tokens(images) @ model.student.proj
     g, patch = tokens[:, 0], tokens[:, 1:]
@@ -48,8 +30,8 @@ def dense_forward(model, images, H):
     M_hat = patch
     if cfg.vfr:
         G = model.gmc(H) if cfg.gmc else H
-        T = dense_sda(model.sda.fc_sda, patch, H) if cfg.sda else H.expand(len(images), -1, -1)
-        M_hat = dense_vfr(model.vfr, patch, T, G)
+        T = model.sda(patch, H) if cfg.sda else H.expand(len(images), -1, -1)
+        M_hat = model.vfr(patch, T, G)
     sim = torch.einsum("bpd,cd->bpc", M_hat, H)
     k = min(cfg.topk, patch.shape[1])
     s_local = sim.sort(dim=1, descending=True).values[:, :k].mean(dim=1)
@@ -93,47 +75,62 @@ def assert_same(a, b):
             torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5)
 
 
-# ---- chunked == dense ------------------------------------------------------------------------------------
+# ---- fast path == plain path ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_sda_chunked_equals_dense(chunk):
+def test_sda_fast_equals_plain(chunk):
     torch.manual_seed(0)
     sda = SDA(D).double()
     patch, H = torch.randn(B, 9, D, dtype=torch.float64), torch.randn(C, D, dtype=torch.float64)
     ours = value_and_grads(lambda p, h: sda(p, h, chunk), sda, patch, H)
-    ref = value_and_grads(lambda p, h: dense_sda(sda.fc_sda, p, h), sda, patch, H)
+    ref = value_and_grads(lambda p, h: sda(p, h), sda, patch, H)
     assert ours[0].shape == (B, C, D)
     assert_same(ours, ref)
 
 
+def test_sda_leaves_out_the_reference_frobenius_scaling_harmlessly():
+    """The reference computes ReLU(M^T H / (||M||_F ||H||_F)) before the row normalisation; SDA leaves the
+    positive scalar out. Written out here with it: the same T."""
+    torch.manual_seed(0)
+    sda = SDA(D).double()
+    patch, H = torch.randn(B, 9, D, dtype=torch.float64), torch.randn(C, D, dtype=torch.float64)
+    M = sigrl.decouple(sda.fc_sda, patch, H)  # (B, C, D)
+    Q = torch.relu(M.transpose(1, 2) @ H / (M.norm() * H.norm()))  # (B, D, D)
+    Q = Q / Q.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(sda(patch, H, 5), M @ Q, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_vfr_chunked_equals_dense(chunk):
+def test_vfr_fast_equals_plain(chunk):
     torch.manual_seed(0)
     vfr = VFR(D).double()
     patch, T, G = (torch.randn(*s, dtype=torch.float64) for s in [(B, 9, D), (B, C, D), (C, D)])
     ours = value_and_grads(lambda p, t, g: vfr(p, t, g, chunk), vfr, patch, T, G)
-    ref = value_and_grads(lambda p, t, g: dense_vfr(vfr, p, t, g), vfr, patch, T, G)
+    ref = value_and_grads(lambda p, t, g: vfr(p, t, g), vfr, patch, T, G)
     assert ours[0].shape == (B, 9, D)
     assert_same(ours, ref)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_model_chunked_equals_dense(chunk):
-    model = make_model(class_chunk=chunk)
+def test_model_fast_equals_plain(chunk):
+    model = make_model(class_chunk=chunk, gat_chunk=chunk)
     images, H = inputs()
     ours = value_and_grads(lambda x, h: torch.stack(model(x, h)[:3]), model, images, H)
-    ref = value_and_grads(lambda x, h: torch.stack(dense_forward(model, x, h)), model, images, H)
+    ref = value_and_grads(lambda x, h: torch.stack(plain_forward(model, x, h)), model, images, H)
+    plain = make_model(fast=False)  # the same weights (same seed), the one switch off
+    by_switch = value_and_grads(lambda x, h: torch.stack(plain(x, h)[:3]), plain, images, H)
     assert_same(ours, ref)
+    assert_same(ours, by_switch)
 
 
-def test_compiled_heads_equal_dense():
+def test_compiled_heads_equal_plain():
     """SigRL.compile_heads runs the same maths through torch.compile (chunk 5 of C = 13: two chunk shapes)."""
     model = make_model(class_chunk=5).compile_heads()
     images, H = inputs()
     ours = value_and_grads(lambda x, h: torch.stack(model(x, h)[:3]), model, images, H)
-    ref = value_and_grads(lambda x, h: torch.stack(dense_forward(model, x, h)), model, images, H)
+    ref = value_and_grads(lambda x, h: torch.stack(plain_forward(model, x, h)), model, images, H)
     assert model.sda.fused and model.vfr.fused and "fused" not in str(model.state_dict().keys())
-    assert sigrl._fused.cache_info().currsize == 2  # both chunk bodies went through torch.compile
+    assert sigrl.compiled.cache_info().currsize == 2  # both chunk functions went through torch.compile
     assert_same(ours, ref)
 
 
@@ -146,7 +143,7 @@ def test_linear_layers_as_in_the_reference_code():
 
 def test_no_dense_tensor_is_saved_for_backward():
     # With checkpointed chunks, autograd keeps no (B, P, c, D) tensor at all after SDA/VFR's forward pass:
-    # only chunk inputs and (B, C, D)-sized results. The dense code keeps several (B, P, C, D) ones.
+    # only chunk inputs and (B, C, D)-sized results. The plain path keeps several (B, P, C, D) ones.
     torch.manual_seed(0)
     sda, vfr = SDA(D), VFR(D)
     P = 9
@@ -162,7 +159,7 @@ def test_no_dense_tensor_is_saved_for_backward():
     assert saved and not [s for s in saved if len(s) == 4], saved
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        dense_vfr(vfr, patch, dense_sda(sda.fc_sda, patch, H), H)
+        vfr(patch, sda(patch, H), H)
     assert (B, P, C, D) in saved  # the hook does see a dense tensor when there is one
 
 
@@ -236,7 +233,7 @@ def test_ablations(switches, built):
     model = make_model(**switches)
     assert {n for n in ("gmc", "sda", "vfr") if getattr(model, n) is not None} == set(built)
     out = model(images, H)
-    scores, local, glob = dense_forward(model, images, H)
+    scores, local, glob = plain_forward(model, images, H)
     torch.testing.assert_close(out.scores, scores)
     assert not torch.allclose(out.scores, full)
     if switches.get("global_only"):

@@ -1,5 +1,5 @@
 """Tests for tokenizer.py: ids equal open_clip's (the oracle) on every label name and on hand-made hard cases;
-facts from shared/clip_format.md section 5; the ftfy fallback; the BPE learner/writer; find_bpe."""
+facts of openai/CLIP's simple_tokenizer.py; the ftfy fallback; the BPE learner/writer; find_bpe."""
 import gzip
 import hashlib
 import importlib.util

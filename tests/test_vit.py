@@ -10,7 +10,7 @@ from fixtures_clip import randomize_
 from vit import (Attention, CheckpointError, Transformer, VisionConfig, VisionTransformer, infer_vision_config,
                  load_timm_vit)
 
-ATOL = RTOL = 1e-4  # clip_format.md section 2: independent fp32 implementations agree to ~3e-6
+ATOL = RTOL = 1e-4  # independent fp32 implementations of CLIP agree to ~3e-6
 
 
 def explicit_attention(attn, x, mask=None):
