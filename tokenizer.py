@@ -39,7 +39,6 @@ Shapes: N texts, L context length (77).
 import functools
 import gzip
 import html
-import importlib.util
 import itertools
 import os
 import re
@@ -55,6 +54,7 @@ except ImportError:
     ftfy = None
 
 BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+OFFICIAL_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 OFFICIAL_VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
 SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
@@ -297,8 +297,14 @@ def write_bpe(path, merges) -> None:
 
 
 # --- finding the vocabulary file --------------------------------------------------------------------------
+# The official merges ship with this repository (vocab/, MIT licence of openai/CLIP, see vocab/LICENSE), so
+# CLIP's tokenizer needs no download, no environment variable and no other package.
+SHIPPED_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", BPE_NAME)
+BPE_SOURCE = f"https://github.com/openai/CLIP/raw/main/clip/{BPE_NAME}"
+
+
 def find_bpe(path=None) -> str:
-    """The BPE file: `path` if given, else $SIGRL_BPE if set, else the copy inside the installed open_clip.
+    """The BPE file: `path` if given, else $SIGRL_BPE if set, else the official one shipped in vocab/.
 
     A place that is named (argument or variable) but missing is an error, never a silent fallback: a custom
     vocabulary must not be replaced by the official one.
@@ -308,16 +314,11 @@ def find_bpe(path=None) -> str:
     elif os.environ.get("SIGRL_BPE"):
         path, tried = os.environ["SIGRL_BPE"], f"$SIGRL_BPE={os.environ['SIGRL_BPE']!r}"
     else:
-        spec = importlib.util.find_spec("open_clip")  # finds the package without importing it
-        if spec is not None and spec.submodule_search_locations:
-            path = os.path.join(list(spec.submodule_search_locations)[0], BPE_NAME)
-            tried = f"no argument, $SIGRL_BPE unset, open_clip package ({path})"
-        else:
-            tried = "no argument, $SIGRL_BPE unset, open_clip not installed"
-    if path is not None and os.path.isfile(path):
+        path, tried = SHIPPED_BPE, f"the copy shipped with this repository, {SHIPPED_BPE}"
+    if os.path.isfile(path):
         return str(path)
-    raise FileNotFoundError(f"CLIP BPE vocabulary not found (tried: {tried}); get {BPE_NAME} from the "
-                            f"openai/CLIP repository (clip/{BPE_NAME}) or `pip install open_clip_torch`")
+    raise FileNotFoundError(f"CLIP BPE vocabulary not found (tried: {tried}); the official {BPE_NAME} is "
+                            f"{BPE_SOURCE} (sha256 {OFFICIAL_BPE_SHA256})")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 facts of openai/CLIP's simple_tokenizer.py; the ftfy fallback; the BPE learner/writer; find_bpe."""
 import gzip
 import hashlib
-import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,8 @@ from tokenizer import Tokenizer, find_bpe, learn_bpe, normalize, pretokenize, to
 
 open_clip = pytest.importorskip("open_clip")
 
-LABEL_DIR = Path(__file__).resolve().parent.parent / "labels"
+REPO = str(Path(__file__).resolve().parent.parent)
+LABEL_DIR = Path(REPO) / "labels"
 TEMPLATES = ["{}", "There is a {} in the scene", "a photo of a {}."]
 ASCII_CASES = [
     "1,000", "3.14 x 10", "it's", "don't", "we'll they'd you're I'm I've", "_-", "snake_case", "__init__",
@@ -192,9 +193,12 @@ def test_learn_write_round_trip(tmp_path):
 def test_find_bpe(tmp_path, monkeypatch):
     monkeypatch.delenv("SIGRL_BPE", raising=False)
     default = find_bpe()
-    assert default.endswith(tokenizer.BPE_NAME)
-    assert hashlib.sha256(Path(default).read_bytes()).hexdigest() == (
-        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a")
+    assert default == tokenizer.SHIPPED_BPE and os.path.dirname(default) == os.path.join(REPO, "vocab")
+    shipped = hashlib.sha256(Path(default).read_bytes()).hexdigest()
+    assert shipped == tokenizer.OFFICIAL_BPE_SHA256
+    # the copy inside open_clip is an independent one of the same official file
+    assert shipped == hashlib.sha256((Path(open_clip.__file__).parent / tokenizer.BPE_NAME).read_bytes()).hexdigest()
+    assert "MIT License" in (Path(REPO) / "vocab" / "LICENSE").read_text()
 
     path = tmp_path / "mine.txt.gz"
     write_bpe(path, [("a", "b")])
@@ -207,11 +211,11 @@ def test_find_bpe(tmp_path, monkeypatch):
         with pytest.raises(FileNotFoundError, match=match) as err:
             find_bpe(*args)
         message = str(err.value)
-        assert "\n" not in message and "openai/CLIP" in message and "open_clip_torch" in message
+        assert "\n" not in message and tokenizer.BPE_SOURCE in message and tokenizer.OFFICIAL_BPE_SHA256 in message
 
     one_line_error(tmp_path / "gone.gz", match="argument .*gone.gz")
     monkeypatch.setenv("SIGRL_BPE", str(tmp_path / "gone.gz"))
     one_line_error(match=r"\$SIGRL_BPE=.*gone.gz")
     monkeypatch.delenv("SIGRL_BPE")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    one_line_error(match="open_clip not installed")
+    monkeypatch.setattr(tokenizer, "SHIPPED_BPE", str(tmp_path / "deleted" / tokenizer.BPE_NAME))
+    one_line_error(match="shipped with this repository")
