@@ -1,17 +1,25 @@
-"""A CLIP checkpoint file on disk -> a `clip_text.CLIP` in fp32: reading, diagnosing, hashing, vocabulary.
+"""A CLIP checkpoint on disk -> a `clip_text.CLIP` in fp32: finding the weights, reading, diagnosing, hashing.
 
     python clip_files.py ViT-B-16.pt "a photo of a dog."     # config, sha256 and text embedding norms
 
-Formats read today:
-  - OpenAI's release (ViT-B-16.pt): a TorchScript archive (a zip) whose state dict is partly fp16 and holds
-    three int entries (input_resolution, context_length, vocab_size) beside the weights.
+What `load_clip(path)` reads (renaming other layouts to OpenAI's keys is clip_convert.py's job):
+  - OpenAI's release, ViT-B-16.pt (`OFFICIAL_URL`): a TorchScript archive (a zip) whose state dict is partly
+    fp16 and holds three int entries (input_resolution, context_length, vocab_size) beside the weights.
   - A plain torch.save state dict with OpenAI's key names (fp32, fp16 or mixed), e.g. the committed toyclip.
-Each format ends as {OpenAI key: fp32 tensor}; `load_clip` infers the configuration from the shapes
-(CLIPConfig.from_state_dict) and checks the keys strictly. A file that is not one of these gets ONE line
-naming it and saying what it is instead (empty, truncated zip, a ResNet CLIP, not a CLIP at all, ...).
+    It is read as OpenAI's architecture (QuickGELU), as openai/CLIP's build_model reads any state dict,
+    unless an open_clip_config.json beside it says otherwise.
+  - A transformers CLIPModel folder (config.json + model.safetensors or pytorch_model.bin; the hub's
+    openai/clip-vit-base-patch16), or either weights file in it.
+  - open_clip: its hub folder (open_clip_config.json + open_clip_model.safetensors or
+    open_clip_pytorch_model.bin; e.g. LAION's laion/CLIP-ViT-B-16-laion2B-s34B-b88K, GELU), or a training
+    checkpoint (epoch_N.pt) with the model's open_clip_config.json beside it.
+Each ends as {OpenAI key: fp32 tensor} plus what shapes cannot tell (activation, head counts); `load_clip`
+infers the rest of the configuration from the shapes and checks the keys strictly. A path that is none of
+these gets ONE line naming it and saying what it is instead (empty, truncated zip, a ResNet CLIP, ...).
 """
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import sys
@@ -20,9 +28,19 @@ import zipfile
 
 import torch
 
+from clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
 from clip_text import CLIP, OFFICIAL_VOCAB, CLIPConfig
+from tokenizer import find_bpe
 from vit import CheckpointError, check_keys
 
+# openai/CLIP's model list (clip/clip.py, _MODELS["ViT-B/16"]); the path holds the file's sha256.
+OFFICIAL_SHA256 = "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
+OFFICIAL_URL = f"https://openaipublic.azureedge.net/clip/models/{OFFICIAL_SHA256}/ViT-B-16.pt"
+WHERE = (f"OpenAI's ViT-B-16.pt, {OFFICIAL_URL} (sha256 {OFFICIAL_SHA256}), a transformers CLIPModel folder "
+         f"such as the Hugging Face hub's openai/clip-vit-base-patch16, or an open_clip checkpoint")
+# folder layouts: (config file, weights files in order of preference)
+OPEN_CLIP_FOLDER = ("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+TRANSFORMERS_FOLDER = ("config.json", ("model.safetensors", "pytorch_model.bin"))
 INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")  # int scalars in OpenAI's file, not weights
 # Keys the configuration is inferred from; a file without any of them is not a CLIP checkpoint at all.
 STRUCTURAL = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
@@ -53,37 +71,94 @@ def _unreadable(path, err):
     return f"not a TorchScript archive or a torch.save state dict ({type(err).__name__}: {first})"
 
 
-def read_state_dict(path):
-    """OpenAI's file (TorchScript archive) or a plain state dict -> {key: fp32 tensor}, int entries dropped."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: file not found (expected a CLIP checkpoint such as ViT-B-16.pt)")
-    kind = "TorchScript archive"
+def find_weights(path):
+    """The weights file `path` names: the file itself, or the open_clip / transformers weights in a folder."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: file not found (expected a CLIP checkpoint: {WHERE})")
+    for config, weights in (OPEN_CLIP_FOLDER, TRANSFORMERS_FOLDER):
+        found = [w for w in weights if os.path.isfile(os.path.join(path, w))]
+        if os.path.isfile(os.path.join(path, config)) and found:
+            return os.path.join(path, found[0])
+    raise CheckpointError(f"{path}: a folder, but neither a transformers CLIPModel folder ({TRANSFORMERS_FOLDER[0]} "
+                          f"with {' or '.join(TRANSFORMERS_FOLDER[1])}) nor an open_clip one ({OPEN_CLIP_FOLDER[0]} "
+                          f"with {' or '.join(OPEN_CLIP_FOLDER[1])})")
+
+
+def read_file(path):
+    """(what the file holds, its kind): a .safetensors file, a TorchScript archive or a torch.save file."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file  # optional: only these files need it
+        except ImportError:
+            raise CheckpointError(f"{path}: reading .safetensors needs the safetensors package (pip install "
+                                  f"safetensors), or give the .bin weights file instead") from None
+        try:
+            return load_file(path), "safetensors file"
+        except Exception as err:  # its own SafetensorError, OSError, ...
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
+                                  f"{str(err)[:100]})") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit; OpenAI ships it
             # A path, not a reused handle: openai/CLIP's clip.load reuses one that jit.load has read to its end,
             # so its torch.load fallback fails (EOFError) on plain state dicts with current torch.
             # map_location: a file traced on a GPU carries cuda:0 storages.
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
+            return torch.jit.load(path, map_location="cpu").state_dict(), "TorchScript archive"
     except RuntimeError:  # not TorchScript: a plain state dict, or garbage
-        kind = "state dict"
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True), "state dict"
         except Exception as err:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError, ...)
             raise CheckpointError(f"{path}: {_unreadable(path, err)}") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{path}: expected a CLIP state dict (dict of tensors), got {type(sd).__name__}")
-    sd = {k: v.float() for k, v in sd.items() if k not in INT_ENTRIES}  # partly fp16 in the file
+
+
+def _json(path, weights, why):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{weights}: {why}, but there is no {os.path.basename(path)} beside it")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def read_state_dict(path):
+    """Any supported checkpoint -> ({OpenAI key: fp32 tensor}, Arch, the weights file it came from)."""
+    weights = find_weights(str(path))
+    obj, kind = read_file(weights)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{weights}: expected a CLIP state dict (dict of tensors), got {type(obj).__name__}")
+    folder = os.path.dirname(weights)
+    if kind == "TorchScript archive":
+        sd, arch = obj, Arch()  # OpenAI's release: QuickGELU, heads = width // 64
+    elif any(k.startswith(("text_model.", "vision_model.")) for k in obj):
+        config = _json(os.path.join(folder, TRANSFORMERS_FOLDER[0]), weights,
+                       "transformers' layout, whose activation and head counts are in config.json")
+        sd, arch = from_transformers(obj, config, weights)
+    else:
+        sd, config = unwrap_open_clip(obj), os.path.join(folder, OPEN_CLIP_FOLDER[0])
+        if os.path.isfile(config):
+            arch = open_clip_arch(_json(config, weights, "").get("model_cfg", {}), config)
+        elif isinstance(obj.get("state_dict"), dict):
+            raise CheckpointError(f"{weights}: an open_clip training checkpoint records no activation (GELU or "
+                                  f"QuickGELU); put the model's {OPEN_CLIP_FOLDER[0]} beside it "
+                                  f"({{\"model_cfg\": open_clip's model_configs/<model>.json}})")
+        else:
+            arch = Arch()  # OpenAI's names: read as OpenAI's architecture, as openai/CLIP's build_model does
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{weights}: expected a CLIP state dict (dict of tensors), got other values too")
+    sd = {k: v.float() for k, v in sd.items() if k not in INT_ENTRIES}  # partly fp16 in OpenAI's file
     if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
-        raise CheckpointError(f"{path}: only ViT CLIP checkpoints are supported (this one has a ResNet visual tower)")
+        raise CheckpointError(f"{weights}: only ViT CLIP checkpoints are supported (this one has a ResNet visual tower)")
     missing = [k for k in STRUCTURAL if k not in sd]
     if len(missing) == len(STRUCTURAL):
         found = ", ".join(list(sd)[:3]) or "nothing"
-        raise CheckpointError(f"{path}: {kind} is not a CLIP model (expected keys such as {STRUCTURAL[0]}, "
+        raise CheckpointError(f"{weights}: {kind} is not a CLIP model (expected keys such as {STRUCTURAL[0]}, "
                               f"{STRUCTURAL[2]}; found {found}; {len(sd)} keys)")
     if missing:
-        check_keys(sd, set(sd) | set(missing), path)  # names the missing keys, in the strict check's words
-    return sd
+        check_keys(sd, set(sd) | set(missing), weights)  # names the missing keys, in the strict check's words
+    return sd, arch, weights
 
 
 def bpe_for(path, vocab_size, bpe=None):
@@ -103,22 +178,30 @@ def bpe_for(path, vocab_size, bpe=None):
 
 
 def load_clip(path, bpe=None):
-    """A CLIP checkpoint file -> CLIP in fp32, eval mode, with .source, .sha256 and a matching .tokenizer.
+    """A CLIP checkpoint (file or folder) -> CLIP in fp32, eval mode, with .source, .sha256 (of the weights
+    file) and a matching .tokenizer.
 
     Every failure is a CheckpointError whose one-line message names the file and what was expected.
     """
     path = str(path)
-    sd = read_state_dict(path)
+    if not path:
+        raise CheckpointError(f"no CLIP checkpoint given (--clip PATH); expected {WHERE}")
+    sd, arch, weights = read_state_dict(path)
+    config = CLIPConfig.from_state_dict(sd, arch.quick_gelu, arch.vision_heads, arch.text_heads)
     with torch.device("meta"):  # shapes only: random init of 150M numbers would be thrown away
-        model = CLIP(CLIPConfig.from_state_dict(sd))
-    check_keys(sd, model.state_dict(), path)
+        model = CLIP(config)
+    check_keys(sd, model.state_dict(), weights)
     try:
         model.load_state_dict(sd, assign=True)  # the parameters become the loaded fp32 tensors
     except RuntimeError as err:  # shapes that disagree with the inferred configuration
         detail = " ".join(str(err).split())[:200]
-        raise CheckpointError(f"{path}: tensor shapes do not fit one CLIP configuration ({detail})") from None
-    model.source, model.sha256 = path, file_sha256(path)
-    model.bpe = bpe_for(path, model.config.vocab_size, bpe)
+        raise CheckpointError(f"{weights}: tensor shapes do not fit one CLIP configuration ({detail})") from None
+    model.source, model.sha256 = path, file_sha256(weights)
+    model.bpe = bpe_for(weights, model.config.vocab_size, bpe)
+    try:
+        find_bpe(model.bpe)  # a missing vocabulary fails here, in one line, not at the first tokenization
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     return model.eval()
 
 

@@ -39,21 +39,25 @@ class CLIPConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int | None = None  # None -> text_width // 64, as OpenAI's build_model
+    quick_gelu: bool = True  # both towers; OpenAI's CLIP: QuickGELU, open_clip's LAION models: exact GELU
 
     def __post_init__(self):
         if self.text_heads is None:
             self.text_heads = self.text_width // 64
         assert self.vision.embed_dim == self.embed_dim, "visual proj must map into the joint embedding"
+        assert self.vision.quick_gelu == self.quick_gelu, "both towers use the same activation"
 
     @classmethod
-    def from_state_dict(cls, sd):
-        """Everything from tensor shapes, by OpenAI's build_model rules; heads = width // 64 in both towers."""
+    def from_state_dict(cls, sd, quick_gelu=True, vision_heads=None, text_heads=None):
+        """Everything else from tensor shapes, by OpenAI's build_model rules (heads = width // 64 in both towers
+        unless given: the activation and the head counts are the two things shapes cannot tell)."""
         vision = infer_vision_config({k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")})
         embed_dim = sd["text_projection"].shape[1]
         text_blocks = {k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}
-        return cls(vision=replace(vision, embed_dim=embed_dim), embed_dim=embed_dim,
-                   context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                   text_width=sd["ln_final.weight"].shape[0], text_layers=len(text_blocks))
+        return cls(vision=replace(vision, embed_dim=embed_dim, quick_gelu=quick_gelu, heads=vision_heads),
+                   embed_dim=embed_dim, context_length=sd["positional_embedding"].shape[0],
+                   vocab_size=sd["token_embedding.weight"].shape[0], text_width=sd["ln_final.weight"].shape[0],
+                   text_layers=len(text_blocks), text_heads=text_heads, quick_gelu=quick_gelu)
 
 
 class CLIP(nn.Module):
@@ -65,7 +69,7 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(c.vision)
         self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(c.context_length, c.text_width))  # (L, Wt)
-        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.quick_gelu)
         self.ln_final = nn.LayerNorm(c.text_width)
         self.text_projection = nn.Parameter(c.text_width ** -0.5 * torch.randn(c.text_width, c.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -11,6 +11,7 @@ The open_clip model that made a file is its *oracle*: it holds exactly the numbe
 Imports open_clip, so it is for tests only, never for the runtime.
 """
 import copy
+import math
 import os
 import warnings
 import zipfile
@@ -65,11 +66,33 @@ def fp16_subset(model):
     return model.fp16_names
 
 
-def build_oracle(size="tiny", seed=0):
-    """An open_clip CLIP (QuickGELU, eval, fp32) whose fp16-subset values are exactly representable in fp16."""
+def random_model(build, seed=0):
+    """build() with every parameter drawn by randomize_, without paying for the library's own initialisation.
+
+    At full size the library's random init (150M numbers, several passes) costs several times randomize_,
+    which overwrites it anyway; so the model is built on the meta device and given fresh memory. Buffers are
+    not parameters: each is recomputed here from its definition, and an unknown one stops the test.
+    """
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("position_ids"):  # transformers: the position index of each token / patch
+                buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+            elif name == "attn_mask":  # open_clip: the causal mask, -inf above the diagonal
+                buf.copy_(torch.full(buf.shape, float("-inf")).triu(1))
+            else:
+                raise AssertionError(f"buffer {name}: say here how it is computed")
+        model.logit_scale.fill_(math.log(1 / 0.07))  # CLIP's initial value; randomize_ leaves it alone
+    return randomize_(model, seed)
+
+
+def build_oracle(size="tiny", seed=0, quick_gelu=True):
+    """An open_clip CLIP (eval, fp32) whose fp16-subset values are exactly representable in fp16."""
     embed_dim, vision_cfg, text_cfg = SIZES[size]
-    # randomize_ overwrites open_clip's init with its own seeded generator: the global RNG is left alone
-    model = randomize_(CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=True), seed)
+    # randomize_ draws with its own seeded generator: the global RNG is left alone
+    model = random_model(lambda: CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu), seed)
     fp16_subset(model)  # rounds through fp16 in place, so oracle numbers == checkpoint numbers
     return model.eval()
 
