@@ -275,7 +275,8 @@ def check_images(paths, workers=8):
     The caller reports len(bad) and a few of them once, then drops them: no crash hours into an epoch,
     no silent black image."""
     paths, reasons = list(paths), []
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc="checking images", unit="img") as bar:
+    bar = tqdm(total=len(paths), desc="checking images", unit="img", disable=None)  # None: no bar unless a tty
+    with ThreadPoolExecutor(workers) as pool, bar:
         for s in range(0, len(paths), 4096):  # in blocks: 270k paths never mean 270k pending futures
             reasons += pool.map(_unreadable, paths[s:s + 4096])
             bar.update(len(paths[s:s + 4096]))

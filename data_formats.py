@@ -67,7 +67,7 @@ def _read_h5_labels(path, names, cols):
     labels = np.empty((len(names), cols), np.int8)  # (N, cols)
     try:
         with h5py.File(path, "r") as f:
-            for i, name in enumerate(tqdm(names, desc=os.path.basename(path), unit="img")):
+            for i, name in enumerate(tqdm(names, desc=os.path.basename(path), unit="img", disable=None)):
                 ds = f.get(name + "-labels")
                 row = None if ds is None else np.asarray(ds[()]).reshape(-1)  # (cols,) int8 in BiAM's files
                 if row is None or row.shape != (cols,) or not np.isin(row, (-1, 0, 1)).all():
@@ -130,7 +130,7 @@ def read_raw_release(root):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as f:  # whitespace split: tabs and a trailing separator are fine
         tags = [_bits(line.split(), path, f"row {i + 1}", len(taglist)) for i, line in
-                enumerate(tqdm(f, total=len(every), desc="AllTags1k.txt", unit="img")) if line.strip()]
+                enumerate(tqdm(f, total=len(every), desc="AllTags1k.txt", unit="img", disable=None)) if line.strip()]
     if len(tags) != len(every):
         raise DataError(f"{path}: {len(tags)} rows, expected {len(every)} (one per line of Imagelist.txt)")
     tags = np.stack(tags)  # (A, 1000) 0/1

@@ -11,7 +11,6 @@ micro top-3 / top-5 precision, recall, F1. SPML (Tables II-III): mAP of sigmoid(
 labels, precision / recall @1, @3, @5 averaged over images, and a derived F1. All figures in percent.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -41,7 +40,7 @@ def predict(paths, transform, encode, scorers, device, batch_size, workers, desc
                                          shuffle=False, num_workers=workers)
     out = {name: [] for name in scorers}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for images, _, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, _, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         with autocast:
             features = encode(images.to(device, non_blocking=True))
             for name, score in scorers.items():
@@ -121,13 +120,6 @@ def format_epoch(record):
     figures = " | ".join(f"{name} mAP {m['map']:.2f} F1@3 {m['f1@3']:.2f}"
                          for name, m in record.items() if isinstance(m, dict) and "map" in m)
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
-
-
-def write_json(results, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -229,7 +221,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        write_json(results, args.json)
+        runs.write_json(results, args.json)
     return 0
 
 

@@ -6,12 +6,20 @@ else: the checkpoint carries the config, the label names and their embeddings, t
 normalisation, the model's shapes, the optimiser, the RNG state and the epoch.
 """
 import argparse
+from datetime import datetime
+import hashlib
+import json
 import os
+import platform
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
 import torch
+import torchvision
 
+from clip_files import OFFICIAL_SHA256, WHERE
 from data import IMAGENET_MEAN, IMAGENET_STD
 from losses import SPML_DEFAULTS
 from sigrl import SigRL, SigRLConfig
@@ -42,7 +50,8 @@ class Config:
                            "the dataset folder is read-only)")
     voc_year: str = _f("2012", "VOC release: 2012 (as the reference code) or 2007 (the paper's counts)",
                        choices=["2012", "2007"])
-    clip: str = _f("", "CLIP checkpoint: the official ViT-B-16.pt or a plain state dict")
+    clip: str = _f("", "CLIP checkpoint: OpenAI's ViT-B-16.pt, a transformers CLIPModel folder or an open_clip "
+                       "checkpoint (README: 'Getting the files')")
     out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
     overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
@@ -94,16 +103,36 @@ PRESETS = {
 RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile"}
 
 
+def _shown(value):
+    return {True: "on", False: "off", "": "''"}.get(value, value) if isinstance(value, (bool, str)) else value
+
+
+def presets_table():
+    """The defaults that depend on --task/--data, one row per flag and one column per preset (for --help)."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    keys = [name for name in defaults if any(name in preset for preset in PRESETS.values())]
+    columns = [f"{task}/{data}" for task, data in PRESETS]
+    rows = [["--" + k.replace("_", "-"), *(str(_shown(PRESETS[p].get(k, defaults[k]))) for p in PRESETS)]
+            for k in keys]
+    widths = [max(len(r[i]) for r in rows + [["flag", *columns]]) for i in range(len(columns) + 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [["flag", *columns]] + rows]
+    return "\n".join("  " + line for line in lines)
+
+
 def parser():
     p = argparse.ArgumentParser(
         description="Train SigRL. With no arguments: zero-shot multi-label recognition on the offline toy "
                     "world with its tiny CLIP (a few minutes on a laptop CPU).",
-        epilog="Presets: --task/--data pick the paper's recipe for that table; any flag overrides it. "
-               "See README.md for the command behind each table of the paper.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Defaults that depend on the preset (--task/--data pick the paper's recipe for that table; any\n"
+               "flag overrides it; --workers: min(8, CPU count) on this machine):\n\n" + presets_table() +
+               "\n\n--clip and --data-root are needed for nuswide, coco and voc (README: 'Reproducing the paper',\n"
+               "'Datasets'); --data toy reads toyclip/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    varies = {k for preset in PRESETS.values() for k in preset}
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        kw = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        default = "per preset, see below" if f.name in varies else _shown(f.default)
+        kw = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if f.type is bool or f.type == "bool":
@@ -165,12 +194,54 @@ def pick_device(name):
     return torch.device(name)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- run files
 def save_checkpoint(obj, path):
     """Write atomically (temporary file, then rename): a crash mid-write never leaves half a last.pt."""
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    """JSON, written atomically as save_checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_record(cfg, clip, names, n_train, n_train_images, device):
+    """RUN_DIR/config.json: what the run used, readable without torch. The label-set hash is the sha256 of
+    the label names in column order, one per line, so two runs scored the same columns iff they agree."""
+    return {
+        "command": " ".join(sys.argv),
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "config": {k: v for k, v in asdict(cfg).items()},
+        "clip": {"path": os.path.abspath(clip.source), "sha256": clip.sha256,
+                 "official_openai_vit_b16": clip.sha256 == OFFICIAL_SHA256,
+                 "architecture": asdict(clip.config)},
+        "labels": {"count": len(names), "train": n_train,
+                   "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()},
+        "train_images": n_train_images,
+        "device": str(device),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "numpy": np.__version__,
+                     "cuda": torch.version.cuda},
+    }
+
+
+def write_run_record(record, out, resuming):
+    """config.json at the start of a run; a resumed run keeps the first record and appends when and how it
+    was continued (device and versions may differ between invocations)."""
+    path = os.path.join(out, "config.json")
+    if resuming and os.path.isfile(path):
+        with open(path) as f:
+            first = json.load(f)
+        keep = ("command", "started", "device", "versions")
+        first.setdefault("resumed", []).append({k: record[k] for k in keep})
+        record = first
+    write_json(record, path)
 
 
 def make_checkpoint(cfg, model, opt, state, rng, metrics, names, n_train, label_emb):

@@ -121,7 +121,10 @@ def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train,
     model.train()
     totals, n_batches = {}, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (a redirected log gets the one line per epoch
+    # that run() prints, not thousands of carriage-return updates)
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               disable=None)
     for images, labels, index in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if cfg.task == "zsl":
@@ -215,12 +218,12 @@ def run(cfg, baseline=True):
     else:
         fixed = encode_labels(clip, tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
         label_emb_fn = lambda: fixed  # noqa: E731
+    train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
+                          build_transform(cfg.task, True, model.student.resolution))
+    record = runs.run_record(cfg, clip, names, n_train, len(train_set), device)
     clip_sha256 = clip.sha256
     del clip
     model.to(device)
-
-    train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
-                          build_transform(cfg.task, True, model.student.resolution))
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
     state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": clip_sha256}
     if cfg.task == "spml":
@@ -234,6 +237,7 @@ def run(cfg, baseline=True):
         set_rng_state(resume["rng"])
         print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
     os.makedirs(cfg.out, exist_ok=True)
+    runs.write_run_record(record, cfg.out, resuming=resume is not None)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "

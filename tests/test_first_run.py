@@ -1,12 +1,21 @@
 """A researcher's first run: a CLIP file with the official 49,408-token vocabulary, in an environment that
 holds only requirements.txt (no open_clip, ftfy, transformers, h5py, ... and no $SIGRL_BPE), trains a step
-and scores the zero-shot baseline."""
+and scores the zero-shot baseline; the run folder says what it used (config.json); --help shows every
+default; a forgotten --clip is named."""
+import hashlib
+import json
 import os
+import platform
 import subprocess
 import sys
 
+import torch
+
 import fixtures_clip
 import fixtures_data
+import runs
+import train
+from clip_files import OFFICIAL_URL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Installed here for the tests (requirements-dev.txt), absent after `pip install -r requirements.txt`.
@@ -43,3 +52,40 @@ def test_full_vocabulary_clip_trains_with_requirements_txt_only(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exit codes [0, 0] dev-only modules loaded: []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "run" / "last.pt").exists() and os.listdir(tmp_path / "cache")
+    # output captured = not a terminal: no progress bars, one line per epoch
+    assert "\r" not in proc.stderr + proc.stdout and "it/s" not in proc.stderr, proc.stderr[-2000:]
+    assert sum(line.startswith("epoch 1:") for line in proc.stdout.splitlines()) == 1
+
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    names = [line.strip() for line in open(os.path.join(REPO, "labels", "coco_80.txt")) if line.strip()]
+    assert record["labels"] == {"count": 80, "train": 80,
+                                "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    clip_file = tmp_path / "ViT-tiny.pt"
+    assert record["clip"]["sha256"] == hashlib.sha256(clip_file.read_bytes()).hexdigest()
+    assert record["clip"]["path"] == str(clip_file) and record["clip"]["official_openai_vit_b16"] is False
+    assert record["config"]["batch_size"] == 16 and record["config"]["lr"] == 1e-5  # flag and preset, resolved
+    assert record["versions"]["python"] == platform.python_version()
+    assert record["versions"]["torch"] == torch.__version__
+
+
+def test_help_shows_every_default():
+    text = runs.parser().format_help()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["flag", "zsl/nuswide"])
+    columns = lines[start].split()[1:]
+    end = lines.index("", start)
+    rows = [line.split() for line in lines[start + 1:end]]
+    assert len(columns) == len(runs.PRESETS) and len(rows) >= 10 and {len(r) for r in rows} == {len(columns) + 1}
+    for flag, *cells in rows:
+        for preset, cell in zip(columns, cells):  # what the help says == what a run with that preset uses
+            task, data = preset.split("/")
+            cfg = runs.parse_args(["--task", task, "--data", data])
+            assert cell == str(getattr(cfg, flag[2:].replace("-", "_"))), (flag, preset, cell)
+    assert "--batch-size" in {r[0] for r in rows} and "--seed" not in {r[0] for r in rows}
+    assert "random seed (default: 42)" in " ".join(text.split())
+
+
+def test_missing_clip_names_the_flag(capsys, tmp_path):
+    code = train.main(["--task", "spml", "--data", "coco", "--data-root", str(tmp_path), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--clip" in err and OFFICIAL_URL in err

@@ -115,7 +115,7 @@ def pretrain(out_dir, cfg=PretrainConfig()):
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     draws = [toyworld.draw_example(cfg.seed, toyworld.PRETRAIN, i)
-             for i in tqdm(range(cfg.n_images), desc="drawing", leave=False)]
+             for i in tqdm(range(cfg.n_images), desc="drawing", leave=False, disable=None)]
     images = torch.from_numpy(np.stack([np.asarray(d[0]) for d in draws]))          # uint8 (N, R, R, 3)
     captions = [d[3] for d in draws]
     bpe = os.path.join(out_dir, "toyclip.bpe.txt.gz")
@@ -130,7 +130,7 @@ def pretrain(out_dir, cfg=PretrainConfig()):
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
                              {"params": others, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="pretrain", dynamic_ncols=True, disable=None)
     for step in bar:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
