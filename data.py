@@ -35,7 +35,7 @@ NUS_DIR = "sigrl_nuswide"
 SPML_FILES = [f"formatted_{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels", "labels_obs")]
 
 
-def _write_lines(path, names):
+def write_lines(path, names):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(n + "\n" for n in names)
 
@@ -126,10 +126,10 @@ def _read_prepared(folder):
 
 def _write_prepared(folder, seen, unseen, train, test):
     with _new_folder(folder) as tmp:
-        _write_lines(os.path.join(tmp, "seen.txt"), seen)
-        _write_lines(os.path.join(tmp, "unseen.txt"), unseen)
+        write_lines(os.path.join(tmp, "seen.txt"), seen)
+        write_lines(os.path.join(tmp, "unseen.txt"), unseen)
         for split, (names, labels) in (("train", train), ("test", test)):
-            _write_lines(os.path.join(tmp, f"{split}_names.txt"), names)
+            write_lines(os.path.join(tmp, f"{split}_names.txt"), names)
             np.save(os.path.join(tmp, f"{split}_labels.npy"), labels.astype(np.int8))
     return folder
 
@@ -168,7 +168,7 @@ def prepare(dataset, root, out=None, year="2012"):
     classes, splits = format_coco(root) if dataset == "coco" else format_voc(root, year)
     folder = _spml_folder(dataset, root, year, out)
     with _new_folder(folder) as tmp:
-        _write_lines(os.path.join(tmp, "classes.txt"), classes)
+        write_lines(os.path.join(tmp, "classes.txt"), classes)
         for split, (images, labels) in splits.items():
             np.save(os.path.join(tmp, f"formatted_{split}_images.npy"), np.array(images, dtype=str))  # <U..
             np.save(os.path.join(tmp, f"formatted_{split}_labels.npy"), labels)
@@ -238,6 +238,14 @@ def spml_resize(images, resolution):
     if images.shape[-1] == resolution:
         return images
     return F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)  # (B, 3, R, R)
+
+
+def view_transform(task, resolution):
+    """The evaluation preprocessing up to the image the model sees, as a PIL image (no tensor, no
+    normalisation; SPML's 2R x 2R resized to R): for drawing pictures of it, patch grid aligned."""
+    steps = [t for t in build_transform(task, False, resolution).transforms
+             if not isinstance(t, (T.ToTensor, T.Normalize))]
+    return T.Compose(steps + [T.Resize((resolution, resolution))])
 
 
 class ImageList(torch.utils.data.Dataset):

@@ -17,13 +17,15 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
+import draw
 import runs
 import tasks
 from clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
-from data import DataError, ImageList, build_transform, spml_resize
+from data import DataError, ImageList, build_transform, spml_resize, view_transform
 from metrics import nus_metrics, spml_metrics
 from runs import UsageError
 
@@ -123,7 +125,9 @@ def format_epoch(record):
 
 
 # ----------------------------------------------------------------------------- the three modes
-def eval_checkpoint(args):
+def checkpoint_and_data(args):
+    """The run checkpoint of --ckpt, its config (with this invocation's --data-root / --workers), the dataset it
+    names (its labels checked against the checkpoint's) and the device."""
     ckpt = runs.load_run_checkpoint(args.ckpt)
     cfg = runs.Config(**ckpt["config"])
     cfg.data_root = args.data_root or cfg.data_root
@@ -131,12 +135,63 @@ def eval_checkpoint(args):
     device = runs.pick_device(args.device)
     data = tasks.load_dataset(cfg)
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
+    return ckpt, cfg, data, device
+
+
+def eval_checkpoint(args):
+    ckpt, cfg, data, device = checkpoint_and_data(args)
     model = runs.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
                              splits=("test",) if cfg.task == "spml" else None)
     print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
     return results
+
+
+# ----------------------------------------------------------------------------- the paper's Fig. 3
+def choose_images(paths, labels, n, seed=0, wanted=None):
+    """Test-image indices for a figure: `wanted` (paths, or their last parts such as a file name) in that
+    order, else n drawn with `seed` among the images with a positive in `labels` (N, C), in test order."""
+    if wanted:
+        chosen = []
+        for w in wanted:
+            hits = [i for i, p in enumerate(paths) if p == w or p.endswith(os.sep + w.lstrip(os.sep))]
+            if len(hits) != 1:
+                raise UsageError(f"--figure-images {w}: matches {len(hits)} test images, expected one "
+                                 f"(give its path, or a file name that only it has)")
+            chosen += hits
+        return chosen
+    positive = np.flatnonzero((np.asarray(labels) == 1).any(axis=1))
+    if len(positive) == 0:
+        raise UsageError("no test image has a positive label to show")
+    return sorted(np.random.default_rng(seed).choice(positive, min(n, len(positive)), replace=False).tolist())
+
+
+def draw_figure(args):
+    """Fig. 3 for a checkpoint: test images with their ground truth and top-k predictions. ZSL scores the
+    unseen labels alone (the protocol's ZSL pass), SPML all classes."""
+    ckpt, cfg, data, device = checkpoint_and_data(args)
+    model = runs.model_from_checkpoint(ckpt).to(device)
+    names, n_train = tasks.label_names(cfg, data)
+    cols = slice(n_train, None) if cfg.task == "zsl" else slice(None)
+    names, truth = names[cols], data.test_labels[:, cols] == 1  # (N, C) the scored labels' ground truth
+    chosen = choose_images(data.test_paths, truth.astype(int), args.figure_n, args.seed, args.figure_images)
+    paths, R = [data.test_paths[i] for i in chosen], ckpt["resolution"]
+    encode, scorers = sigrl_scorers(model, {"fig": ckpt["label_emb"][cols].to(device)}, R, spml=cfg.task == "spml")
+    scores = predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size, 0,
+                     "figure")["fig"]  # (n, C)
+    view, cells = view_transform(cfg.task, R), []
+    for i, path, row in zip(chosen, paths, scores):
+        with Image.open(path) as im:
+            image = view(im.convert("RGB"))
+        top = np.argsort(-row, kind="stable")[:args.figure_k]
+        cells.append((image, os.path.basename(path), [names[c] for c in np.flatnonzero(truth[i])],
+                      [names[c] for c in top]))
+    setting = f"ZSL, the {len(names)} unseen labels" if cfg.task == "zsl" else f"{len(names)} classes"
+    picture, _ = draw.figure_grid(cells, f"{args.ckpt} (epoch {ckpt['state']['epoch']}): top-{args.figure_k} "
+                                         f"predictions, {setting}")
+    draw.save(picture, args.figure)
+    print(f"figure: {len(cells)} test images -> {args.figure}")
 
 
 def eval_scores(args):
@@ -155,19 +210,25 @@ def eval_scores(args):
     return results
 
 
-def clip_baseline(clip, cfg, data, device):
-    """Zero-shot CLIP under the same protocol: cosine(image, label prompt), CLIP's own normalisation."""
+def clip_zero_shot(clip, names, template, device):
+    """(transform, encode, score) for `predict`: zero-shot CLIP as open_clip users score it, the cosine of the
+    image and each label's prompt, with CLIP's own preprocessing and normalisation."""
     from torchvision import transforms
     R = clip.visual.resolution
     transform = transforms.Compose([
         transforms.Resize(R, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(R),
         transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
-    names, n_train = tasks.label_names(cfg, data)
-    text = F.normalize(encode_labels(clip, tasks.prompt_names(names), template=cfg.template), dim=-1).to(device)
+    text = F.normalize(encode_labels(clip, names, template=template), dim=-1).to(device)  # (C, D)
     clip.to(device).eval()
     encode = lambda images: F.normalize(clip.encode_image(images), dim=-1)  # noqa: E731, (B, D)
-    paths = data.test_paths
-    s = predict(paths, transform, encode, {"all": lambda f: f @ text.T}, device, cfg.eval_batch_size,
+    return transform, encode, lambda features: features @ text.T  # (B, D) @ (D, C) -> (B, C)
+
+
+def clip_baseline(clip, cfg, data, device):
+    """Zero-shot CLIP under the same protocol (clip_zero_shot's cosine scores)."""
+    names, n_train = tasks.label_names(cfg, data)
+    transform, encode, score = clip_zero_shot(clip, tasks.prompt_names(names), cfg.template, device)
+    s = predict(data.test_paths, transform, encode, {"all": score}, device, cfg.eval_batch_size,
                 cfg.workers, "clip")["all"]  # (N, C) cosine similarities
     if cfg.task == "zsl":
         # cosine scores do not depend on the label set, so ZSL is the unseen columns of the same pass
@@ -208,6 +269,13 @@ def parser():
     p.add_argument("--compile", action="store_true",
                    help="--ckpt: run SDA/VFR's per-chunk work through torch.compile (as train.py --compile)")
     p.add_argument("--json", help="also write the figures (percent) to this JSON file")
+    p.add_argument("--figure", metavar="OUT.png", help="--ckpt: draw the paper's Fig. 3 instead of evaluating: "
+                   "test images with their ground truth and top-k predictions (blue correct, red wrong, missed "
+                   "ground truth struck through); ZSL shows the unseen labels")
+    p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed)")
+    p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
+    p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image")
+    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn")
     return p
 
 
@@ -215,7 +283,12 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.scores and not (args.labels and args.protocol):
         parser().error("--scores needs --labels and --protocol")
+    if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
+        parser().error("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
+                       "--figure-n and --figure-k must be >= 1")
     try:
+        if args.figure:
+            return draw_figure(args) or 0
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
     except (CheckpointError, DataError, UsageError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -294,5 +294,6 @@ def model_from_checkpoint(ckpt):
     """Rebuild the trained SigRL from the checkpoint alone (no CLIP file needed)."""
     visual = VisionTransformer(VisionConfig(**ckpt["vision_config"]))
     model = SigRL(visual, SigRLConfig(**ckpt["head_config"]))
-    model.load_state_dict_trainable(ckpt["model"])
+    # a CoOp run also saved its learned prompt (prompt.*): its label embeddings are ckpt["label_emb"] already
+    model.load_state_dict_trainable({k: v for k, v in ckpt["model"].items() if not k.startswith("prompt.")})
     return model.eval()

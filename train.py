@@ -9,7 +9,8 @@ score of the 925 seen labels and L_global is the L1 distance between the student
 teacher's class-token embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over the dataset's classes.
 AdamW with layer-wise lr decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle
 cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML,
-selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped.
+selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of
+each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (plot.py).
 """
 import json
 import math
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import eval as evaluation
+import plot
 import runs
 import tasks
 from clip_files import CheckpointError, load_clip
@@ -273,6 +275,7 @@ def run(cfg, baseline=True):
             runs.save_checkpoint(ckpt, os.path.join(cfg.out, "best.pt"))
     if metrics is None:
         return None
+    print(f"curves -> {plot.write_curves(cfg.out)}")
     print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                             f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:

@@ -1,0 +1,289 @@
+"""Tag your own images with any list of labels, with a trained SigRL run or with zero-shot CLIP.
+
+    python predict.py                                              # offline demo on toy-world test images
+    python predict.py --ckpt RUN/last.pt IMG... DIR...              # the run's own label set
+    python predict.py --ckpt RUN/last.pt --labels "cat,dog,lake" photos/ --json tags.json --csv tags.csv
+    python predict.py --ckpt RUN/last.pt --labels-file names.txt photos/ --save-scores S.npy
+    python predict.py --clip ViT-B-16.pt --labels "cat,dog" photos/  # zero-shot CLIP (cosine), no SigRL
+
+SigRL's scores depend on the label list. Eq. 13 divides each image's local and global score vectors by their
+L2 norms over the labels being scored, GMC builds its graph over the list, and VFR sums its attention over it.
+Adding or removing a label changes every other label's score and can change their order: compare scores
+within one list, and do not carry a --threshold from one list to another (with C labels a score is of the
+order of 1/sqrt(C)). This is why the paper scores its 81 unseen labels as one list (ZSL) and all 1006 as
+another (GZSL). Zero-shot CLIP's cosine scores (--clip) do not depend on the list.
+
+With no arguments: tags 6 toy-world test images with the default run runs/zsl-toy/last.pt (trained first with
+`python train.py` when absent, a few minutes) and draws the paper's Fig. 3 for it in runs/zsl-toy/figure.png.
+"""
+import argparse
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+import eval as evaluation
+import runs
+import tasks
+from clip_files import CheckpointError, load_clip
+from clip_text import encode_labels
+from data import DataError, build_transform, check_images, write_lines
+from runs import UsageError
+
+IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
+
+
+# ----------------------------------------------------------------------------- inputs
+def find_images(inputs):
+    """Files named and files found in the folders named (walked in sorted order), kept when PIL can read them.
+    A path that does not exist is an error; other files and unreadable images are skipped, with a line each."""
+    paths, not_images = [], []
+    for item in inputs:
+        if os.path.isdir(item):
+            for folder, dirs, files in os.walk(item):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(folder, name)
+                    is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                    (paths if is_image else not_images).append(path)
+        elif os.path.isfile(item):
+            paths.append(item)  # named explicitly: tried whatever its extension
+        else:
+            raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
+    for path in not_images:
+        print(f"skipped {path}: not an image file (by its extension)", file=sys.stderr)
+    good, bad = check_images(paths) if paths else (np.zeros(0, bool), [])
+    for path in bad:
+        print(f"skipped {path}: cannot be read as an image", file=sys.stderr)
+    paths = [p for p, ok in zip(paths, good) if ok]
+    if not paths:
+        raise UsageError(f"no readable images in {', '.join(inputs)}")
+    return paths
+
+
+def read_labels(args):
+    """The label list of --labels "a,b" or --labels-file (one name a line), or None for the checkpoint's own."""
+    if args.labels is not None:
+        names, source = [n.strip() for n in args.labels.split(",")], "--labels"
+    elif args.labels_file is not None:
+        try:
+            with open(args.labels_file, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{args.labels_file}: cannot read as a UTF-8 text file of label names ({e})") from None
+        source = args.labels_file
+    else:
+        return None
+    if not names or any(not n for n in names):
+        raise UsageError(f"{source}: an empty label name (expected names separated by commas, or one a line)")
+    return names, source
+
+
+def check_names(names, source, tokenizer):
+    """Two names that CLIP's tokenizer reads as the same ids ('Cat' / 'cat': it lowercases and collapses
+    spaces) would be one label scored twice: refuse them, and names too long for the text tower."""
+    first = {}
+    for name in names:
+        try:
+            ids = tuple(tokenizer(name)[0].tolist())
+        except ValueError as e:
+            raise UsageError(f"{source}: label {name!r} is too long for the text encoder ({e})") from None
+        if ids in first:
+            same = "repeats" if first[ids] == name else "reads as the same tokens as"
+            raise UsageError(f"{source}: label {name!r} {same} {first[ids]!r}; each label once")
+        first[ids] = name
+
+
+# ----------------------------------------------------------------------------- the two taggers
+@dataclass
+class Tagger:
+    """What tags images: the label names, the preprocessing, evaluation's encode / score pair, and for SigRL
+    the model."""
+    names: list
+    transform: Callable
+    encode: Callable
+    score: Callable
+    kind: str
+    model: Optional[torch.nn.Module] = None
+
+
+def sigrl_tagger(args, labels, device):
+    ckpt = runs.load_run_checkpoint(args.ckpt)
+    cfg, R = runs.Config(**ckpt["config"]), ckpt["resolution"]
+    if labels is None:
+        names, H = list(ckpt["label_names"]), ckpt["label_emb"]
+    else:
+        if ckpt["prompt"]["kind"] != "fixed":
+            raise UsageError(f"{args.ckpt}: a CoOp run scores its own labels only (drop --labels)")
+        names, source = labels
+        clip_path = args.clip or cfg.clip
+        if not os.path.isfile(clip_path):
+            raise UsageError(f"{args.ckpt}: new labels need the text tower of the CLIP file the run was trained "
+                             f"from ({clip_path or 'not recorded'} is missing): pass --clip FILE")
+        clip = load_clip(clip_path)
+        if clip.sha256 != ckpt["clip_sha256"]:
+            raise CheckpointError(f"{clip_path}: not the CLIP file {args.ckpt} was trained from (sha256 differs); "
+                                  f"its text embeddings would not match the trained model")
+        check_names(names, source, clip.tokenizer)
+        H = encode_labels(clip, names, template=ckpt["prompt"]["template"])  # (C, D)
+    model = runs.model_from_checkpoint(ckpt).to(device)
+    H = H.to(device)
+    encode, scorers = evaluation.sigrl_scorers(model, {"all": H}, R, spml=cfg.task == "spml")
+    return Tagger(names, build_transform(cfg.task, False, R), encode, scorers["all"],
+                  f"SigRL ({args.ckpt}, epoch {ckpt['state']['epoch']})", model)
+
+
+def clip_tagger(args, labels, device):
+    if labels is None:
+        raise UsageError("--clip without --ckpt needs a label list: --labels \"a,b,c\" or --labels-file FILE")
+    clip = load_clip(args.clip)
+    names, source = labels
+    check_names(names, source, clip.tokenizer)
+    transform, encode, score = evaluation.clip_zero_shot(clip, names, args.template, device)
+    return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine")
+
+
+# ----------------------------------------------------------------------------- outputs
+def ranked(row, names, top_k, threshold):
+    """[(name, score)] best first: the top_k, or with a threshold every score >= it (at most top_k if given)."""
+    order = np.argsort(-row, kind="stable")
+    if threshold is not None:
+        order = [i for i in order if row[i] >= threshold]
+    return [(names[i], float(row[i])) for i in order[:top_k]]
+
+
+def write_atomic(path, write):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_outputs(args, paths, names, scores, picks):
+    if args.json:
+        rows = [{"image": p, "labels": [[n, s] for n, s in pick]} for p, pick in zip(paths, picks)]
+        runs.write_json(rows, args.json)
+    if args.csv:
+        def csv_rows(tmp):
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                out = csv.writer(f)
+                out.writerow(["image", "rank", "label", "score"])
+                out.writerows([p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick))
+        write_atomic(args.csv, csv_rows)
+    if args.save_scores:
+        stem = args.save_scores[:-4] if args.save_scores.endswith(".npy") else args.save_scores
+        write_atomic(args.save_scores, lambda tmp: save_npy(tmp, scores.astype(np.float32)))
+        for suffix, lines in ((".images.txt", paths), (".label_names.txt", names)):
+            write_atomic(stem + suffix, lambda tmp, lines=lines: write_lines(tmp, lines))
+        print(f"scores ({len(paths)} images x {len(names)} labels) -> {args.save_scores}, rows in "
+              f"{stem}.images.txt, columns in {stem}.label_names.txt", file=sys.stderr)
+
+
+def save_npy(path, array):
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+        np.save(f, array)
+
+
+def check_outputs(args):
+    """Every output's folder must exist before the first image is scored."""
+    for flag in ("json", "csv", "save_scores"):
+        path = getattr(args, flag)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: its folder does not exist")
+
+
+# ----------------------------------------------------------------------------- the offline demo
+def demo(args):
+    """No arguments: the default run's checkpoint on a few toy-world test images (see the docstring)."""
+    import train
+    if not os.path.isfile(DEMO_CKPT):
+        print(f"note: {DEMO_CKPT} not found: training the default run first (python train.py, a few minutes)",
+              file=sys.stderr)
+        if train.main([]) != 0:
+            return 2
+    ckpt = runs.load_run_checkpoint(DEMO_CKPT)
+    cfg = runs.Config(**ckpt["config"])
+    data = tasks.load_dataset(cfg)
+    names, n_train = tasks.label_names(cfg, data)
+    chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
+    run_dir = os.path.dirname(DEMO_CKPT)
+    args.ckpt = DEMO_CKPT
+    args.inputs = [data.test_paths[i] for i in chosen]
+    code = tag(args)
+    figure = os.path.join(run_dir, "figure.png")
+    evaluation.main(["--ckpt", DEMO_CKPT, "--figure", figure, "--workers", "0"])
+    return code
+
+
+# ----------------------------------------------------------------------------- command line
+def tag(args):
+    check_outputs(args)
+    labels = read_labels(args)
+    device = runs.pick_device(args.device)
+    tagger = sigrl_tagger(args, labels, device) if args.ckpt else clip_tagger(args, labels, device)
+    paths = find_images(args.inputs)
+    if tagger.model is not None:
+        print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
+              f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
+    scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
+                                args.batch_size, args.workers, "tagging")["all"]  # (N, C)
+    picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
+    for path, pick in zip(paths, picks):
+        print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or f"(no score >= {args.threshold})"))
+    write_outputs(args, paths, tagger.names, scores, picks)
+    return 0
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="image files and folders (walked for image files)")
+    p.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
+    p.add_argument("--clip", help="a CLIP file: without --ckpt, zero-shot CLIP tags (cosine); with --ckpt, the "
+                                  "text tower for new --labels (default: the file the run was trained from)")
+    p.add_argument("--labels", help='comma-separated label names, e.g. "cat,dog,lake" (default: the checkpoint\'s)')
+    p.add_argument("--labels-file", help="a UTF-8 text file, one label name a line")
+    p.add_argument("--template", default="There is a {} in the scene", help="--clip alone: the prompt")
+    p.add_argument("--top-k", type=int, default=None, help="labels shown per image (default 5; with --threshold: all)")
+    p.add_argument("--threshold", type=float, default=None, help="keep every label scoring at least this")
+    p.add_argument("--json", help='write [{"image": PATH, "labels": [[NAME, SCORE], ...]}, ...] (best first)')
+    p.add_argument("--csv", help="write the same as rows: image, rank, label, score")
+    p.add_argument("--save-scores", help="write the (N, C) score matrix (.npy, for eval.py --scores) with the "
+                                         "row order in <stem>.images.txt and the columns in <stem>.label_names.txt")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.labels is not None and args.labels_file is not None:
+        parser().error("give --labels or --labels-file, not both")
+    if args.top_k is not None and args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
+        parser().error("--top-k and --batch-size must be >= 1, --workers >= 0")
+    args.top_k = args.top_k or (5 if args.threshold is None else None)
+    if not (args.inputs or args.ckpt or args.clip):
+        try:
+            return demo(args)
+        except (CheckpointError, DataError, UsageError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if not args.inputs:
+        parser().error("no images given (image files or folders after the flags)")
+    if not (args.ckpt or args.clip):
+        parser().error("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
+    try:
+        return tag(args)
+    except (CheckpointError, DataError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
