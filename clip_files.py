@@ -45,6 +45,12 @@ INT_ENTRIES = ("input_resolution", "context_length", "vocab_size")  # int scalar
 # Keys the configuration is inferred from; a file without any of them is not a CLIP checkpoint at all.
 STRUCTURAL = ("visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
               "positional_embedding", "ln_final.weight", "text_projection")
+# A state dict does not record its depth: the config is inferred from the blocks present, so a file that lost its
+# last block would load as a shallower model. Every released CLIP ViT has the depth of its width: OpenAI's
+# ViT-B/32 and B/16 (image 768 x 12, text 512 x 12), ViT-L/14 (image 1024 x 24, text 768 x 12), open_clip's
+# ViT-H/14 (image 1280 x 32, text 1024 x 24). Other widths are checked for gaps and complete blocks only.
+TOWERS = {"image": ("visual.transformer.resblocks.", "visual.conv1.weight", {768: 12, 1024: 24, 1280: 32}),
+          "text": ("transformer.resblocks.", "ln_final.weight", {512: 12, 768: 12, 1024: 24})}
 
 
 def file_sha256(path):
@@ -158,7 +164,37 @@ def read_state_dict(path):
                               f"{STRUCTURAL[2]}; found {found}; {len(sd)} keys)")
     if missing:
         check_keys(sd, set(sd) | set(missing), weights)  # names the missing keys, in the strict check's words
+    check_blocks(sd, weights)
+    damaged = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if damaged:
+        raise CheckpointError(f"{weights}: {len(damaged)} tensor(s) hold NaN or infinite values (first: {damaged[0]}); "
+                              f"the file is damaged: copy or download it again")
     return sd, arch, weights
+
+
+def check_blocks(sd, path):
+    """Each tower's blocks are numbered 0..L-1 without a gap, each holds the same keys, and a tower of a released
+    width has that width's depth (TOWERS)."""
+    for tower, (prefix, width_key, depths) in TOWERS.items():
+        blocks = {}
+        for k in sd:
+            if k.startswith(prefix):
+                index, rest = k[len(prefix):].split(".", 1)
+                blocks.setdefault(int(index), set()).add(rest)
+        if not blocks:
+            continue
+        gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
+        if gaps:
+            raise CheckpointError(f"{path}: {tower} tower block(s) {', '.join(map(str, gaps))} missing (the file "
+                                  f"has blocks {', '.join(map(str, sorted(blocks)))})")
+        every = set().union(*blocks.values())
+        for i, keys in sorted(blocks.items()):
+            if keys != every:
+                raise CheckpointError(f"{path}: {tower} tower block {i} is missing {', '.join(sorted(every - keys))}")
+        width, depth = sd[width_key].shape[0], len(blocks)
+        if depths.get(width, depth) != depth:
+            raise CheckpointError(f"{path}: {tower} tower of width {width} has {depth} blocks, but every released "
+                                  f"CLIP of that width has {depths[width]} (blocks lost in a copy or an edit?)")
 
 
 def bpe_for(path, vocab_size, bpe=None):

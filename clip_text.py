@@ -17,11 +17,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import sys
 
 import torch
 import torch.nn as nn
 
+import safe_io
 from tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
 from vit import Transformer, VisionConfig, VisionTransformer, infer_vision_config
 
@@ -156,8 +157,8 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
             hit = torch.load(cache, map_location="cpu", weights_only=True)
             if hit["names"] == names and hit["templates"] == templates:  # guards against a hash collision
                 return hit["embeddings"]
-        except FileNotFoundError:
-            pass  # first time for this checkpoint, label set and prompt
+        except Exception:  # noqa: BLE001  not there yet, or damaged (a crash, a full disk): computed again below
+            pass
     per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # T x (C, D)
     if len(per_template) == 1:
         emb = per_template[0]  # (C, D)
@@ -166,11 +167,12 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
         direction = nn.functional.normalize(stack, dim=-1).mean(0)  # (C, D)
         emb = nn.functional.normalize(direction, dim=-1) * stack.norm(dim=-1).mean(0, keepdim=True).T  # (C, D)
     if cache is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")  # same folder, so the rename is atomic
-        os.close(fd)
-        torch.save({"names": names, "templates": templates, "embeddings": emb}, tmp)
-        os.replace(tmp, cache)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            safe_io.atomic_write(cache, lambda f: torch.save({"names": names, "templates": templates,
+                                                                "embeddings": emb}, f))
+        except (OSError, safe_io.WriteError) as err:  # a cache that cannot be written only costs time
+            print(f"warning: label embeddings not cached ({err})", file=sys.stderr)
     return emb
 
 

@@ -15,21 +15,21 @@ import os
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from data_formats import (NUS_H5, NUS_RAW, DataError, format_coco, format_voc, observe_single_positive,
-                          read_h5_layout, read_lines, read_names, read_raw_release, voc_dir)
+from data_formats import (NUS_H5, NUS_RAW, DataError, changed_source, format_coco, format_voc, observe_single_positive,
+                          read_h5_layout, read_lines, read_names, read_raw_release, record_sources, voc_dir)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# NUS-WIDE holds damaged and very large files; the reference code opens them with these same two settings.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+# NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
+# turns a file cut short into rows of grey without a word; here such a file fails the start-up check instead.
 Image.MAX_IMAGE_PIXELS = None
 NUS_DIR = "sigrl_nuswide"
 SPML_FILES = [f"formatted_{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels", "labels_obs")]
@@ -58,7 +58,8 @@ def _new_folder(folder):
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except OSError as e:
-        raise DataError(f"cannot write {folder} ({e.strerror}): pass --out DIR (out=...) to write elsewhere") from e
+        raise DataError(f"cannot write {folder} ({e.strerror}): pass --data-out DIR (data.py prepare: --out DIR) "
+                        f"to write the prepared files elsewhere") from e
     print(f"wrote {folder}")
 
 
@@ -73,6 +74,7 @@ class NusWide:
     test_paths: list
     test_labels: np.ndarray  # int8 (M, S + U): seen columns, then unseen (the BiAM/MKT GZSL order)
     layout: str  # "prepared" | "h5"
+    files: dict = field(default_factory=dict)  # split -> the file its labels came from (for messages)
 
 
 def nus_path(root, name):
@@ -89,12 +91,20 @@ def load_nuswide(root, out=None):
     prepared layout, so the slow h5 read happens once. Nothing is written into root unless out is root."""
     prepared = [os.path.join(d, NUS_DIR) for d in (out, root) if d is not None]
     found = [d for d in prepared if os.path.isfile(os.path.join(d, "seen.txt"))]
+    changed = found and changed_source(found[0], root)
+    if changed:  # prepared from sources that have changed since: rebuilt from them where it was written
+        print(f"{os.path.join(root, changed[1])} changed since {found[0]} was prepared from it: rebuilding it",
+              file=sys.stderr)
+        read = read_h5_layout if changed[0] == "h5" else read_raw_release
+        _write_prepared(found[0], *read(root), root=root, kind=changed[0])
     if found:
         seen, unseen, train, test = _read_prepared(found[0])
+        files = {s: os.path.join(found[0], f"{s}_labels.npy") for s in ("train", "test")}
     elif all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
         seen, unseen, train, test = read_h5_layout(root)
+        files = {"train": os.path.join(root, NUS_H5[0]), "test": os.path.join(root, NUS_H5[1])}
         if out is not None:
-            _write_prepared(os.path.join(out, NUS_DIR), seen, unseen, train, test)
+            _write_prepared(os.path.join(out, NUS_DIR), seen, unseen, train, test, root=root, kind="h5")
     elif os.path.isfile(os.path.join(root, NUS_RAW)):
         raise DataError(f"{root} holds the official NUS-WIDE release: convert it once with "
                         f"`python data.py prepare nuswide --root {root}` (add --out DIR if root is read-only)")
@@ -102,7 +112,7 @@ def load_nuswide(root, out=None):
         raise DataError(f"no NUS-WIDE in {root}: looked for {' and '.join(d + '/seen.txt' for d in prepared)}, "
                         f"for {', '.join(NUS_H5)} (BiAM layout) and for {NUS_RAW} (official release)")
     return NusWide(seen, unseen, [nus_path(root, n) for n in train[0]], train[1],
-                   [nus_path(root, n) for n in test[0]], test[1], "prepared" if found else "h5")
+                   [nus_path(root, n) for n in test[0]], test[1], "prepared" if found else "h5", files)
 
 
 def _check_labels(labels, path, rows, cols):
@@ -124,8 +134,9 @@ def _read_prepared(folder):
     return seen, unseen, *splits
 
 
-def _write_prepared(folder, seen, unseen, train, test):
+def _write_prepared(folder, seen, unseen, train, test, root, kind):
     with _new_folder(folder) as tmp:
+        record_sources(tmp, root, kind)
         write_lines(os.path.join(tmp, "seen.txt"), seen)
         write_lines(os.path.join(tmp, "unseen.txt"), unseen)
         for split, (names, labels) in (("train", train), ("test", test)):
@@ -146,6 +157,7 @@ class Spml:
     val_labels: np.ndarray  # float32 (Nv, C) clean
     test_paths: list
     test_labels: np.ndarray  # float32 (M, C) clean
+    files: dict = field(default_factory=dict)  # split -> the file its labels came from (for messages)
 
 
 def _spml_folder(dataset, root, year, out):
@@ -158,9 +170,9 @@ def prepare(dataset, root, out=None, year="2012"):
     year = str(year)
     if dataset == "nuswide":
         if all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
-            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_h5_layout(root))
+            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_h5_layout(root), root=root, kind="h5")
         if os.path.isfile(os.path.join(root, NUS_RAW)):
-            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_raw_release(root))
+            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_raw_release(root), root=root, kind="raw")
         raise DataError(f"nothing to prepare in {root}: looked for {', '.join(NUS_H5)} (BiAM layout) "
                         f"and {NUS_RAW} (official release)")
     if dataset not in ("coco", "voc") or year not in ("2012", "2007"):
@@ -168,6 +180,7 @@ def prepare(dataset, root, out=None, year="2012"):
     classes, splits = format_coco(root) if dataset == "coco" else format_voc(root, year)
     folder = _spml_folder(dataset, root, year, out)
     with _new_folder(folder) as tmp:
+        record_sources(tmp, root, dataset, year)
         write_lines(os.path.join(tmp, "classes.txt"), classes)
         for split, (images, labels) in splits.items():
             np.save(os.path.join(tmp, f"formatted_{split}_images.npy"), np.array(images, dtype=str))  # <U..
@@ -179,7 +192,11 @@ def prepare(dataset, root, out=None, year="2012"):
 def load_spml(dataset, root, year="2012", out=None):
     """COCO-2014 or VOC (2012 default, 2007 option); formats on first use, then reuses the saved files."""
     year, folder = str(year), _spml_folder(dataset, root, str(year), out)
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in SPML_FILES + ["classes.txt"]):
+    changed = os.path.isdir(folder) and changed_source(folder, root)
+    if changed:
+        print(f"{os.path.join(root, changed[1])} changed since {folder} was prepared from it: rebuilding it",
+              file=sys.stderr)
+    if changed or not all(os.path.isfile(os.path.join(folder, f)) for f in SPML_FILES + ["classes.txt"]):
         prepare(dataset, root, out=out, year=year)
     return read_spml_folder(folder, root if dataset == "coco" else os.path.join(voc_dir(root, year), "JPEGImages"))
 
@@ -192,17 +209,24 @@ def read_spml_folder(folder, image_root, classes=None):
     classes = classes or read_names(os.path.join(folder, "classes.txt"))
     a = {f[10:-4]: _load_npy(os.path.join(folder, f)) for f in SPML_FILES}  # "formatted_train_labels.npy"
     for key in ("train_labels", "train_labels_obs", "val_labels", "val_labels_obs"):  # -> "train_labels"
-        want = (len(a[key.split("_")[0] + "_images"]), len(classes))
+        want, path = (len(a[key.split("_")[0] + "_images"]), len(classes)), os.path.join(folder, f"formatted_{key}.npy")
         if a[key].shape != want:
-            raise DataError(f"{folder}/formatted_{key}.npy: shape {a[key].shape}, expected {want}")
+            raise DataError(f"{path}: shape {a[key].shape}, expected {want}")
+        if not np.isin(a[key], (0, 1)).all():  # NaN included: it is neither
+            bad = np.asarray(a[key], np.float64)[~np.isin(a[key], (0, 1))]
+            raise DataError(f"{path}: {bad.size} values that are not 0/1 labels (first: {bad[0]}"
+                            f"{', NaN' if np.isnan(bad).any() else ''})")
     paths = [os.path.join(image_root, p) for p in a["train_images"]]
     n_train = len(paths) - int(np.round(0.2 * len(paths)))
     perm = np.random.RandomState(1200).permutation(len(paths))
     tr, va = np.sort(perm[:n_train]), np.sort(perm[n_train:])
     f32 = lambda x: x.astype(np.float32)  # noqa: E731
+    files = {s: os.path.join(folder, f) for s, f in (("train", "formatted_train_labels_obs.npy"),
+                                                      ("val", "formatted_train_labels.npy"),
+                                                      ("test", "formatted_val_labels.npy"))}
     return Spml(list(classes), [paths[i] for i in tr], f32(a["train_labels_obs"][tr]), f32(a["train_labels"][tr]),
                 [paths[i] for i in va], f32(a["train_labels"][va]),
-                [os.path.join(image_root, p) for p in a["val_images"]], f32(a["val_labels"]))
+                [os.path.join(image_root, p) for p in a["val_images"]], f32(a["val_labels"]), files)
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -260,20 +284,30 @@ class ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            with Image.open(self.paths[i]) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as e:  # missing, not an image, damaged beyond what PIL tolerates
+            image = read_image(self.paths[i])
+        except (OSError, ValueError) as e:  # missing, not an image, cut short
             raise DataError(f"{self.paths[i]}: cannot read image ({e}); exclude it with check_images()") from e
         return self.transform(image), torch.as_tensor(np.asarray(self.labels[i])), i
 
 
+def read_image(path):
+    """The image as 8-bit RGB. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips
+    every value above 255, so a 16-bit photograph would come out nearly white."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # "I" is how some Pillow versions open 16-bit PNGs
+            wide = np.asarray(im, dtype=np.float64)  # (H, W) in 0 .. 65535
+            return Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)).convert("RGB")
+        return im.convert("RGB")
+
+
 def _unreadable(path):
-    """'' when the file exists and decodes (a JPEG at 1/8 scale: cheap), else the reason."""
+    """'' when the file exists and decodes to its last byte, else the reason. JPEGs decode at 1/8 scale (cheap:
+    the whole entropy-coded stream is still read, so a file cut short fails)."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (64, 64))
             im.load()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed headers
         return str(e) or type(e).__name__
     return ""
 

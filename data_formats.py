@@ -3,9 +3,11 @@
   read_h5_layout(root)      BiAM/MKT NUS-WIDE: features/nus_wide_{train,test}.h5 + img_names pickles (h5py lazily)
   read_raw_release(root)    the official NUS-WIDE release, labels derived exactly as BiAM/LESA did
   format_coco(root), format_voc(root, year), observe_single_positive(labels)   Cole et al.'s SPML formatting
+  record_sources(folder, root, kind), changed_source(folder, root)   the sources a prepared folder came from
 Both NUS-WIDE readers return (seen, unseen, (train_names, train_labels), (test_names, test_labels)) with int8
 +1 / -1 labels, test columns seen then unseen. The layouts each reader expects: README.md, 'Datasets'.
 """
+import glob
 import json
 import os
 import pickle
@@ -23,11 +25,15 @@ class DataError(ValueError):
 
 
 def read_lines(path):
-    """Stripped non-empty lines (CRLF fine)."""
+    """Stripped non-empty lines (CRLF fine) of a UTF-8 text file."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
+                        f"UTF-8") from None
 
 
 def read_names(path):
@@ -166,7 +172,7 @@ def format_coco(root):
                 d = json.load(f)
             these = [(c["id"], c["name"]) for c in d["categories"]]
             pairs = [(str(a["image_id"]), a["category_id"]) for a in d["annotations"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}: expected COCO instances json with categories and annotations ({e})") from e
         if cats is not None and these != cats:
             raise DataError(f"{path}: category list differs from instances_train2014.json")
@@ -206,6 +212,53 @@ def format_voc(root, year):
             raise DataError(f"{main}: no image has a label 1 in the *_{phase}.txt files")
         splits[split] = ([i + ".jpg" for i in ids], np.stack([table[i] for i in ids]))  # (N, C) float64
     return classes, splits
+
+
+# ------------------------------------------------------------------------------------------ sources
+def source_files(kind, root, year="2012"):
+    """The files (relative to root) that each reader reads labels from: kind = "h5" | "raw" | "coco" | "voc".
+    Prepared label files record their sizes and times, so a changed source is noticed (data.py)."""
+    if kind == "voc":
+        main = os.path.relpath(os.path.join(voc_dir(root, year), "ImageSets", "Main"), root)
+        patterns = [os.path.join(main, "*.txt")]
+    else:
+        patterns = {"h5": [*NUS_H5, "Concepts925.txt", "Concepts81.txt"],
+                    "raw": ["ImageList/*.txt", "NUS_WID_Tags/*.txt", "Concepts81.txt", "ConceptsList/Concepts81.txt",
+                            "Groundtruth/AllLabels/Labels_*.txt"],
+                    "coco": ["annotations/instances_train2014.json", "annotations/instances_val2014.json"]}[kind]
+    return sorted({os.path.relpath(p, root) for pattern in patterns for p in glob.glob(os.path.join(root, pattern))})
+
+
+def fingerprint(root, files):
+    """{file: [size, modification time in ns]}: cheap even for BiAM's h5 files (they also hold image features),
+    and any edit or copy of a source changes it (a copy that does not keep the times costs one needless
+    rebuild, never a stale file)."""
+    stats = {f: os.stat(os.path.join(root, f)) for f in files if os.path.isfile(os.path.join(root, f))}
+    return {f: [st.st_size, st.st_mtime_ns] for f, st in stats.items()}
+
+
+SOURCES = "sources.json"  # in a prepared folder: {"kind": reader, "year": VOC year, "files": fingerprint(...)}
+
+
+def record_sources(folder, root, kind, year="2012"):
+    """Write folder/sources.json: which reader made the prepared files in `folder`, and its sources' fingerprint."""
+    files = fingerprint(root, source_files(kind, root, year))
+    with open(os.path.join(folder, SOURCES), "w", encoding="utf-8") as f:
+        json.dump({"kind": kind, "year": year, "files": files}, f, indent=1)
+
+
+def changed_source(folder, root):
+    """(kind, the first source file that changed since `folder` was prepared) or None. A folder without a
+    record (prepared by hand, by the toy world, or before records existed) is trusted; a source that is gone
+    (deleted to save space once prepared) is not a change."""
+    path = os.path.join(folder, SOURCES)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        record = json.load(f)
+    now = fingerprint(root, list(record["files"]))
+    changed = [f for f in record["files"] if f in now and now[f] != record["files"][f]]
+    return (record["kind"], changed[0]) if changed else None
 
 
 def observe_single_positive(labels):

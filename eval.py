@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import draw
 import runs
+import safe_io
 import tasks
 from clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
@@ -124,11 +126,19 @@ def format_epoch(record):
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
+def check_json_path(path):
+    """--json's folder must exist and be writable before any work (the table printed, then a traceback)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--json {path}: {folder} is not a writable folder" if not os.path.isdir(path) else
+                         f"--json {path}: a folder; expected a file name")
+
+
 # ----------------------------------------------------------------------------- the three modes
 def checkpoint_and_data(args):
     """The run checkpoint of --ckpt, its config (with this invocation's --data-root / --workers), the dataset it
     names (its labels checked against the checkpoint's) and the device."""
-    ckpt = runs.load_run_checkpoint(args.ckpt)
+    ckpt = checkpoints.load_run_checkpoint(args.ckpt)
     cfg = runs.Config(**ckpt["config"])
     cfg.data_root = args.data_root or cfg.data_root
     cfg.workers = args.workers if args.workers is not None else cfg.workers
@@ -140,7 +150,7 @@ def checkpoint_and_data(args):
 
 def eval_checkpoint(args):
     ckpt, cfg, data, device = checkpoint_and_data(args)
-    model = runs.model_from_checkpoint(ckpt).to(device)
+    model = checkpoints.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
                              splits=("test",) if cfg.task == "spml" else None)
@@ -171,7 +181,7 @@ def draw_figure(args):
     """Fig. 3 for a checkpoint: test images with their ground truth and top-k predictions. ZSL scores the
     unseen labels alone (the protocol's ZSL pass), SPML all classes."""
     ckpt, cfg, data, device = checkpoint_and_data(args)
-    model = runs.model_from_checkpoint(ckpt).to(device)
+    model = checkpoints.model_from_checkpoint(ckpt).to(device)
     names, n_train = tasks.label_names(cfg, data)
     cols = slice(n_train, None) if cfg.task == "zsl" else slice(None)
     names, truth = names[cols], data.test_labels[:, cols] == 1  # (N, C) the scored labels' ground truth
@@ -194,14 +204,48 @@ def draw_figure(args):
     print(f"figure: {len(cells)} test images -> {args.figure}")
 
 
-def eval_scores(args):
-    for path in (args.scores, args.labels):
-        if not os.path.isfile(path):
-            raise UsageError(f"{path}: no such file")
-    scores, labels = np.load(args.scores), np.load(args.labels)
+def _read_array(path, flag):
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        a = None
+    if not isinstance(a, np.ndarray) or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise UsageError(f"{path}: not a numeric .npy array ({flag} expects one, as np.save writes it)")
+    if a.ndim != 2 or a.size == 0:
+        raise UsageError(f"{path}: shape {a.shape}: {'empty' if a.size == 0 else 'not 2-D'}; expected (N, C)")
+    return a
+
+
+def read_scores(args):
+    """Saved scores and labels, refused where they would give wrong numbers: NaN / inf scores, fewer than the 5
+    columns the top-5 metrics need, labels outside the protocol's alphabet. Under --protocol nuswide 0 means
+    "unknown" and only -1 is a negative: 0/1 labels there leave no negative, and any scores get mAP 100."""
+    scores, labels = _read_array(args.scores, "--scores"), _read_array(args.labels, "--labels")
     if scores.shape != labels.shape:
         raise UsageError(f"{args.scores} has shape {scores.shape} but {args.labels} has {labels.shape}; "
                          f"expected the same (N, C)")
+    if not np.isfinite(scores).all():
+        r, c = np.argwhere(~np.isfinite(scores))[0]
+        raise UsageError(f"{args.scores}: {int((~np.isfinite(scores)).sum())} NaN or infinite scores (first at row "
+                         f"{r}, column {c})")
+    if scores.shape[1] < 5:
+        raise UsageError(f"{args.scores}: {scores.shape[1]} columns; the top-3 and top-5 metrics need at least 5")
+    values = set(np.unique(labels).tolist())
+    if args.protocol == "nuswide" and not values <= {-1, 0, 1}:
+        raise UsageError(f"{args.labels}: values {sorted(values)[:5]}; --protocol nuswide expects +1 / -1 (0 = unknown)")
+    if args.protocol == "nuswide" and -1 not in values:
+        raise UsageError(f"{args.labels}: 0/1 labels, but under --protocol nuswide 0 means unknown and only -1 is a "
+                         f"negative (every score would rank perfectly): use +1 / -1, or --protocol spml for 0/1")
+    if args.protocol == "spml" and not values <= {0, 1}:
+        raise UsageError(f"{args.labels}: values {sorted(values)[:5]} (-1 is NUS-WIDE's negative); --protocol spml "
+                         f"expects 1 / 0")
+    return scores, labels
+
+
+def eval_scores(args):
+    scores, labels = read_scores(args)
     if args.protocol == "nuswide":
         results = {"test": nus_metrics(scores.astype(np.float32), labels)}
     else:
@@ -252,8 +296,8 @@ def eval_baseline(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
     mode.add_argument("--scores", help="(N, C) .npy of any model's scores (with --labels and --protocol)")
@@ -280,21 +324,26 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    if args.scores and not (args.labels and args.protocol):
-        parser().error("--scores needs --labels and --protocol")
-    if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
-        parser().error("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
-                       "--figure-n and --figure-k must be >= 1")
     try:
+        args = parser().parse_args(argv)
+        if args.scores and not (args.labels and args.protocol):
+            raise UsageError("--scores needs --labels and --protocol")
+        if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
+            raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
+                             "--figure-n and --figure-k must be >= 1")
         if args.figure:
             return draw_figure(args) or 0
+        if args.json:
+            check_json_path(args.json)
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
-    except (CheckpointError, DataError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.json:
+            runs.write_json(results, args.json)
+    except (CheckpointError, DataError, UsageError, safe_io.WriteError) as err:
+        print(f"error: {runs.error_line(err)}", file=sys.stderr)
         return 2
-    if args.json:
-        runs.write_json(results, args.json)
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 2
     return 0
 
 

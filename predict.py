@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoints
 import eval as evaluation
 import runs
 import tasks
@@ -34,6 +35,7 @@ from clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
 from data import DataError, build_transform, check_images, write_lines
 from runs import UsageError
+from safe_io import WriteError
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
@@ -114,7 +116,7 @@ class Tagger:
 
 
 def sigrl_tagger(args, labels, device):
-    ckpt = runs.load_run_checkpoint(args.ckpt)
+    ckpt = checkpoints.load_run_checkpoint(args.ckpt)
     cfg, R = runs.Config(**ckpt["config"]), ckpt["resolution"]
     if labels is None:
         names, H = list(ckpt["label_names"]), ckpt["label_emb"]
@@ -132,7 +134,7 @@ def sigrl_tagger(args, labels, device):
                                   f"its text embeddings would not match the trained model")
         check_names(names, source, clip.tokenizer)
         H = encode_labels(clip, names, template=ckpt["prompt"]["template"])  # (C, D)
-    model = runs.model_from_checkpoint(ckpt).to(device)
+    model = checkpoints.model_from_checkpoint(ckpt).to(device)
     H = H.to(device)
     encode, scorers = evaluation.sigrl_scorers(model, {"all": H}, R, spml=cfg.task == "spml")
     return Tagger(names, build_transform(cfg.task, False, R), encode, scorers["all"],
@@ -206,7 +208,7 @@ def demo(args):
               file=sys.stderr)
         if train.main([]) != 0:
             return 2
-    ckpt = runs.load_run_checkpoint(DEMO_CKPT)
+    ckpt = checkpoints.load_run_checkpoint(DEMO_CKPT)
     cfg = runs.Config(**ckpt["config"])
     data = tasks.load_dataset(cfg)
     names, n_train = tasks.label_names(cfg, data)
@@ -271,7 +273,7 @@ def main(argv=None):
     if not (args.inputs or args.ckpt or args.clip):
         try:
             return demo(args)
-        except (CheckpointError, DataError, UsageError) as err:
+        except (CheckpointError, DataError, UsageError, WriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     if not args.inputs:
@@ -280,7 +282,7 @@ def main(argv=None):
         parser().error("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
     try:
         return tag(args)
-    except (CheckpointError, DataError, UsageError) as err:
+    except (CheckpointError, DataError, UsageError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

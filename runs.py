@@ -1,9 +1,6 @@
-"""A run: its configuration (one dataclass whose fields are the command-line flags, with named presets)
-and the self-describing checkpoint it writes. (The data a run uses: tasks.py.)
-
-train.py and eval.py share this file so that a checkpoint written by one is read by the other with nothing
-else: the checkpoint carries the config, the label names and their embeddings, the prompt, the image
-normalisation, the model's shapes, the optimiser, the RNG state and the epoch.
+"""A run: its configuration (one dataclass whose fields are the command-line flags, with named presets and
+ranges) and the record of what it used (RUN_DIR/config.json). (Its checkpoint: checkpoints.py; its folder:
+rundir.py; the data it uses: tasks.py.)
 """
 import argparse
 from datetime import datetime
@@ -12,7 +9,6 @@ import json
 import os
 import platform
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -20,13 +16,10 @@ import torch
 import torchvision
 
 from clip_files import OFFICIAL_SHA256, WHERE
-from data import IMAGENET_MEAN, IMAGENET_STD
 from losses import SPML_DEFAULTS
-from sigrl import SigRL, SigRLConfig
-from vit import VisionConfig, VisionTransformer
+import safe_io
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-CHECKPOINT_FORMAT = "sigrl-run/1"
 
 
 class UsageError(ValueError):
@@ -55,38 +48,41 @@ class Config:
     out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
     overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
-    stop_after: int = _f(0, "stop after this many epochs of this invocation (resume later); 0 = run to the end")
-    epochs: int = _f(20, "training epochs")
-    batch_size: int = _f(32, "images per step")
-    lr: float = _f(1e-4, "base learning rate (AdamW)")
-    min_lr: float = _f(1e-7, "learning rate at the end of the cosine")
-    weight_decay: float = _f(0.05, "AdamW weight decay on matrices (none on 1-D parameters)")
-    warmup_epochs: float = _f(2.0, "linear warm-up length in epochs")
-    layer_decay: float = _f(0.65, "layer-wise lr decay: block i of L gets lr x decay^(L+1-i)")
-    fix_layer: int = _f(10, "freeze the patch embedding, ln_pre and the first N transformer blocks")
+    stop_after: int = _f(0, "stop after this many epochs of this invocation (resume later); 0 = run to the end",
+                         low=0)
+    epochs: int = _f(20, "training epochs", low=1)
+    batch_size: int = _f(32, "images per step", low=1)
+    lr: float = _f(1e-4, "base learning rate (AdamW)", above=0, high=1e30)  # AdamW's step size must fit float32
+    min_lr: float = _f(1e-7, "learning rate at the end of the cosine", low=0)
+    weight_decay: float = _f(0.05, "AdamW weight decay on matrices (none on 1-D parameters)", low=0)
+    warmup_epochs: float = _f(2.0, "linear warm-up length in epochs", low=0)
+    layer_decay: float = _f(0.65, "layer-wise lr decay: block i of L gets lr x decay^(L+1-i)", above=0)
+    fix_layer: int = _f(10, "freeze the patch embedding, ln_pre and the first N transformer blocks", low=0)
     loss: str = _f("em", "SPML loss: iun (oracle negatives), an, em, em_apl", choices=["iun", "an", "em", "em_apl"])
-    alpha: float = _f(0.1, "SPML EM: weight of the entropy term on unobserved labels (COCO 0.1, VOC 0.2)")
-    beta: float = _f(0.9, "SPML EM_APL: weight of the soft-negative term (COCO 0.9, VOC 0.02)")
-    neg_proportion: float = _f(0.9, "SPML EM_APL: share of unobserved entries that become soft negatives")
-    apl_warmup: int = _f(5, "SPML EM_APL: first epoch after which pseudo-negatives are chosen")
+    alpha: float = _f(0.1, "SPML EM: weight of the entropy term on unobserved labels (COCO 0.1, VOC 0.2)", low=0)
+    beta: float = _f(0.9, "SPML EM_APL: weight of the soft-negative term (COCO 0.9, VOC 0.02)", low=0)
+    neg_proportion: float = _f(0.9, "SPML EM_APL: share of unobserved entries that become soft negatives",
+                               low=0, high=1)
+    apl_warmup: int = _f(5, "SPML EM_APL: first epoch after which pseudo-negatives are chosen", low=0)
     prompt: str = _f("fixed", "label embeddings: fixed template, or coop (learned context, CoOp)",
                      choices=["fixed", "coop"])
-    template: str = _f("There is a {} in the scene", "prompt template for --prompt fixed (the reference's)")
-    n_ctx: int = _f(16, "CoOp context length")
+    template: str = _f("There is a {} in the scene", "prompt template for --prompt fixed (the reference's); "
+                                                     "{} is replaced by the label name")
+    n_ctx: int = _f(16, "CoOp context length", low=1)
     coop_init: str = _f("", "CoOp context initialisation words, e.g. 'a photo of a' (empty: random)")
     gmc: bool = _f(True, "GMC: label graph (paper Eq. 2-4)")
     sda: bool = _f(True, "SDA: semantic decoupling attention (Eq. 5-9)")
     vfr: bool = _f(True, "VFR: visual feature reconstruction (Eq. 10-12)")
     global_only: bool = _f(False, "score with the global (class-token) branch only")
-    topk: int = _f(16, "top-k patches averaged in the local score")
-    class_chunk: int = _f(64, "classes per SDA/VFR chunk (memory vs speed; results do not depend on it)")
+    topk: int = _f(16, "top-k patches averaged in the local score", low=1)
+    class_chunk: int = _f(64, "classes per SDA/VFR chunk (memory vs speed; results do not depend on it)", low=1)
     compile: bool = _f(False, "run SDA/VFR's per-chunk work through torch.compile (same maths, fewer memory "
                               "passes; the first steps are slow while it compiles)")
-    seed: int = _f(42, "random seed")
+    seed: int = _f(42, "random seed", low=0, high=2 ** 32 - 1)
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...")
-    workers: int = _f(min(8, os.cpu_count() or 1), "DataLoader worker processes")
-    eval_batch_size: int = _f(64, "images per evaluation step")
-    world_seed: int = _f(0, "toy world: generation seed")
+    workers: int = _f(min(8, os.cpu_count() or 1), "DataLoader worker processes", low=0)
+    eval_batch_size: int = _f(64, "images per evaluation step", low=1)
+    world_seed: int = _f(0, "toy world: generation seed", low=0, high=2 ** 32 - 1)
 
 
 PRESETS = {
@@ -119,8 +115,15 @@ def presets_table():
     return "\n".join("  " + line for line in lines)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one UsageError line (exit code 2 in main), not usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
 def parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Train SigRL. With no arguments: zero-shot multi-label recognition on the offline toy "
                     "world with its tiny CLIP (a few minutes on a laptop CPU).",
         epilog="Defaults that depend on the preset (--task/--data pick the paper's recipe for that table; any\n"
@@ -147,9 +150,10 @@ def parse_args(argv=None):
     given = vars(parser().parse_args(argv))
     task, data = given.get("task", "zsl"), given.get("data", "toy")
     if (task, data) not in PRESETS:
-        parser().error(f"--task {task} does not go with --data {data}: zsl needs nuswide or toy, "
-                       f"spml needs coco, voc or toy")
+        raise UsageError(f"--task {task} does not go with --data {data}: zsl needs nuswide or toy, "
+                         f"spml needs coco, voc or toy")
     cfg = Config(**{**PRESETS[(task, data)], **given})
+    check_config(cfg)
     if not cfg.out:
         cfg.out = os.path.join("runs", f"{cfg.task}-{cfg.data}")
     if cfg.data == "toy":
@@ -157,6 +161,27 @@ def parse_args(argv=None):
         cfg.data_root = cfg.data_root or os.path.join("runs", f"toyworld-seed{cfg.world_seed}")
     cfg._given = set(given)
     return cfg
+
+
+def check_config(cfg):
+    """Every flag in its range, before anything is loaded: a zero batch size or a NaN learning rate must not
+    surface as a traceback after an epoch of work."""
+    for f in fields(Config):
+        value, m, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not abs(value) <= torch.finfo(torch.float32).max:  # NaN fails too
+            raise UsageError(f"{flag} {value}: expected a finite number (within float32's range)")
+        if ("low" in m and value < m["low"]) or ("high" in m and value > m["high"]) or \
+                ("above" in m and value <= m["above"]):
+            bounds = [f">= {m['low']}" if "low" in m else "", f"> {m['above']}" if "above" in m else "",
+                      f"<= {m['high']}" if "high" in m else ""]
+            kind = "an integer" if f.type in (int, "int") else "a number"
+            raise UsageError(f"{flag} {value}: expected {kind} {' and '.join(b for b in bounds if b)}")
+    if cfg.template.count("{}") != 1:
+        raise UsageError(f"--template {cfg.template!r}: expected one {{}} where the label name goes (without it "
+                         f"every label would get the same prompt)")
+    if not cfg.vfr and (cfg.gmc or cfg.sda):
+        raise UsageError("--no-vfr scores the raw patch tokens, so GMC and SDA would be unused: add --no-gmc "
+                         "--no-sda")
 
 
 def resume_config(cfg, ckpt):
@@ -178,14 +203,6 @@ def resume_config(cfg, ckpt):
     return saved
 
 
-def check_out_dir(cfg, resuming):
-    last = os.path.join(cfg.out, "last.pt")
-    if not resuming and os.path.exists(last) and not cfg.overwrite:
-        raise UsageError(f"{last} exists: pass --resume {last} to continue it, --out NEW_DIR, or --overwrite")
-    if not resuming and cfg.overwrite and os.path.exists(os.path.join(cfg.out, "log.jsonl")):
-        os.remove(os.path.join(cfg.out, "log.jsonl"))
-
-
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,20 +212,9 @@ def pick_device(name):
 
 
 # ----------------------------------------------------------------------------- run files
-def save_checkpoint(obj, path):
-    """Write atomically (temporary file, then rename): a crash mid-write never leaves half a last.pt."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_json(obj, path):
     """JSON, written atomically as save_checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    safe_io.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def run_record(cfg, clip, names, n_train, n_train_images, device):
@@ -244,56 +250,10 @@ def write_run_record(record, out, resuming):
     write_json(record, path)
 
 
-def make_checkpoint(cfg, model, opt, state, rng, metrics, names, n_train, label_emb):
-    """Everything eval.py --ckpt and train.py --resume need. The frozen teacher is left out: it equals the
-    CLIP file's visual tower, which --resume reloads (and checks by sha256)."""
-    prompt = {"kind": cfg.prompt, "template": cfg.template} if cfg.prompt == "fixed" else \
-        {"kind": "coop", "n_ctx": cfg.n_ctx, "init": cfg.coop_init}
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": asdict(cfg),
-        "vision_config": asdict(model.student.config),
-        "head_config": asdict(model.config),
-        "model": model.state_dict_trainable(),
-        "label_names": list(names), "n_train_classes": n_train,
-        "label_emb": label_emb.detach().float().cpu(),  # (C_all, D) what the model was scored with
-        "prompt": prompt,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "resolution": model.student.resolution,
-        "clip_sha256": state["clip_sha256"],
-        "optimizer": opt.state_dict(),
-        "state": {k: v for k, v in state.items() if k != "clip_sha256"},
-        "rng": rng,
-        "metrics": metrics,
-    }
-
-
-def load_run_checkpoint(path, expect=None):
-    """Read a run checkpoint written by train.py (weights_only); anything else is one clear error."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such checkpoint file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns before refusing a TorchScript archive
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a truncated zip, a TorchScript archive (a CLIP file), a pickle of other objects...
-        raise UsageError(f"{path}: not a sigrl run checkpoint written by train.py (unreadable as one; "
-                         f"a CLIP file goes to --clip, a run checkpoint is RUN_DIR/last.pt)") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: not a sigrl run checkpoint written by train.py (a CLIP file goes to "
-                         f"--clip; a run checkpoint is RUN_DIR/last.pt)")
-    if expect is not None:
-        got = (ckpt["config"]["task"], ckpt["config"]["data"])
-        if got != expect:
-            raise UsageError(f"{path}: this checkpoint is from --task {got[0]} --data {got[1]}, "
-                             f"not --task {expect[0]} --data {expect[1]}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt):
-    """Rebuild the trained SigRL from the checkpoint alone (no CLIP file needed)."""
-    visual = VisionTransformer(VisionConfig(**ckpt["vision_config"]))
-    model = SigRL(visual, SigRLConfig(**ckpt["head_config"]))
-    # a CoOp run also saved its learned prompt (prompt.*): its label embeddings are ckpt["label_emb"] already
-    model.load_state_dict_trainable({k: v for k, v in ckpt["model"].items() if not k.startswith("prompt.")})
-    return model.eval()
+def error_line(err):
+    """The one line a command prints for `err`. An error raised in a DataLoader worker arrives with the
+    worker's traceback in its message; the user needs its last line only."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())

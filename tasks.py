@@ -14,6 +14,7 @@ import numpy as np
 
 from data import DataError, check_images, load_nuswide, load_spml
 from runs import UsageError
+from tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
 # VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
@@ -47,7 +48,36 @@ def load_dataset(cfg):
             for f in fields(data):
                 if f.name.startswith(f"{split}_") and f.name != f"{split}_paths":
                     setattr(data, f.name, getattr(data, f.name)[keep])
+        if not good.any():
+            raise DataError(f"no readable {split} images in {cfg.data_root}: {len(paths)} listed, all missing or "
+                            f"unreadable (first: {', '.join(bad[:3]) or 'none listed'})")
+    check_usable(cfg, data)
     return data
+
+
+def check_usable(cfg, data):
+    """Labels that would train nothing or score nothing are refused before the first step: ZSL needs a
+    training image with a seen positive (the others are dropped per batch) and a test image with an unseen
+    positive (else ZSL mAP is 0 whatever the model); SPML needs observed positives to learn from."""
+    if cfg.task == "zsl":
+        if not (data.train_labels == 1).any():
+            raise DataError(f"{data.files['train']}: no training image has a seen positive (label 1), so there "
+                            f"is nothing to train on")
+        if not (data.test_labels[:, len(data.seen):] == 1).any():
+            raise DataError(f"{data.files['test']}: no test image has an unseen positive, so ZSL mAP would be 0 "
+                            f"whatever the model")
+    elif not (data.train_obs == 1).any():
+        raise DataError(f"{data.files['train']}: no training image has an observed positive")
+
+
+def check_prompts(tokenizer, names, cfg):
+    """Every label's prompt fits CLIP's 77-token context (the tokenizer would refuse it mid-setup)."""
+    words = cfg.template if cfg.prompt == "fixed" else " ".join(["X"] * cfg.n_ctx) + " {}."
+    for name in prompt_names(names):
+        n = len(tokenizer.encode(words.format(name))) + 2  # + SOT, EOT
+        if n > CONTEXT_LENGTH:
+            raise DataError(f"label {name!r} makes a prompt of {n} tokens, more than CLIP's context of "
+                            f"{CONTEXT_LENGTH}: shorten it in the dataset's label list (or the --template)")
 
 
 def label_names(cfg, data):

@@ -35,7 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from clip_text import CLIP_MEAN, CLIP_STD  # noqa: E402
-from data import nus_path, observe_single_positive, read_spml_folder  # noqa: E402
+import safe_io  # noqa: E402
+from data import DataError, nus_path, observe_single_positive, read_spml_folder  # noqa: E402
 
 RES = 64                 # image side in pixels (the tiny CLIP's input resolution)
 _K = 2                   # drawing supersampling factor
@@ -273,16 +274,33 @@ def make_world(root, seed=0, n_train=3000, n_test=1000):
       listed as <folder>_<NNNN>_<id>.jpg.
     SPML view (read by load_spml_view): Cole et al.'s formatted files in <root>/sigrl_spml/toy/, all 32 labels,
       "train" = the train split, "val" = the test split, images as paths relative to root.
-    <root>/toyworld.json records version, seed and sizes: a matching world is reused as it is, another toy
-    world is replaced, and a folder holding data this function did not write is refused.
+    <root>/toyworld.json records version, seed and sizes, first with "writing": true, and as they are once every
+    file is written: a matching world is reused as it is; another toy world, or half of one (a run killed
+    while writing it), is written again; a folder holding other data is refused. Two processes that need the
+    same world: the second waits for the first.
     """
     root, want = Path(root), {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
-    marker, nus, spml = root / "toyworld.json", root / "sigrl_nuswide", root / SPML_DIR
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if _made(root, want):
         return root
+    with safe_io.locked(root, wait=True):
+        if not _made(root, want):  # (or another process made it while this one waited)
+            _write_world(root, seed, n_train, n_test, want)
+    return root
+
+
+def _made(root, want):
+    try:
+        return json.loads((root / "toyworld.json").read_text()) == want
+    except (OSError, ValueError):
+        return False
+
+
+def _write_world(root, seed, n_train, n_test, want):
+    marker, nus, spml = root / "toyworld.json", root / "sigrl_nuswide", root / SPML_DIR
     if not marker.is_file() and any(p.exists() for p in (nus, spml, root / "Flickr")):
-        raise FileExistsError(f"{root} holds data that toyworld.py did not write; choose an empty folder")
-    marker.unlink(missing_ok=True)                                    # written last: a half-made world is redone
+        raise DataError(f"{root} holds data that toyworld.py did not write (no toyworld.json); choose an empty or "
+                        f"new folder for the toy world (--data-root)")
+    safe_io.atomic_write(marker, lambda f: f.write(json.dumps({**want, "writing": True}).encode()))
     for path in (root / "Flickr", nus, spml):
         shutil.rmtree(path, ignore_errors=True)
     nus.mkdir(parents=True)
@@ -314,8 +332,7 @@ def make_world(root, seed=0, n_train=3000, n_test=1000):
     (nus / "seen.txt").write_text("".join(f"{name}\n" for name in SEEN))
     (nus / "unseen.txt").write_text("".join(f"{name}\n" for name in UNSEEN))
     (spml / "classes.txt").write_text("".join(f"{name}\n" for name in LABELS))
-    marker.write_text(json.dumps(want))
-    return root
+    safe_io.atomic_write(marker, lambda f: f.write(json.dumps(want).encode()))
 
 
 def load_spml_view(root):

@@ -12,7 +12,6 @@ cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (
 selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of
 each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (plot.py).
 """
-import json
 import math
 import os
 import random
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import eval as evaluation
 import plot
 import runs
@@ -31,7 +31,9 @@ from clip_files import CheckpointError, load_clip
 from clip_text import PromptLearner, encode_labels
 from data import DataError, ImageList, build_transform, spml_resize
 from losses import apl_update, l1_distill, ranking_loss, spml_loss
+from rundir import RunDir
 from runs import UsageError
+from safe_io import WriteError
 from sigrl import SigRL
 
 
@@ -117,6 +119,39 @@ def epoch_loader(dataset, cfg, epoch, shuffle):
                                        persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 
+# ----------------------------------------------------------------------------- divergence
+EXPLODED = 100  # x max(1, |first loss|): every loss here starts O(1) (ranking hinge ~1, SPML BCE terms < 1,
+#                 the L1 distillation at 0, the student being the teacher), so this is far past any progress
+
+
+class Diverged(Exception):
+    """Training left the finite numbers or the loss exploded; stopped before it reaches a checkpoint."""
+
+
+def check_step(state, batch, loss=None, opt=None):
+    """Before backward: the loss is finite and has not exploded. After the step: gradients and weights are
+    finite (a finite loss can hide overflowing weights). Raises Diverged naming the step and the images."""
+    if loss is not None:
+        value = loss.item()
+        if state["first_loss"] is None:
+            state["first_loss"] = value
+        limit = EXPLODED * max(1.0, abs(state["first_loss"]))
+        what = (f"the loss is non-finite ({value})" if not math.isfinite(value) else
+                f"the loss exploded to {value:.4g} (> {EXPLODED} x max(1, |first loss {state['first_loss']:.4g}|))"
+                if value > limit else None)
+    else:
+        def peak(tensors):  # the largest |value|: finite iff every value is (a norm can overflow instead)
+            return torch.stack([t.detach().abs().amax().float() for t in tensors] or [torch.zeros(())]).amax()
+        params = [p for group in opt.param_groups for p in group["params"]]
+        peaks = torch.stack([peak([p.grad for p in params if p.grad is not None]), peak(params)]).tolist()
+        what = next((f"the {name} became non-finite" for name, m in zip(("gradients", "weights"), peaks)
+                     if not math.isfinite(m)), None)
+    if what:
+        more = f" (+{len(batch) - 3} more)" if len(batch) > 3 else ""
+        raise Diverged(f"training diverged at step {state['step']} (epoch {state['epoch'] + 1}): {what}; "
+                       f"batch: {', '.join(batch[:3])}{more}; start again with a lower --lr")
+
+
 # ----------------------------------------------------------------------------- one epoch
 def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train, device, steps_per_epoch):
     """One pass over the training images; returns the mean of each loss term."""
@@ -131,7 +166,7 @@ def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train,
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if cfg.task == "zsl":
             keep = (labels == 1).any(dim=1)  # the reference drops images without a seen positive, per batch
-            images, labels = images[keep], labels[keep]
+            images, labels, index = images[keep], labels[keep], index[keep.cpu()]
             if images.shape[0] == 0:
                 continue
         else:
@@ -152,11 +187,12 @@ def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train,
             loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
             terms = {cfg.loss: loss}
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {state['step']}; try a lower --lr")
+        batch = [loader.dataset.paths[i] for i in index.tolist()]
+        check_step(state, batch, loss=loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        check_step(state, batch, opt=opt)
         state["step"] += 1
         n_batches += 1
         for k, v in terms.items():
@@ -184,23 +220,36 @@ def apl_round(model, label_emb, data, state, cfg, device):
 
 # ----------------------------------------------------------------------------- the run
 def main(argv=None):
-    cfg = runs.parse_args(argv)
     try:
-        run(cfg)
+        run(runs.parse_args(argv))
         return 0
-    except (CheckpointError, DataError, UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (CheckpointError, DataError, UsageError, WriteError) as err:
+        print(f"error: {runs.error_line(err)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted before the run directory was opened; nothing was written", file=sys.stderr)
+    return 2
 
 
 def run(cfg, baseline=True):
     """Train (or resume) one run; returns the last epoch's metrics. `baseline`: on the toy world, also
     evaluate the zero-shot tiny CLIP and print both side by side."""
-    # Validate everything (checkpoint kinds, CLIP file, dataset, run directory) before writing anything.
-    resume = runs.load_run_checkpoint(cfg.resume) if cfg.resume else None
+    resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = runs.resume_config(cfg, resume)
-    runs.check_out_dir(cfg, resuming=resume is not None)
+    run_dir = RunDir(cfg.out, resume)
+    run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite)
+    with run_dir.locked():  # a second train.py on this --out stops here
+        try:
+            return _run(cfg, resume, run_dir, baseline)
+        except (KeyboardInterrupt, DataError, WriteError, Diverged) as err:  # Ctrl-C, a worker's bad image, ...
+            if not (run_dir.started or isinstance(err, KeyboardInterrupt)):
+                raise  # found while validating: the run directory was not touched
+            what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else runs.error_line(err)
+            raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
+
+
+def _run(cfg, resume, run_dir, baseline):
+    # Validate everything (CLIP file, dataset, labels, prompts) before the run directory is touched.
     device = runs.pick_device(cfg.device)
     seed_everything(cfg.seed)
     clip = load_clip(cfg.clip)
@@ -209,6 +258,7 @@ def run(cfg, baseline=True):
                               f"the frozen teacher must be the same")
     data = tasks.load_dataset(cfg)
     names, n_train = tasks.label_names(cfg, data)
+    tasks.check_prompts(clip.tokenizer, names, cfg)
     model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
                             topk=cfg.topk, class_chunk=cfg.class_chunk)
     freeze_early_layers(model.student, cfg.fix_layer)
@@ -227,7 +277,7 @@ def run(cfg, baseline=True):
     del clip
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": clip_sha256}
+    state = {"step": 0, "epoch": 0, "best": None, "first_loss": None, "clip_sha256": clip_sha256}
     if cfg.task == "spml":
         state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
         state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
@@ -238,7 +288,9 @@ def run(cfg, baseline=True):
         state.update(resume["state"])
         set_rng_state(resume["rng"])
         print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
-    os.makedirs(cfg.out, exist_ok=True)
+    run_dir.start(resume, cfg.overwrite)  # everything is checked: from here on the run directory changes
+    if resume is not None and cfg.task == "spml":
+        state["best"] = run_dir.best_on_disk(state["best"])
     runs.write_run_record(record, cfg.out, resuming=resume is not None)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -250,6 +302,7 @@ def run(cfg, baseline=True):
     end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
     metrics = resume["metrics"] if resume is not None else None
     while state["epoch"] < end:
+        run_dir.phase = f"during epoch {state['epoch'] + 1}"
         t0 = time.time()
         loader = epoch_loader(train_set, cfg, state["epoch"], shuffle=True)
         losses = train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train, device,
@@ -266,13 +319,10 @@ def run(cfg, baseline=True):
                              "test_map": metrics["test"]["map"]}
         record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
                   "loss": losses, **metrics}
-        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
         print(evaluation.format_epoch(record))
-        ckpt = runs.make_checkpoint(cfg, model, opt, state, rng_state(), metrics, names, n_train, label_emb)
-        runs.save_checkpoint(ckpt, os.path.join(cfg.out, "last.pt"))
-        if improved:
-            runs.save_checkpoint(ckpt, os.path.join(cfg.out, "best.pt"))
+        ckpt = checkpoints.make_checkpoint(cfg, model, opt, state, rng_state(), metrics, names, n_train, label_emb)
+        run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
+    run_dir.phase = "after the last epoch"
     if metrics is None:
         return None
     print(f"curves -> {plot.write_curves(cfg.out)}")

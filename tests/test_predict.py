@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import draw
 import eval as evaluation
 import plot
@@ -53,7 +54,7 @@ def _setup(d):
     state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": clip.sha256}
     os.makedirs(cfg.out)
     ckpt = d / "run" / "last.pt"
-    runs.save_checkpoint(runs.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
+    checkpoints.save_checkpoint(checkpoints.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
                                               train.rng_state(), None, names, n_train, H), ckpt)
     # the folder a user points predict.py at: nested folders, a PNG, a text file and a damaged JPEG
     photos, truth, created = d / "photos", {}, []
@@ -67,7 +68,7 @@ def _setup(d):
     (photos / "a" / "notes.txt").write_text("not an image")
     (photos / "a" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
     yield {"dir": d, "ckpt": ckpt, "photos": photos, "truth": truth, "created": created, "clip": clip,
-           "names": names, "data_root": root, "model": runs.model_from_checkpoint(torch.load(ckpt, weights_only=True)), "data": data}
+           "names": names, "data_root": root, "model": checkpoints.model_from_checkpoint(torch.load(ckpt, weights_only=True)), "data": data}
 
 
 def forward_scores(model, paths, H, task="zsl"):
@@ -174,7 +175,7 @@ def test_coop_run_tags_its_own_labels(setup, tmp_path, capsys):
     with torch.no_grad():
         H = model.prompt()  # (C, D)
     state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": setup["clip"].sha256}
-    runs.save_checkpoint(runs.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
+    checkpoints.save_checkpoint(checkpoints.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
                                               train.rng_state(), None, setup["names"], 24, H), tmp_path / "c.pt")
     assert predict.main(["--ckpt", str(tmp_path / "c.pt"), str(setup["photos"] / "a" / "b"), "--save-scores",
                          str(tmp_path / "s.npy"), "--workers", "0"]) == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import toyworld as tw
-from data import check_images, load_nuswide
+from data import DataError, check_images, load_nuswide
 from toyclip.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def test_cached_world_is_reused_and_foreign_data_refused(world, tmp_path):
     tw.make_world(world, seed=0, n_train=240, n_test=160)
     assert os.path.getmtime(world / "sigrl_nuswide" / "train_labels.npy") == stamp
     (tmp_path / "sigrl_nuswide").mkdir()
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DataError, match="did not write"):
         tw.make_world(tmp_path, seed=0, n_train=4, n_test=4)
 
 

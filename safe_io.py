@@ -1,0 +1,131 @@
+"""Writing files so that nothing is lost: each file appears whole or not at all, one process writes into a
+folder at a time, and a write that fails (a full disk) is one line saying which file.
+
+    atomic_write(path, write)   write(f) fills a temporary file beside `path`; fsync; rename onto `path`
+    locked(folder)              holds folder/.lock for one process (the kernel drops the lock when the process
+                                dies, even by SIGKILL, so a crash never leaves a stale lock behind)
+    remove_leftovers(folder)    the temporary files of writers that died before their rename
+A rename within one folder is atomic on POSIX file systems: a reader, or the next run after a crash, sees the
+old file or the new one, never half of one.
+
+Test hook: SIGRL_TEST_SIGNAL="<file name>#<n>:<SIGNAL>" (e.g. "last.pt#2:KILL") sends SIGNAL to this process
+just before the n-th rename onto a file of that name, so the tests can kill or interrupt a run at a chosen
+point. It is read here and nowhere else.
+"""
+import contextlib
+import errno
+import os
+import signal
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None
+
+LOCK = ".lock"
+
+
+class WriteError(Exception):
+    """A file could not be written, or a folder is in use by another process; the message is one line."""
+
+
+def _reason(err):
+    """The OSError behind `err` (torch.save reports a failed write as a RuntimeError raised from it)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__context__
+    return err
+
+
+def _tmp_name(path):
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary binary file beside `path`, flush it to disk, then rename it onto `path`.
+    On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is untouched."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        _test_signal(path)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = _reason(err) if isinstance(err, (OSError, RuntimeError)) else None
+        if cause is None:
+            raise
+        raise WriteError(f"cannot write {path} ({cause.strerror or cause})") from None
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable (a power cut after it must not bring the old name back)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_leftovers(folder):
+    """Remove temporary files that atomic_write left when its process was killed (call it under `locked`)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".tmp-" in name:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+@contextlib.contextmanager
+def locked(folder, wait=False):
+    """Hold folder/.lock for the duration; a second process is refused with the first one's pid (or, with
+    wait=True, waits for it). A folder this call created is removed again if nothing but the lock is in it."""
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, LOCK), "a+")
+    except OSError as err:
+        raise WriteError(f"cannot write into {folder} ({err.strerror})") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                f.seek(0)
+                raise WriteError(f"{folder} is in use by another process (pid {f.read().strip() or '?'}): wait "
+                                 f"for it to finish, or choose another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield folder
+    finally:
+        f.close()  # closing the file releases the lock
+        if created and os.listdir(folder) == [LOCK]:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, LOCK))
+                os.rmdir(folder)
+
+
+_fired = {"spec": None, "count": 0}
+
+
+def _test_signal(path):
+    spec = os.environ.get("SIGRL_TEST_SIGNAL")
+    if not spec:
+        return
+    target, name = spec.rsplit(":", 1)
+    base, n = target.rsplit("#", 1)
+    if _fired["spec"] != spec:  # a new setting counts from zero
+        _fired.update(spec=spec, count=0)
+    if os.path.basename(path) == base:
+        _fired["count"] += 1
+        if _fired["count"] == int(n):
+            _fired["spec"] = None
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
