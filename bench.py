@@ -199,7 +199,7 @@ def train_flops(B, C, v=VisionConfig(), h=SigRLConfig(), fix_layer=10):
     one = 2 * C * E * KO + B * (2 * C * E * E + 2 * Pv * C * E + 2 * C * E)  # layer-1 W, M^T H, the two scores
     return {
         "student forward": B * (embed + L * block + 2 * N * W * E),  # proj on every token
-        "teacher forward": B * (embed + L * block + 2 * W * E),  # proj on the class token
+        "teacher forward": B * (embed + L * block + 2 * N * W * E),  # proj on every token, as the student
         "student backward": B * (2 * (L - fix_layer) * block + 4 * N * W * E),
         "head forward": both + one,
         "head backward": 2 * both + one,

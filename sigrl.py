@@ -261,8 +261,12 @@ class SigRL(nn.Module):
 
     @torch.no_grad()
     def teacher_feat(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's class-token embedding (B, D), target of L_global."""
-        return self.teacher(images)  # (B, D)
+        """The frozen teacher's class-token embedding (B, D), target of L_global. Computed along the student's path
+        (encode: every token through proj, then the class token), not the tower's forward (the class token, then
+        proj): the same operations on the same shapes, so while the student still equals its teacher (at the same
+        precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size."""
+        tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
+        return tokens[:, 0]  # (B, D)
 
     def state_dict_trainable(self) -> dict:
         """state_dict without the teacher (it equals the CLIP file's visual tower, so run checkpoints skip it)."""
