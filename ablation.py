@@ -2,6 +2,7 @@
 
     python ablation.py                       # the toy world (offline), 3 seeds per setting
     python ablation.py --seeds 42 43 44 --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt
+    torchrun --nproc_per_node 4 ablation.py ...   # each run on 4 GPUs (README: "More than one GPU")
 
 Every setting trains a fresh run with train.run (any train.py flag after the ablation's own flags is passed
 through) and reports the last epoch's ZSL / GZSL (or SPML test) figures as mean ± std over the seeds.
@@ -16,6 +17,7 @@ import sys
 import numpy as np
 
 import eval as evaluation
+import parallel
 import runs
 import train
 from clip_files import CheckpointError
@@ -38,6 +40,7 @@ def mean_std(results):
 
 
 def main(argv=None):
+    parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds per setting")
     p.add_argument("--out", default=os.path.join("runs", "ablation"), help="one run directory per setting/seed")
@@ -53,11 +56,16 @@ def main(argv=None):
                 out = os.path.join(args.out, f"row{i}-seed{seed}")
                 cfg = runs.parse_args(train_flags + flags + ["--seed", str(seed), "--out", out, "--overwrite"])
                 print(f"== {name}, seed {seed} -> {out}", flush=True)
-                results.append(train.run(cfg, baseline=False))
-            means[name], stds[name] = mean_std(results)
-    except (CheckpointError, DataError, runs.UsageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+                results.append(train.run(cfg, baseline=False))  # None on torchrun's other processes
+            if parallel.is_main():
+                means[name], stds[name] = mean_std(results)
+    except (CheckpointError, DataError, runs.UsageError, parallel.Stopped) as err:
+        parallel.report(err)
         return 2
+    finally:
+        parallel.finish()
+    if not parallel.is_main():
+        return 0
     print(evaluation.format_comparison(means, spread=stds,
                                        title=f"\nAblation (Table IV analogue), mean ± std over seeds {args.seeds}:"))
     return 0

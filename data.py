@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_formats import (NUS_H5, NUS_RAW, DataError, changed_source, format_coco, format_voc, observe_single_positive,
                           read_h5_layout, read_lines, read_names, read_raw_release, record_sources, voc_dir)
+from parallel import seeded
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
@@ -273,11 +274,13 @@ def view_transform(task, resolution):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image, label row as a tensor, index). Run check_images first: an unreadable file here is an error."""
+    """(image, label row as a tensor, index). Run check_images first: an unreadable file here is an error.
+    key: a tuple of ints; when given, image i's random transform draws from a generator seeded by (*key, i), so an
+    image is augmented the same way whichever process, worker or batch loads it (train.py: key = (seed, epoch))."""
 
-    def __init__(self, paths, labels, transform):
+    def __init__(self, paths, labels, transform, key=None):
         assert len(paths) == len(labels), f"{len(paths)} paths but {len(labels)} label rows"
-        self.paths, self.labels, self.transform = list(paths), labels, transform
+        self.paths, self.labels, self.transform, self.key = list(paths), labels, transform, key
 
     def __len__(self):
         return len(self.paths)
@@ -287,7 +290,9 @@ class ImageList(torch.utils.data.Dataset):
             image = read_image(self.paths[i])
         except (OSError, ValueError) as e:  # missing, not an image, cut short
             raise DataError(f"{self.paths[i]}: cannot read image ({e}); exclude it with check_images()") from e
-        return self.transform(image), torch.as_tensor(np.asarray(self.labels[i])), i
+        with seeded((*self.key, i)) if self.key is not None else contextlib.nullcontext():
+            image = self.transform(image)
+        return image, torch.as_tensor(np.asarray(self.labels[i])), i
 
 
 def read_image(path):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import checkpoints
 import draw
+import parallel
 import runs
 import safe_io
 import tasks
@@ -36,12 +37,15 @@ SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
 
 
 @torch.no_grad()
-def predict(paths, transform, encode, scorers, device, batch_size, workers, desc):
+def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None):
     """Scores of every image against each label set: {name: (N, C_name) float32}. Each batch is loaded and
-    encoded once (`encode(images)`), then scored by every `scorers[name](features) -> (B, C)`."""
+    encoded once (`encode(images)`), then scored by every `scorers[name](features) -> (B, C)`. key: see
+    ImageList (for a random transform). Under torchrun each process scores a contiguous run of whole batches
+    and rank 0 gets all the scores, in order, as one process would compute them; the others get None."""
     dummy = np.zeros((len(paths), 1), dtype=np.float32)
-    loader = torch.utils.data.DataLoader(ImageList(paths, dummy, transform), batch_size=batch_size,
-                                         shuffle=False, num_workers=workers)
+    dataset = ImageList(paths, dummy, transform, key)
+    mine = torch.utils.data.Subset(dataset, parallel.batch_share(len(paths), batch_size))  # all of them without torchrun
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
     out = {name: [] for name in scorers}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for images, _, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
@@ -49,7 +53,7 @@ def predict(paths, transform, encode, scorers, device, batch_size, workers, desc
             features = encode(images.to(device, non_blocking=True))
             for name, score in scorers.items():
                 out[name].append(score(features).float().cpu())
-    return {name: torch.cat(v).numpy() for name, v in out.items()}
+    return parallel.gather_rows({name: torch.cat(v).numpy() if v else None for name, v in out.items()})
 
 
 def sigrl_scorers(model, label_sets, resolution, spml):
@@ -66,7 +70,8 @@ def sigrl_scorers(model, label_sets, resolution, spml):
 
 def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None):
     """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
-    label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows."""
+    label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows.
+    Under torchrun every process scores its share; rank 0 returns the metrics, the others None."""
     model.eval()
     n_train = tasks.n_train_classes(cfg, data)
     transform = build_transform(cfg.task, False, resolution)
@@ -77,16 +82,18 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None)
         encode, scorers = sigrl_scorers(model, {"zsl": emb[n_train:], "gzsl": emb}, resolution, spml=False)
         scores = predict(data.test_paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers,
                          "test")
-        results["zsl"] = nus_metrics(scores["zsl"], data.test_labels[:, n_train:])
-        results["gzsl"] = nus_metrics(scores["gzsl"], data.test_labels)
+        if scores is not None:
+            results["zsl"] = nus_metrics(scores["zsl"], data.test_labels[:, n_train:])
+            results["gzsl"] = nus_metrics(scores["gzsl"], data.test_labels)
     else:
         encode, scorers = sigrl_scorers(model, {"all": emb}, resolution, spml=True)
         for split in splits or ("val", "test"):
             paths, labels = getattr(data, f"{split}_paths"), getattr(data, f"{split}_labels")
             s = predict(paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers, split)
-            results[split] = spml_metrics(sigmoid(s["all"]), labels)
+            if s is not None:
+                results[split] = spml_metrics(sigmoid(s["all"]), labels)
     model.train()
-    return results
+    return results if parallel.is_main() else None
 
 
 def sigmoid(x):
@@ -142,8 +149,9 @@ def checkpoint_and_data(args):
     cfg = runs.Config(**ckpt["config"])
     cfg.data_root = args.data_root or cfg.data_root
     cfg.workers = args.workers if args.workers is not None else cfg.workers
-    device = runs.pick_device(args.device)
-    data = tasks.load_dataset(cfg)
+    device = runs.pick_device(args.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
+    parallel.start(device)
+    data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     return ckpt, cfg, data, device
 
@@ -152,9 +160,11 @@ def eval_checkpoint(args):
     ckpt, cfg, data, device = checkpoint_and_data(args)
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
+    parallel.ready()
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
                              splits=("test",) if cfg.task == "spml" else None)
-    print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
+    if results is not None:  # rank 0 (the other torchrun processes scored their share)
+        print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
     return results
 
 
@@ -188,8 +198,12 @@ def draw_figure(args):
     chosen = choose_images(data.test_paths, truth.astype(int), args.figure_n, args.seed, args.figure_images)
     paths, R = [data.test_paths[i] for i in chosen], ckpt["resolution"]
     encode, scorers = sigrl_scorers(model, {"fig": ckpt["label_emb"][cols].to(device)}, R, spml=cfg.task == "spml")
+    parallel.ready()
     scores = predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size, 0,
-                     "figure")["fig"]  # (n, C)
+                     "figure")
+    if scores is None:  # another torchrun process: it scored its share, rank 0 draws
+        return
+    scores = scores["fig"]  # (n, C)
     view, cells = view_transform(cfg.task, R), []
     for i, path, row in zip(chosen, paths, scores):
         with Image.open(path) as im:
@@ -273,7 +287,10 @@ def clip_baseline(clip, cfg, data, device):
     names, n_train = tasks.label_names(cfg, data)
     transform, encode, score = clip_zero_shot(clip, tasks.prompt_names(names), cfg.template, device)
     s = predict(data.test_paths, transform, encode, {"all": score}, device, cfg.eval_batch_size,
-                cfg.workers, "clip")["all"]  # (N, C) cosine similarities
+                cfg.workers, "clip")
+    if s is None:  # another process than rank 0: it scored its share
+        return None
+    s = s["all"]  # (N, C) cosine similarities
     if cfg.task == "zsl":
         # cosine scores do not depend on the label set, so ZSL is the unseen columns of the same pass
         return {"zsl": nus_metrics(s[:, n_train:], data.test_labels[:, n_train:]),
@@ -288,10 +305,13 @@ def eval_baseline(args):
     if args.workers is not None:
         cfg.workers = args.workers
     device = runs.pick_device(args.device)
+    parallel.start(device)
     clip = load_clip(cfg.clip)
-    data = tasks.load_dataset(cfg)
+    data = parallel.in_turn(lambda: tasks.load_dataset(cfg))
+    parallel.ready()
     results = clip_baseline(clip, cfg, data, device)
-    print(format_table(results, f"zero-shot CLIP ({cfg.clip}) on {cfg.data}"))
+    if results is not None:
+        print(format_table(results, f"zero-shot CLIP ({cfg.clip}) on {cfg.data}"))
     return results
 
 
@@ -324,6 +344,7 @@ def parser():
 
 
 def main(argv=None):
+    parallel.quiet_unless_main()  # under torchrun (--ckpt, --baseline, --figure), rank 0 alone prints
     try:
         args = parser().parse_args(argv)
         if args.scores and not (args.labels and args.protocol):
@@ -336,14 +357,16 @@ def main(argv=None):
         if args.json:
             check_json_path(args.json)
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
-        if args.json:
+        if args.json and parallel.is_main():
             runs.write_json(results, args.json)
-    except (CheckpointError, DataError, UsageError, safe_io.WriteError) as err:
-        print(f"error: {runs.error_line(err)}", file=sys.stderr)
+    except (CheckpointError, DataError, UsageError, safe_io.WriteError, parallel.Stopped) as err:
+        parallel.report(err, runs.error_line(err))
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 2
+    finally:
+        parallel.finish()
     return 0
 
 

@@ -51,7 +51,10 @@ class Config:
     stop_after: int = _f(0, "stop after this many epochs of this invocation (resume later); 0 = run to the end",
                          low=0)
     epochs: int = _f(20, "training epochs", low=1)
-    batch_size: int = _f(32, "images per step", low=1)
+    batch_size: int = _f(32, "images per optimiser step, in all: under torchrun split over the N processes, "
+                             "so the recipe does not change with N", low=1)
+    accum: int = _f(1, "gradient accumulation: each process's share of a step runs as this many micro-batches "
+                       "(same result, less memory); must divide batch-size / N", low=1)
     lr: float = _f(1e-4, "base learning rate (AdamW)", above=0, high=1e30)  # AdamW's step size must fit float32
     min_lr: float = _f(1e-7, "learning rate at the end of the cosine", low=0)
     weight_decay: float = _f(0.05, "AdamW weight decay on matrices (none on 1-D parameters)", low=0)
@@ -96,7 +99,7 @@ PRESETS = {
     ("spml", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
                           eval_batch_size=128, apl_warmup=1),
 }
-RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile"}
+RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile", "accum"}
 
 
 def _shown(value):
@@ -186,7 +189,7 @@ def check_config(cfg):
 
 def resume_config(cfg, ckpt):
     """A resumed run keeps its own config; only the RESUME_OVERRIDABLE flags (device, workers, stop-after,
-    eval batch size, overwrite, compile) may change."""
+    eval batch size, overwrite, compile, accum) may change, and so may the number of torchrun processes."""
     saved = Config(**ckpt["config"])
     for k in ("task", "data"):
         if k in cfg._given and getattr(cfg, k) != getattr(saved, k):
@@ -204,11 +207,29 @@ def resume_config(cfg, ckpt):
 
 
 def pick_device(name):
+    """This process's device. Under torchrun (WORLD_SIZE > 1) a GPU run uses cuda:LOCAL_RANK, one GPU per process."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name.startswith("cuda"):
+        local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if name != "cuda":
+            raise UsageError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK (pass --device cuda "
+                             f"or auto; choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        if local >= count:
+            raise UsageError(f"LOCAL_RANK {local}: this machine has {count} GPU(s); start torchrun with "
+                             f"--nproc_per_node {count} or fewer")
+        name = f"cuda:{local}"
     return torch.device(name)
+
+
+def check_batch_split(cfg, processes):
+    """--batch-size is the global batch: it must split into equal parts over the processes, and each part into
+    --accum equal micro-batches (check_config has checked both are >= 1)."""
+    if cfg.batch_size % (processes * cfg.accum):
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split into {processes} process(es) x --accum "
+                         f"{cfg.accum} equal micro-batches: use a multiple of {processes * cfg.accum}")
 
 
 # ----------------------------------------------------------------------------- run files
@@ -244,8 +265,8 @@ def write_run_record(record, out, resuming):
     if resuming and os.path.isfile(path):
         with open(path) as f:
             first = json.load(f)
-        keep = ("command", "started", "device", "versions")
-        first.setdefault("resumed", []).append({k: record[k] for k in keep})
+        keep = ("command", "started", "device", "processes", "versions")
+        first.setdefault("resumed", []).append({k: record[k] for k in keep if k in record})
         record = first
     write_json(record, path)
 

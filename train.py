@@ -12,6 +12,7 @@ cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (
 selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of
 each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (plot.py).
 """
+import contextlib
 import math
 import os
 import random
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 import checkpoints
 import eval as evaluation
+import parallel
 import plot
 import runs
 import tasks
@@ -111,12 +113,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def epoch_loader(dataset, cfg, epoch, shuffle):
-    """The data order of epoch e depends only on (seed, e), so a resumed run sees the same batches."""
-    g = torch.Generator().manual_seed(cfg.seed * 10_007 + epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=g,
-                                       num_workers=cfg.workers, drop_last=False,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+def epoch_loader(train_set, plan, cfg, epoch):
+    """Loads the plan's micro-batches in order (parallel.epoch_plan: the order depends only on (seed, epoch), so a
+    resumed run sees the same batches); image i's augmentation in epoch e draws from (seed, e, i)."""
+    keyed = ImageList(train_set.paths, train_set.labels, train_set.transform, key=(cfg.seed, epoch))
+    return torch.utils.data.DataLoader(keyed, batch_sampler=[idx.tolist() for step in plan for idx, _ in step],
+                                       num_workers=cfg.workers, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -129,8 +132,8 @@ class Diverged(Exception):
 
 
 def check_step(state, batch, loss=None, opt=None):
-    """Before backward: the loss is finite and has not exploded. After the step: gradients and weights are
-    finite (a finite loss can hide overflowing weights). Raises Diverged naming the step and the images."""
+    """Before the optimiser step: the step's loss is finite and has not exploded. After it: gradients and weights
+    are finite (a finite loss can hide overflowing weights). Raises Diverged naming the step and the images."""
     if loss is not None:
         value = loss.item()
         if state["first_loss"] is None:
@@ -152,81 +155,109 @@ def check_step(state, batch, loss=None, opt=None):
                        f"batch: {', '.join(batch[:3])}{more}; start again with a lower --lr")
 
 
-# ----------------------------------------------------------------------------- one epoch
-def train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train, device, steps_per_epoch):
-    """One pass over the training images; returns the mean of each loss term."""
-    model.train()
-    totals, n_batches = {}, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+# ----------------------------------------------------------------------------- one epoch, one step
+def train_one_epoch(net, model, label_emb_fn, train_set, opt, state, cfg, data, n_train, device, steps_per_epoch):
+    """One pass over the training images; returns the mean of each loss term over the steps. `net` is the model,
+    or under torchrun the model in DistributedDataParallel."""
+    net.train()
+    # the reference drops the images without a seen positive from each batch (ZSL); SPML keeps every image
+    usable = (train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(train_set), dtype=bool)
+    plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
+    batches = iter(epoch_loader(train_set, plan, cfg, state["epoch"]))
+    totals = {}
     # disable=None: no bar when stderr is not a terminal (a redirected log gets the one line per epoch
     # that run() prints, not thousands of carriage-return updates)
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+    bar = tqdm(plan, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=None)
-    for images, labels, index in bar:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if cfg.task == "zsl":
-            keep = (labels == 1).any(dim=1)  # the reference drops images without a seen positive, per batch
-            images, labels, index = images[keep], labels[keep], index[keep.cpu()]
-            if images.shape[0] == 0:
-                continue
-        else:
-            images = spml_resize(images, model.student.resolution)
+    for n_steps, step in enumerate(bar, 1):
         lr = lr_at(state["step"], steps_per_epoch, cfg)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        label_emb = label_emb_fn()[:n_train]  # (S, D); CoOp recomputes it every step
-        with autocast:
-            out = model(images, label_emb)
-        scores = out.scores.float()  # (B, S)
-        if cfg.task == "zsl":
-            terms = {"local": ranking_loss(scores, labels.float()),  # Eq. 14-15, on the fused score
-                     "global": l1_distill(out.feat.float(), model.teacher_feat(images).float())}  # Eq. 16
-        else:
-            obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
-            true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
-            loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
-            terms = {cfg.loss: loss}
-        loss = sum(terms.values())
-        batch = [loader.dataset.paths[i] for i in index.tolist()]
-        check_step(state, batch, loss=loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        check_step(state, batch, opt=opt)
-        state["step"] += 1
-        n_batches += 1
+        terms = train_step(net, model, [(next(batches), share) for _, share in step], label_emb_fn, opt, state, cfg,
+                           data, n_train, device)
         for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v.item()
-        bar.set_postfix({k: f"{v / n_batches:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
-    return {k: v / max(n_batches, 1) for k, v in totals.items()}
+            totals[k] = totals.get(k, 0.0) + v
+        bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
+    return {k: v / max(len(plan), 1) for k, v in totals.items()}
+
+
+def train_step(net, model, micro_batches, label_emb_fn, opt, state, cfg, data, n_train, device):
+    """One optimiser step on one global batch, given as this process's micro-batches ((images, labels, index),
+    share), share = the micro-batch's fraction of the global batch's images (one process, no --accum: a single
+    micro-batch of share 1). Returns the global batch's loss terms. `data`: the dataset (train_paths name the
+    images of a step that diverged; SPML's train_true)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    opt.zero_grad(set_to_none=True)
+    step_terms = {}
+    for k, ((images, labels, index), share) in enumerate(micro_batches):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if cfg.task == "spml":
+            images = spml_resize(images, model.student.resolution)
+        label_emb = label_emb_fn()[:n_train]  # (S, D); CoOp recomputes it for every backward
+        with parallel.accumulating(net, skip_sync=k < len(micro_batches) - 1):
+            # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
+            with parallel.seeded((cfg.seed, state["step"]), device), autocast:
+                out = net(images, label_emb)
+            scores = out.scores.float()  # (B, S)
+            if cfg.task == "zsl":
+                terms = {"local": ranking_loss(scores, labels.float()),  # Eq. 14-15, on the fused score
+                         "global": l1_distill(out.feat.float(), model.teacher_feat(images).float())}  # Eq. 16
+            else:
+                obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
+                true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
+                loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
+                terms = {cfg.loss: loss}
+            # Each term is a mean over this micro-batch. Weighted by its share of the global batch, the micro-batches'
+            # gradients add up to the gradient of the global batch's mean; DDP averages over the N processes, so x N.
+            (sum(terms.values()) * share * parallel.size()).backward()
+        for name, v in terms.items():
+            step_terms[name] = step_terms.get(name, 0.0) + share * v.detach()
+    step_terms = parallel.sum_over_ranks(step_terms)  # the global batch's loss terms, the same on every process
+    # so every process reaches the same verdict (and after the step, gradients and weights are the same everywhere)
+    batch = [data.train_paths[i] for (_, _, index), share in micro_batches if share > 0 for i in index.tolist()]
+    check_step(state, batch, loss=sum(step_terms.values()))
+    opt.step()
+    check_step(state, batch, opt=opt)
+    state["step"] += 1
+    return {name: v.item() for name, v in step_terms.items()}
+
+
+APL_FLIPS = 1  # a key of its own for the flips of the APL pass (the training epochs use (seed, epoch, image))
 
 
 @torch.no_grad()
 def apl_round(model, label_emb, data, state, cfg, device):
     """EM_APL (Zhou et al. 2022): after epoch e >= warm-up, the unobserved entries with the lowest
     probability in each class become soft negatives (obs = -p); probabilities come from the training
-    pipeline with the model in eval mode, as in the reference."""
+    pipeline (its random flip keyed by (seed, epoch, APL_FLIPS, image)) with the model in eval mode, as in the
+    reference."""
     model.eval()
     transform = build_transform("spml", True, model.student.resolution)
     encode, scorers = evaluation.sigrl_scorers(model, {"all": label_emb.to(device)}, model.student.resolution,
                                                spml=True)
-    probs = evaluation.sigmoid(evaluation.predict(data.train_paths, transform, encode, scorers, device,
-                                                  cfg.eval_batch_size, cfg.workers, "APL")["all"])
-    obs = apl_update(state["obs"].numpy().astype(np.float64), probs, state["unlabel_num"].numpy(),
-                     cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
-    state["obs"] = torch.from_numpy(obs).float()
+    scores = evaluation.predict(data.train_paths, transform, encode, scorers, device, cfg.eval_batch_size,
+                                cfg.workers, "APL", key=(cfg.seed, state["epoch"], APL_FLIPS))
+    obs = None
+    if parallel.is_main():  # rank 0 has every image's score: the new labels are computed once, then shared
+        obs = apl_update(state["obs"].numpy().astype(np.float64), evaluation.sigmoid(scores["all"]),
+                         state["unlabel_num"].numpy(), cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
+        obs = torch.from_numpy(obs).float()
+    state["obs"] = parallel.from_main(obs)
     model.train()
 
 
 # ----------------------------------------------------------------------------- the run
 def main(argv=None):
+    parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
     try:
         run(runs.parse_args(argv))
         return 0
-    except (CheckpointError, DataError, UsageError, WriteError) as err:
-        print(f"error: {runs.error_line(err)}", file=sys.stderr)
+    except (CheckpointError, DataError, UsageError, WriteError, parallel.Stopped) as err:
+        parallel.report(err, runs.error_line(err))
     except KeyboardInterrupt:
         print("error: interrupted before the run directory was opened; nothing was written", file=sys.stderr)
+    finally:
+        parallel.finish()
     return 2
 
 
@@ -236,27 +267,32 @@ def run(cfg, baseline=True):
     resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = runs.resume_config(cfg, resume)
-    run_dir = RunDir(cfg.out, resume)
-    run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite)
-    with run_dir.locked():  # a second train.py on this --out stops here
+    device = runs.pick_device(cfg.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
+    parallel.start(device)
+    run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun
+    if parallel.is_main():
+        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite)
+    with run_dir.locked() if parallel.is_main() else contextlib.nullcontext():  # a second train.py stops here
         try:
-            return _run(cfg, resume, run_dir, baseline)
+            return _run(cfg, resume, run_dir, device, baseline)
         except (KeyboardInterrupt, DataError, WriteError, Diverged) as err:  # Ctrl-C, a worker's bad image, ...
+            if not parallel.is_main() and isinstance(err, (KeyboardInterrupt, Diverged)):
+                raise parallel.Stopped(str(err)) from None  # every process stops on these; rank 0 says so
             if not (run_dir.started or isinstance(err, KeyboardInterrupt)):
                 raise  # found while validating: the run directory was not touched
             what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else runs.error_line(err)
             raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
 
 
-def _run(cfg, resume, run_dir, baseline):
+def _run(cfg, resume, run_dir, device, baseline):
     # Validate everything (CLIP file, dataset, labels, prompts) before the run directory is touched.
-    device = runs.pick_device(cfg.device)
+    runs.check_batch_split(cfg, parallel.size())
     seed_everything(cfg.seed)
     clip = load_clip(cfg.clip)
     if resume is not None and resume["clip_sha256"] != clip.sha256:
         raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
                               f"the frozen teacher must be the same")
-    data = tasks.load_dataset(cfg)
+    data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     names, n_train = tasks.label_names(cfg, data)
     tasks.check_prompts(clip.tokenizer, names, cfg)
     model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
@@ -273,6 +309,7 @@ def _run(cfg, resume, run_dir, baseline):
     train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
                           build_transform(cfg.task, True, model.student.resolution))
     record = runs.run_record(cfg, clip, names, n_train, len(train_set), device)
+    record["processes"] = parallel.size()  # torchrun's; the device above is rank 0's
     clip_sha256 = clip.sha256
     del clip
     model.to(device)
@@ -288,24 +325,28 @@ def _run(cfg, resume, run_dir, baseline):
         state.update(resume["state"])
         set_rng_state(resume["rng"])
         print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
-    run_dir.start(resume, cfg.overwrite)  # everything is checked: from here on the run directory changes
-    if resume is not None and cfg.task == "spml":
-        state["best"] = run_dir.best_on_disk(state["best"])
-    runs.write_run_record(record, cfg.out, resuming=resume is not None)
+    parallel.ready()  # every process checked everything; from here on they exchange gradients
+    net = parallel.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
+    if parallel.is_main():
+        run_dir.start(resume, cfg.overwrite)  # everything is checked: from here on the run directory changes
+        if resume is not None and cfg.task == "spml":
+            state["best"] = run_dir.best_on_disk(state["best"])
+        runs.write_run_record(record, cfg.out, resuming=resume is not None)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    split = parallel.size() * cfg.accum
     print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "
           f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}"
           f"{', SDA/VFR compiled' if any(m is not None and m.fused for m in (model.sda, model.vfr)) else ''}"
-          f", -> {cfg.out}")
+          + (f", batch {cfg.batch_size} = {parallel.size()} process(es) x {cfg.accum} micro-batch(es) of "
+             f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")
 
     end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
     metrics = resume["metrics"] if resume is not None else None
     while state["epoch"] < end:
         run_dir.phase = f"during epoch {state['epoch'] + 1}"
         t0 = time.time()
-        loader = epoch_loader(train_set, cfg, state["epoch"], shuffle=True)
-        losses = train_one_epoch(model, label_emb_fn, loader, opt, state, cfg, data, n_train, device,
+        losses = train_one_epoch(net, model, label_emb_fn, train_set, opt, state, cfg, data, n_train, device,
                                  steps_per_epoch)
         state["epoch"] += 1
         with torch.no_grad():
@@ -313,6 +354,8 @@ def _run(cfg, resume, run_dir, baseline):
         if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
             apl_round(model, label_emb, data, state, cfg, device)
         metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
+        if not parallel.is_main():
+            continue  # the other processes scored their share of the images; rank 0 keeps the books
         improved = cfg.task == "spml" and (state["best"] is None or metrics["val"]["map"] > state["best"]["val_map"])
         if improved:  # protocol: the first epoch with the highest clean-validation mAP; report its test mAP
             state["best"] = {"epoch": state["epoch"], "val_map": metrics["val"]["map"],
@@ -323,16 +366,18 @@ def _run(cfg, resume, run_dir, baseline):
         ckpt = checkpoints.make_checkpoint(cfg, model, opt, state, rng_state(), metrics, names, n_train, label_emb)
         run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
     run_dir.phase = "after the last epoch"
-    if metrics is None:
-        return None
+    zero_shot = None
+    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs > 0:
+        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
+    if metrics is None or not parallel.is_main():
+        return metrics
     print(f"curves -> {plot.write_curves(cfg.out)}")
     print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                             f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:
         print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
               f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
-    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs:
-        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)
+    if zero_shot is not None:
         print(evaluation.format_comparison({"zero-shot tiny CLIP": zero_shot, "SigRL (this run)": metrics},
                                            title="\nThe same test images, the same protocol:"))
     return metrics
