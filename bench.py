@@ -9,6 +9,8 @@ measure.py); the sections:
             memory class (the reference also keeps .repeat() copies of F and H: if anything, dense is lean).
   encoders  clip_text.CLIP's image and text towers vs open_clip's (QuickGELU), same weights.
   train     one training step, paper configuration; `train_flops` vs a big square matmul timed in the same run.
+  parallel  train.py's step on N torchrun processes vs one process (bench_parallel.py): CPU 2 gloo processes
+            (correctness, overhead); GPU images/s on one GPU, and on all of them when there are several.
 
     python bench.py --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
     python bench.py --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~25 min
@@ -30,13 +32,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from losses import l1_distill, ranking_loss
+from bench_parallel import bench_parallel
 from measure import compare, in_fresh_process, peak_rss, proc_bytes
 from sigrl import SigRL, SigRLConfig
 from train import freeze_early_layers
 from vit import VisionConfig, VisionTransformer
 
 P, D = 196, 512
-SECTIONS = ["head", "encoders", "train"]
+SECTIONS = ["head", "encoders", "train", "parallel"]
 HEAD_TARGETS = {("fwdbwd", "memory ours/dense"): 0.25, ("fwdbwd", "time ours/dense"): 1.5,  # the issue's
                 ("fwd", "time ours/dense"): 1.1}
 
@@ -288,7 +291,7 @@ def markdown(result):
         return "skipped/OOM" if x is None else x if isinstance(x, (str, int)) else f"{x:.0f}" if x >= 100 else \
             f"{x:.2f}" if x >= 1 else f"{x:.3f}"
     m, lines = result["meta"], []
-    for rows in (result["head"], result["encoders"], result["train"]):
+    for rows in (result.get(section, []) for section in SECTIONS):  # a result may leave sections out
         cols = [k for k in rows[0] if k != "raw"] if rows else []  # "raw": the measurements behind the row
         lines += ["", f"| {' | '.join(cols)} |", "|---" + "|--:" * (len(cols) - 1) + "|"] * bool(rows) + \
             [f"| {' | '.join(str(cell(r[c])) for c in cols)} |" for r in rows]
@@ -335,7 +338,8 @@ def main(argv=None):
         result["meta"]["skipped"] = ["encoders (open_clip is not installed: pip install -r requirements-dev.txt)"]
         progress("skipping the encoders: open_clip is not installed")
     for section in sections:
-        bench = {"head": bench_head, "encoders": bench_encoders, "train": bench_train}[section]
+        bench = {"head": bench_head, "encoders": bench_encoders, "train": bench_train,
+                 "parallel": bench_parallel}[section]
         result[section] = bench(preset, device, dtypes, progress, args.compile)
     result["meta"]["wall_s"] = round(time.time() - start, 1)
     result["targets"] = [dict(target=what, value=v, op=op, limit=limit) for what, v, op, limit in targets(result)]

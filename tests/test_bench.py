@@ -3,6 +3,7 @@ the plain path, equal to the fast one in tests/test_sigrl.py), the FLOP count eq
 torch's FlopCounterMode, the encoders compared are the same maths, and the timing / memory helpers run. No
 timings are checked (those belong to the benchmark)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import bench_parallel
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 
@@ -122,3 +124,19 @@ def test_encoders_are_skipped_without_open_clip(monkeypatch, capsys):
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "open_clip" else real(name))
     bench.main(["--only", "encoders", "--device", "cpu"])
     assert "Skipped: encoders (open_clip is not installed" in capsys.readouterr().out
+
+
+def test_data_parallel_worker_runs_train_step(tmp_path, capsys):
+    """bench_parallel's job body at toy size in one process (torchrun runs the same body on each process; the
+    two-process path of train.train_step is tested in test_parallel)."""
+    vision = dict(width=64, layers=2, patch=8, resolution=24, embed_dim=D)
+    spec = dict(batch=2, classes=C, steps=1, vision=vision, device="cpu", weights=str(tmp_path / "w.pt"))
+    bench_parallel.worker(spec)
+    result = json.loads(capsys.readouterr().out.split("RESULT ")[-1])
+    assert result["seconds"] > 0
+    torch.manual_seed(0)  # the worker's initial weights
+    before = SigRL(VisionTransformer(VisionConfig(**vision)), SigRLConfig(embed_dim=D)).state_dict_trainable()
+    after = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert after.keys() == before.keys()
+    assert torch.equal(after["student.conv1.weight"], before["student.conv1.weight"])  # frozen
+    assert not torch.equal(after["student.proj"], before["student.proj"])  # trained
