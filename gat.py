@@ -19,6 +19,11 @@ Paper vs. reference code
     Further details of the code: ONE attention vector a per layer, shared by all of that layer's heads
     (length O), no bias terms, dropout 0.3 on the GMC input, on alpha and between the two layers.
     Layer 1: D -> 4 heads x 32 (concatenated, 128), then ELU; layer 2: 128 -> D with one head.
+    The reference's layer is labml's GraphAttentionV2Layer (vendored as models/graphs/gatv2): W and a are
+    nn.Linear(D_in, K * O) and nn.Linear(O, 1) weights without bias, with nn.Linear's default initialisation.
+    So a is a (1, O) matrix here too, and the weights start from the same distribution (the same numbers
+    under the same seed); being 2-D, a also gets weight decay under the reference's optimiser rule, which
+    exempts only 1-D parameters.
 
 Plain path and fast path (forward's `chunk`: None or a number of query rows). The plain path computes e_ij
 for every pair at once, through the (C, C, K, O) tensor LeakyReLU(W h_i + W h_j) (layer 2 at C = 1006,
@@ -46,14 +51,10 @@ class GATv2Layer(nn.Module):
         self.in_dim, self.out_dim, self.heads = in_dim, out_dim, heads
         self.dropout, self.negative_slope = dropout, negative_slope
         self.lin = nn.Linear(in_dim, heads * out_dim, bias=False)  # W (= W_l = W_r), all heads stacked
-        self.att = nn.Parameter(torch.empty(out_dim))  # a, shared by all heads of this layer
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # Glorot-uniform, as the reference's torch_geometric layer initialises W and a.
-        nn.init.xavier_uniform_(self.lin.weight)
-        bound = math.sqrt(6.0 / (1 + self.out_dim))
-        nn.init.uniform_(self.att, -bound, bound)
+        # a, shared by all heads of this layer: (1, O), initialised as nn.Linear(O, 1) initialises its weight,
+        # uniform in +-1/sqrt(O) (kaiming_uniform_ with a = sqrt(5)), drawn after W as in the reference
+        self.att = nn.Parameter(torch.empty(1, out_dim))
+        nn.init.kaiming_uniform_(self.att, a=math.sqrt(5))
 
     def forward(self, h: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
         """chunk None: the plain path; a number: the fast path, `chunk` query rows at a time (module docstring)."""
@@ -72,7 +73,7 @@ class GATv2Layer(nn.Module):
         # e_ij = a^T LeakyReLU(W h_i + W h_j)
         pair = x_query[:, None] + x[None]  # (c, 1, K, O) + (1, C, K, O) -> (c, C, K, O)
         pair = F.leaky_relu(pair, self.negative_slope, inplace=True)  # in place: the largest tensor here, once
-        e = pair @ self.att  # (c, C, K, O) @ (O,) -> (c, C, K)
+        e = (pair @ self.att.T).squeeze(-1)  # (c, C, K, O) @ (O, 1) -> (c, C, K)
         # alpha_ij = softmax_j(e_ij), then dropout on the coefficients
         alpha = F.dropout(e.softmax(dim=1), self.dropout, self.training)  # (c, C, K)
         # h_i' = sum_j alpha_ij W h_j, per head
@@ -110,7 +111,7 @@ if __name__ == "__main__":
     gmc = GMC(dim=64, heads=4, hidden=8).eval()
     with torch.no_grad():
         x = gmc.layer1.lin(H).view(10, 4, 8)  # (C, K, O)
-        alpha = (F.leaky_relu(x[:, None] + x[None], 0.2) @ gmc.layer1.att).softmax(dim=1)  # (C, C, K)
+        alpha = (F.leaky_relu(x[:, None] + x[None], 0.2) @ gmc.layer1.att[0]).softmax(dim=1)  # (C, C, K)
         plain, fast = gmc(H), gmc(H, chunk=3)  # (C, D) each: every pair at once, or 3 query rows at a time
     torch.set_printoptions(precision=2, linewidth=120)
     print("layer-1 attention alpha_ij of head 0 (row i sums to 1 over j):")

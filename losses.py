@@ -34,8 +34,9 @@ SPML_DEFAULTS = {
     "voc": dict(alpha=0.2, beta=0.02, neg_proportion=0.9, warmup_epoch=5, num_epochs=10),
     "coco": dict(alpha=0.1, beta=0.9, neg_proportion=0.9, warmup_epoch=5, num_epochs=10),
 }
-SPML_LOSSES = ("iun", "an", "em", "em_apl", "em_pl", "em_pl_asl")
-PL_POS_TARGET = 0.9  # EM_PL: soft target of a CLIP pseudo-positive (VLPL)
+# VLPL's EM_PL / EM_PL_ASL, in the same loss file of the reference, are left out: they need CLIP pseudo-labels,
+# which SigRL's model never produces (README, "What differs from the reference code").
+SPML_LOSSES = ("iun", "an", "em", "em_apl")
 
 
 def _check_values(name, x, allowed, soft_negatives=False):
@@ -62,8 +63,9 @@ def ranking_loss_per_image(scores, labels):
     """Per-image ranking loss l_i (B,) of Eq. 14, as the MKT/BiAM code computes it.
 
     h[i, p, n] = [1 + s[i, n] - s[i, p]]_+ for p with y = +1 and n with y = -1 (y = 0 takes no part);
-    l_i = sum_{p, n} h / V_i, V_i = #{(p, n): h > 0} (strict: an exact-margin pair counts in neither
-    sum; V_i is an integer count, hence constant for autograd); l_i = 0 when V_i = 0.
+    l_i = sum_{p, n} h / (V_i + 1e-8), V_i = #{(p, n): h > 0} (strict: an exact-margin pair counts in
+    neither sum; V_i is a count, hence constant for autograd); l_i = 0 when V_i = 0. The 1e-8 is MKT's
+    (models/rank_loss.py, which counts V_i in the scores' dtype): it changes nothing in float32 once V_i >= 1.
 
     Why a (B, C, C) pairwise tensor and no loop over images: at B = 32, C = 925 it has 27M entries
     (~110 MB per float32 copy, ~0.4 GB with what autograd keeps), small next to the ViT's activations,
@@ -75,8 +77,8 @@ def ranking_loss_per_image(scores, labels):
     pair = (labels == 1)[:, :, None] & (labels == -1)[:, None, :]          # (B, C_p, C_n)
     margin = 1 + (scores[:, None, :] - scores[:, :, None])                  # (B, C_p, C_n)
     hinge = torch.relu(margin) * pair                                       # (B, C_p, C_n)
-    violations = (hinge > 0).sum(dim=(1, 2))                                # (B,)
-    return hinge.sum(dim=(1, 2)) / violations.clamp(min=1)                  # (B,)
+    violations = (hinge > 0).sum(dim=(1, 2)).to(hinge.dtype)                # (B,)
+    return hinge.sum(dim=(1, 2)) / (violations + 1e-8)                      # (B,)
 
 
 def ranking_loss(scores, labels):
@@ -100,43 +102,31 @@ def nl(x):
     return -torch.log(x + EPS)
 
 
-def spml_loss(name, logits, obs, true=None, alpha=None, beta=None, pseudo=None,
-              beta_pos=0.7, gamma_pos=2.0, gamma_neg=4.0, gamma_unknown=4.0):
+def spml_loss(name, logits, obs, true=None, alpha=None, beta=None):
     """Single-positive multi-label loss on p = sigmoid(logits); returns (loss, loss_mtx (B, C)).
 
     obs: 1 = the observed positive, 0 = unobserved, in [-1, 0) = an APL soft negative with target -obs.
     The loss matrix L is 0 where no rule applies and loss = sum(L) / (B C), the mean over ALL entries.
     With H(p) = p nl(p) + (1 - p) nl(1 - p) (an entropy, >= 0), per name (Cole et al.: iun, an; Zhou et al.:
-    em, em_apl; VLPL (Xing et al.): em_pl, em_pl_asl):
+    em, em_apl):
       iun        nl(p) on obs = 1;  nl(1 - p) where TRUE = 0 (oracle: needs `true`)
       an         nl(p) on obs = 1;  nl(1 - p) on obs = 0
       em         nl(p) on obs = 1;  -alpha H(p) on obs = 0 (pushes p to 0.5; the loss can be negative)
       em_apl     em, plus beta [q nl(p) + (1 - q) nl(1 - p)] on obs < 0, q = -obs
-      em_pl      (VLPL, pseudo in {-1, 0, 1} on unobserved entries) nl(p) on obs = 1; -alpha H(p) where
-                 obs = 0 and pseudo = 0; beta_pos [0.9 nl(p) + 0.1 nl(1 - p)] where obs = 0, pseudo = 1;
-                 0 where obs = 0, pseudo = -1 (the negative branch is disabled in VLPL)
-      em_pl_asl  (1-p)^gamma_pos nl(p) on obs = 1 and on (obs = 0, pseudo = 1);
-                 -(1-p)^gamma_unknown H(p) on (obs = 0, pseudo = 0), no alpha;
-                 p^gamma_neg nl(1 - p) on (obs = 0, pseudo = -1)
-    VLPL's warm-up (plain EM while epoch <= warmup) is the caller's: pass name="em" then.
     """
     name = name.lower()
     if name not in SPML_LOSSES:
         raise ValueError(f"spml_loss: unknown loss {name!r}, expected one of {SPML_LOSSES}")
     _check_pair("spml_loss", logits, obs)
     _check_values("spml_loss obs", obs, (0, 1), soft_negatives=name == "em_apl")
-    needs = {"true": name == "iun", "alpha": name in ("em", "em_apl", "em_pl"),
-             "beta": name == "em_apl", "pseudo": name.startswith("em_pl")}
-    given = {"true": true, "alpha": alpha, "beta": beta, "pseudo": pseudo}
+    needs = {"true": name == "iun", "alpha": name in ("em", "em_apl"), "beta": name == "em_apl"}
+    given = {"true": true, "alpha": alpha, "beta": beta}
     missing = [k for k, needed in needs.items() if needed and given[k] is None]
     if missing:
         raise ValueError(f"spml_loss {name!r} needs {', '.join(missing)}")
     if true is not None:
         _check_pair("spml_loss true", logits, true)
         _check_values("spml_loss true", true, (0, 1))
-    if pseudo is not None:
-        _check_pair("spml_loss pseudo", logits, pseudo)
-        _check_values("spml_loss pseudo", pseudo, (-1, 0, 1))
 
     p = torch.sigmoid(logits)                                               # (B, C)
     zero = torch.zeros_like(p)                                              # (B, C)
@@ -147,24 +137,12 @@ def spml_loss(name, logits, obs, true=None, alpha=None, beta=None, pseudo=None,
         loss_mtx = torch.where(true == 0, nl(1 - p), torch.where(observed, nl(p), zero))
     elif name == "an":
         loss_mtx = torch.where(observed, nl(p), torch.where(unobserved, nl(1 - p), zero))
-    elif name in ("em", "em_apl"):
+    else:                                                                   # em, em_apl
         loss_mtx = torch.where(observed, nl(p), torch.where(unobserved, -alpha * entropy, zero))
         if name == "em_apl":
             q = -obs                                                        # (B, C) soft target
             apl = beta * (q * nl(p) + (1 - q) * nl(1 - p))                  # (B, C)
             loss_mtx = torch.where(obs < 0, apl, loss_mtx)
-    else:
-        pl_pos, pl_unk, pl_neg = (unobserved & (pseudo == v) for v in (1, 0, -1))  # (B, C) each
-        if name == "em_pl":
-            pos_pl = beta_pos * (PL_POS_TARGET * nl(p) + (1 - PL_POS_TARGET) * nl(1 - p))
-            rules = [(observed, nl(p)), (pl_unk, -alpha * entropy), (pl_pos, pos_pl)]
-        else:
-            rules = [(observed | pl_pos, (1 - p) ** gamma_pos * nl(p)),
-                     (pl_unk, -((1 - p) ** gamma_unknown) * entropy),
-                     (pl_neg, p ** gamma_neg * nl(1 - p))]
-        loss_mtx = zero
-        for where, value in rules:                                          # disjoint masks
-            loss_mtx = torch.where(where, value, loss_mtx)
     return loss_mtx.mean(), loss_mtx
 
 

@@ -264,8 +264,15 @@ class SigRL(nn.Module):
         """The frozen teacher's class-token embedding (B, D), target of L_global. Computed along the student's path
         (encode: every token through proj, then the class token), not the tower's forward (the class token, then
         proj): the same operations on the same shapes, so while the student still equals its teacher (at the same
-        precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size."""
-        tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
+        precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size.
+
+        On CUDA its matmuls run in fp16 (so does its output; the caller casts it to fp32, as the reference
+        does), like the reference's teacher: openai/CLIP's clip.load keeps the file's fp16 weights on a GPU
+        and its model casts the images to fp16, with LayerNorm in fp32 (autocast does the same). On the CPU it
+        runs in the weights' precision (fp32), as clip.load's CPU path does.
+        """
+        with torch.autocast("cuda", dtype=torch.float16, enabled=images.is_cuda):
+            tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
         return tokens[:, 0]  # (B, D)
 
     def state_dict_trainable(self) -> dict:

@@ -5,7 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv
 
+import runs
+import train
 from gat import GMC, GATv2Layer
+from sigrl import SigRL, SigRLConfig
+from vit import VisionConfig, VisionTransformer
 
 
 def complete_graph(C):
@@ -20,7 +24,7 @@ def pyg_twin(layer: GATv2Layer) -> GATv2Conv:
                      dropout=0.0, add_self_loops=False, bias=False, share_weights=True)
     with torch.no_grad():
         conv.lin_l.weight.copy_(layer.lin.weight)
-        conv.att.copy_(layer.att.expand(1, layer.heads, layer.out_dim))
+        conv.att.copy_(layer.att[:, None].expand(1, layer.heads, layer.out_dim))  # (1, O) -> (1, K, O)
     return conv.double().eval()
 
 
@@ -49,8 +53,32 @@ def test_layer_matches_torch_geometric_float32_default_init():
 
 def test_heads_share_one_attention_vector():
     layer = GATv2Layer(16, 8, heads=4)
-    assert layer.att.shape == (8,)
+    assert layer.att.shape == (1, 8)  # as the reference's nn.Linear(O, 1) weight: 2-D, so weight-decayed
     assert sum(p.numel() for p in layer.parameters()) == 16 * 32 + 8  # W and a, no bias
+
+
+def test_initialisation_is_the_reference_layers():
+    """labml's GATv2 layer (the reference's) builds nn.Linear(D_in, K * O) then nn.Linear(O, 1), no bias, with
+    nn.Linear's default initialisation: the same seed must give the same numbers."""
+    torch.manual_seed(3)
+    ours = GMC(dim=64, heads=4, hidden=8)
+    torch.manual_seed(3)
+    reference = []
+    for in_dim, heads, out_dim in ((64, 4, 8), (32, 1, 64)):  # layer 1, then layer 2
+        reference += [torch.nn.Linear(in_dim, heads * out_dim, bias=False), torch.nn.Linear(out_dim, 1, bias=False)]
+    ours = [p for layer in (ours.layer1, ours.layer2) for p in (layer.lin.weight, layer.att)]
+    for got, want in zip(ours, reference, strict=True):
+        assert torch.equal(got, want.weight)
+
+
+def test_attention_vector_is_weight_decayed_as_in_the_reference():
+    """The reference's optimiser exempts 1-D parameters from weight decay; its a is 2-D, so it is decayed."""
+    cfg = runs.Config(weight_decay=0.05)
+    visual = VisionTransformer(VisionConfig(width=64, layers=1, patch=8, resolution=16, embed_dim=32))
+    groups = train.param_groups(SigRL(visual, SigRLConfig(embed_dim=32)), cfg)
+    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    assert decay["gmc.layer1.att"] == decay["gmc.layer2.att"] == decay["gmc.layer1.lin.weight"] == 0.05
+    assert decay["sda.fc_sda.bias"] == decay["student.ln_post.weight"] == 0.0
 
 
 def grads_of(layer, h, chunk, weight):
