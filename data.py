@@ -24,8 +24,9 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from data_formats import (NUS_H5, NUS_RAW, DataError, changed_source, format_coco, format_voc, observe_single_positive,
-                          read_h5_layout, read_lines, read_names, read_raw_release, record_sources, voc_dir)
+from data_formats import (NUS_H5, NUS_RAW, DOWNLOADS, DataError, changed_source, format_coco, format_voc,
+                          observe_single_positive, read_h5_layout, read_lines, read_names, read_raw_release,
+                          record_sources, voc_dir)
 from parallel import seeded
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -111,7 +112,8 @@ def load_nuswide(root, out=None):
                         f"`python data.py prepare nuswide --root {root}` (add --out DIR if root is read-only)")
     else:
         raise DataError(f"no NUS-WIDE in {root}: looked for {' and '.join(d + '/seen.txt' for d in prepared)}, "
-                        f"for {', '.join(NUS_H5)} (BiAM layout) and for {NUS_RAW} (official release)")
+                        f"for {', '.join(NUS_H5)} (BiAM layout) and for {NUS_RAW} (official release); "
+                        f"get {DOWNLOADS['biam']}")
     return NusWide(seen, unseen, [nus_path(root, n) for n in train[0]], train[1],
                    [nus_path(root, n) for n in test[0]], test[1], "prepared" if found else "h5", files)
 
@@ -175,7 +177,7 @@ def prepare(dataset, root, out=None, year="2012"):
         if os.path.isfile(os.path.join(root, NUS_RAW)):
             return _write_prepared(os.path.join(out or root, NUS_DIR), *read_raw_release(root), root=root, kind="raw")
         raise DataError(f"nothing to prepare in {root}: looked for {', '.join(NUS_H5)} (BiAM layout) "
-                        f"and {NUS_RAW} (official release)")
+                        f"and {NUS_RAW} (official release); get {DOWNLOADS['nuswide']}")
     if dataset not in ("coco", "voc") or year not in ("2012", "2007"):
         raise DataError(f"unknown dataset {dataset!r} / year {year!r}: expected nuswide, coco or voc (2012 | 2007)")
     classes, splits = format_coco(root) if dataset == "coco" else format_voc(root, year)

@@ -18,16 +18,31 @@ from tqdm import tqdm
 LABELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labels")
 NUS_H5 = ("features/nus_wide_train.h5", "features/nus_wide_test.h5", "img_names.pkl", "test_img_names.pkl")
 NUS_RAW = "ImageList/Imagelist.txt"
+# Where each dataset's files come from (README, 'Getting the files'); the "not found" errors name them.
+NUS_WIDE_PAGE = "https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html"
+DOWNLOADS = {
+    "nuswide": f"the official NUS-WIDE release: {NUS_WIDE_PAGE}",
+    "biam": ("BiAM's h5 files, https://drive.google.com/drive/folders/1jvJ0FnO_bs3HJeYrEJu7IcuilgBipasA, and MKT's "
+             "pickles, https://drive.google.com/drive/folders/1kTb83_p92fM04OAkGyiHypOgwtxc4wVa; if those links are "
+             f"dead, the official release ({NUS_WIDE_PAGE}) converted once with `python data.py prepare nuswide "
+             "--root DIR` gives the same labels"),
+    "coco": ("COCO 2014: http://images.cocodataset.org/annotations/annotations_trainval2014.zip, "
+             "http://images.cocodataset.org/zips/train2014.zip and .../zips/val2014.zip"),
+    "voc2012": "VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+    "voc2007": ("VOC 2007: http://host.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtrainval_06-Nov-2007.tar and "
+                ".../voc2007/VOCtest_06-Nov-2007.tar"),
+}
 
 
 class DataError(ValueError):
     """A bad dataset on disk; the message is one line naming the file and what was expected."""
 
 
-def read_lines(path):
-    """Stripped non-empty lines (CRLF fine) of a UTF-8 text file."""
+def read_lines(path, source=None):
+    """Stripped non-empty lines (CRLF fine) of a UTF-8 text file. `source`: where the file comes from, for the
+    "not found" error."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found" + (f" (from {source})" if source else ""))
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
@@ -36,9 +51,9 @@ def read_lines(path):
                         f"UTF-8") from None
 
 
-def read_names(path):
+def read_names(path, source=None):
     """A label list, one name per line; an `index<TAB>name` line gives its last field (as MKT tolerates)."""
-    return [line.split("\t")[-1].strip() for line in read_lines(path)]
+    return [line.split("\t")[-1].strip() for line in read_lines(path, source)]
 
 
 def bundled(name):
@@ -55,6 +70,8 @@ class _NoGlobals(pickle.Unpickler):
 
 
 def _read_pickled_names(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found (from {DOWNLOADS['biam']})")
     try:
         with open(path, "rb") as f:
             names = _NoGlobals(f).load()["img_names"]
@@ -115,7 +132,8 @@ def _bits(tokens, path, where, n):
 
 def _read_imagelist(path):
     """Windows list lines (`actor\\0001_2124494179.jpg`, maybe `C:\\ImageData\\Flickr\\...`) -> `folder/file`."""
-    rel = [line.replace("\\", "/").rsplit("Flickr/", 1)[-1] for line in read_lines(path)]
+    lines = read_lines(path, DOWNLOADS["nuswide"])
+    rel = [line.replace("\\", "/").rsplit("Flickr/", 1)[-1] for line in lines]
     for r in rel:
         if r.count("/") != 1 or r.split("/")[1].count("_") != 1:
             raise DataError(f"{path}: {r!r} is not <folder>\\<NNNN>_<id>.jpg")
@@ -125,15 +143,15 @@ def _read_imagelist(path):
 def read_raw_release(root):
     """The official release -> seen/unseen lists and +-1 labels, exactly as BiAM/LESA derived them (1b)."""
     j = lambda *p: os.path.join(root, *p)  # noqa: E731
-    taglist = read_names(j("NUS_WID_Tags", "TagList1k.txt"))
+    taglist = read_names(j("NUS_WID_Tags", "TagList1k.txt"), DOWNLOADS["nuswide"])
     concepts = read_names(j("ConceptsList", "Concepts81.txt") if os.path.isfile(j("ConceptsList", "Concepts81.txt"))
-                          else j("Concepts81.txt"))
+                          else j("Concepts81.txt"), DOWNLOADS["nuswide"])
     concept_set = set(concepts)
     seen = [t for t in taglist if t not in concept_set]  # TagList1k order minus the concepts
     every = _read_imagelist(j(NUS_RAW))  # its order is the row order of every All* file
     path = j("NUS_WID_Tags", "AllTags1k.txt")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (from {DOWNLOADS['nuswide']})")
     with open(path, "rb") as f:  # whitespace split: tabs and a trailing separator are fine
         tags = [_bits(line.split(), path, f"row {i + 1}", len(taglist)) for i, line in
                 enumerate(tqdm(f, total=len(every), desc="AllTags1k.txt", unit="img", disable=None)) if line.strip()]
@@ -143,7 +161,8 @@ def read_raw_release(root):
     human = np.zeros((len(every), len(concepts)), np.uint8)  # (A, U) 0/1
     for c, name in enumerate(concepts):
         path = j("Groundtruth", "AllLabels", f"Labels_{name}.txt")
-        human[:, c] = _bits([line.encode() for line in read_lines(path)], path, "the file", len(every))
+        human[:, c] = _bits([line.encode() for line in read_lines(path, DOWNLOADS["nuswide"])], path, "the file",
+                            len(every))
     row_of, seen_cols, splits = {r: i for i, r in enumerate(every)}, [taglist.index(s) for s in seen], []
     for fname in ("TrainImagelist.txt", "TestImagelist.txt"):
         path = j("ImageList", fname)
@@ -166,7 +185,7 @@ def format_coco(root):
     for split in ("train", "val"):
         path = os.path.join(root, "annotations", f"instances_{split}2014.json")
         if not os.path.isfile(path):
-            raise DataError(f"{path}: file not found (COCO-2014 annotations)")
+            raise DataError(f"{path}: file not found (from {DOWNLOADS['coco']})")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -192,7 +211,8 @@ def voc_dir(root, year):
     for d in tried:
         if os.path.isdir(os.path.join(d, "ImageSets", "Main")):
             return d
-    raise DataError(f"no VOC{year} in {root}: looked for ImageSets/Main in {', '.join(tried)}")
+    raise DataError(f"no VOC{year} in {root}: looked for ImageSets/Main in {', '.join(tried)} (from "
+                    f"{DOWNLOADS['voc' + year]})")
 
 
 def format_voc(root, year):
@@ -202,7 +222,7 @@ def format_voc(root, year):
         table = {}
         for c, name in enumerate(classes):
             path = os.path.join(main, f"{name}_{phase}.txt")
-            for line in read_lines(path):
+            for line in read_lines(path, DOWNLOADS["voc" + year]):
                 parts = line.split()  # the devkit right-aligns the label: two spaces before a 1
                 if len(parts) != 2 or parts[1] not in ("1", "0", "-1"):
                     raise DataError(f"{path}: line {line!r} is not '<image id> <1|0|-1>'")

@@ -242,9 +242,15 @@ def test_transforms(tmp_path):
 def test_bad_inputs_name_the_file(tmp_path):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
-    for call, words in [(lambda: data.load_nuswide(empty), ["sigrl_nuswide/seen.txt", "img_names.pkl", "Imagelist"]),
-                        (lambda: data.load_spml("coco", empty), ["instances_train2014.json"]),
-                        (lambda: data.load_spml("voc", empty), ["VOC2012", "ImageSets/Main"])]:
+    # each names what it looked for and where to get it (the official pages and archives)
+    for call, words in [(lambda: data.load_nuswide(empty), ["sigrl_nuswide/seen.txt", "img_names.pkl", "Imagelist",
+                                                            "nuswide/NUS-WIDE.html", "data.py prepare nuswide"]),
+                        (lambda: data.prepare("nuswide", empty), ["Imagelist", "nuswide/NUS-WIDE.html"]),
+                        (lambda: data.load_spml("coco", empty), ["instances_train2014.json",
+                                                                 "annotations_trainval2014.zip"]),
+                        (lambda: data.load_spml("voc", empty), ["VOC2012", "ImageSets/Main",
+                                                                "VOCtrainval_11-May-2012.tar"]),
+                        (lambda: data.load_spml("voc", empty, year="2007"), ["VOCtest_06-Nov-2007.tar"])]:
         with pytest.raises(data.DataError) as e:
             call()
         assert all(w in str(e.value) for w in words), str(e.value)
