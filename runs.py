@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field, fields
 
@@ -242,7 +243,8 @@ def run_record(cfg, clip, names, n_train, n_train_images, device):
     """RUN_DIR/config.json: what the run used, readable without torch. The label-set hash is the sha256 of
     the label names in column order, one per line, so two runs scored the same columns iff they agree."""
     return {
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),
+        "cwd": os.getcwd(),  # relative paths in the config are relative to it
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "config": {k: v for k, v in asdict(cfg).items()},
         "clip": {"path": os.path.abspath(clip.source), "sha256": clip.sha256,
@@ -265,7 +267,7 @@ def write_run_record(record, out, resuming):
     if resuming and os.path.isfile(path):
         with open(path) as f:
             first = json.load(f)
-        keep = ("command", "started", "device", "processes", "versions")
+        keep = ("command", "cwd", "started", "device", "processes", "versions")
         first.setdefault("resumed", []).append({k: record[k] for k in keep if k in record})
         record = first
     write_json(record, path)
