@@ -132,11 +132,19 @@ def _transformers_arch(out, config, source):
 
 # ------------------------------------------------------------------------------------------ open_clip
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-# model_cfg fields OpenAI's architecture has, with the values it allows (None: any value).
-VISION_FIELDS = {"image_size": None, "layers": None, "width": None, "patch_size": None, "head_width": 64,
-                 "mlp_ratio": 4.0, "patch_dropout": None}  # patch dropout acts in training only
-TEXT_FIELDS = {"context_length": None, "vocab_size": None, "width": None, "heads": None, "layers": None,
-               "mlp_ratio": 4.0}
+# model_cfg fields with the values OpenAI's architecture allows (ANY: any value, e.g. sizes, which the tensors
+# give). Other fields, or other values (another pooling, a timm or Hugging Face tower, ...), are refused.
+ANY = "any value"
+MODEL_FIELDS = {"embed_dim": ANY, "quick_gelu": ANY, "vision_cfg": ANY, "text_cfg": ANY, "custom_text": False,
+                "cast_dtype": ANY}  # cast_dtype: training precision only
+VISION_FIELDS = {"image_size": ANY, "layers": ANY, "width": ANY, "patch_size": ANY, "head_width": 64,
+                 "mlp_ratio": 4.0, "patch_dropout": ANY, "ls_init_value": None, "attentional_pool": False,
+                 "no_ln_pre": False, "pool_type": "tok", "final_ln_after_pool": False, "output_tokens": False,
+                 "timm_model_name": None}  # patch dropout acts in training only
+TEXT_FIELDS = {"context_length": ANY, "vocab_size": ANY, "width": ANY, "heads": ANY, "layers": ANY,
+               "mlp_ratio": 4.0, "ls_init_value": None, "pool_type": "argmax", "proj_bias": False,
+               "no_causal_mask": False, "embed_cls": False, "pad_id": 0, "output_tokens": False,
+               "hf_model_name": None, "hf_tokenizer_name": None}
 
 
 def unwrap_open_clip(obj):
@@ -157,13 +165,22 @@ def open_clip_arch(model_cfg, source):
     Only OpenAI's ViT architecture is read; a field that would change the computation without changing
     the tensors' names or shapes (another pooling, a timm or Hugging Face tower, ...) is refused by name.
     """
-    allowed = {"embed_dim": None, "quick_gelu": None, "vision_cfg": None, "text_cfg": None}
-    for where, cfg, fields in ((None, model_cfg, allowed), ("vision_cfg", model_cfg.get("vision_cfg", {}),
-                                                            VISION_FIELDS),
+    for where, cfg, fields in ((None, model_cfg, MODEL_FIELDS), ("vision_cfg", model_cfg.get("vision_cfg", {}),
+                                                                 VISION_FIELDS),
                                ("text_cfg", model_cfg.get("text_cfg", {}), TEXT_FIELDS)):
         for key, value in cfg.items():
-            if key not in fields or fields[key] is not None and value != fields[key]:
+            if key not in fields or fields[key] is not ANY and value != fields[key]:
                 raise CheckpointError(f"{source}: model_cfg {where + '.' if where else ''}{key} = {value!r} is not "
                                       f"supported (only OpenAI's CLIP ViT architecture is read)")
     return Arch(quick_gelu=bool(model_cfg.get("quick_gelu", False)),  # open_clip's default is exact GELU
                 text_heads=model_cfg.get("text_cfg", {}).get("heads", 8))  # open_clip CLIPTextCfg default
+
+
+if __name__ == "__main__":
+    print("transformers' CLIPModel -> OpenAI's names (block names repeat for every layer i of each tower):")
+    for hf, ours in RENAMES.items():
+        print(f"  {hf:52} -> {ours}{'  (transposed)' if ours in TRANSPOSED else ''}")
+    for hf, ours in BLOCK_RENAMES.items():
+        print(f"  <text_model|vision_model>.encoder.layers.i.{hf:24} -> <''|visual.>transformer.resblocks.i.{ours}")
+    print(f"  {' + '.join(q.split('.')[1] for q in QKV):52} -> attn.in_proj_{{t}}, stacked (rows q, k, v)")
+    print(f"  dropped: {', '.join(IGNORED)}")

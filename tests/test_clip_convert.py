@@ -159,8 +159,12 @@ def test_unwrap_and_arch_rules():
     out = clip_convert.unwrap_open_clip({"epoch": 1, "state_dict": sd})
     assert set(out) == {"logit_scale", "visual.proj"} and out["logit_scale"].shape == ()
     assert clip_convert.open_clip_arch({"embed_dim": 8}, "x") == clip_convert.Arch(quick_gelu=False, text_heads=8)
+    defaults = {"custom_text": False, "vision_cfg": {"timm_model_name": None, "pool_type": "tok"},
+                "text_cfg": {"hf_tokenizer_name": None, "proj_bias": False, "heads": 12}}
+    assert clip_convert.open_clip_arch(defaults, "x") == clip_convert.Arch(quick_gelu=False, text_heads=12)
     for cfg in ({"vision_cfg": {"timm_model_name": "vit"}}, {"text_cfg": {"hf_model_name": "bert"}},
-                {"text_cfg": {"pool_type": "first"}}, {"vision_cfg": {"head_width": 80}}, {"custom_text": True}):
+                {"text_cfg": {"pool_type": "first"}}, {"vision_cfg": {"head_width": 80}}, {"custom_text": True},
+                {"vision_cfg": {"final_ln_after_pool": True}}, {"text_cfg": {"proj_bias": True}}, {"siglip": 1}):
         with pytest.raises(CheckpointError, match="is not supported"):
             clip_convert.open_clip_arch(cfg, "x")
 
