@@ -8,6 +8,8 @@ measure.py); the sections:
             path vs "dense", the same weights on its plain path (SigRLConfig.fast = False), the reference code's
             memory class (the reference also keeps .repeat() copies of F and H: if anything, dense is lean).
   encoders  clip_text.CLIP's image and text towers vs open_clip's (QuickGELU), same weights.
+  predict   images/s of tagging JPEG files with 81 labels: predict.py (zero-shot CLIP; SigRL) vs open_clip's
+            zero-shot recipe, same weights, ViT-B/16 size.
   train     one training step, paper configuration; `train_flops` vs a big square matmul timed in the same run.
   parallel  train.py's step on N torchrun processes vs one process (bench_parallel.py): CPU 2 gloo processes
             (correctness, overhead); GPU images/s on one GPU, and on all of them when there are several.
@@ -26,11 +28,15 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from PIL import Image
 
+from clip_text import encode_labels
+from data import ImageList, build_transform
 from losses import l1_distill, ranking_loss
 from bench_parallel import bench_parallel
 from measure import compare, in_fresh_process, peak_rss, proc_bytes
@@ -39,7 +45,7 @@ from train import freeze_early_layers
 from vit import VisionConfig, VisionTransformer
 
 P, D = 196, 512
-SECTIONS = ["head", "encoders", "train", "parallel"]
+SECTIONS = ["head", "encoders", "predict", "train", "parallel"]
 HEAD_TARGETS = {("fwdbwd", "memory ours/dense"): 0.25, ("fwdbwd", "time ours/dense"): 1.5,  # the issue's
                 ("fwd", "time ours/dense"): 1.1}
 
@@ -53,13 +59,14 @@ class Preset:
     text_batch: int = 16
     train_batch: int = 1
     train_classes: int = 81
+    predict_images: int = 8
 
 
 PRESETS = {  # (--quick/--full, device type)
     ("quick", "cpu"): Preset(),
-    ("full", "cpu"): Preset((1,), (81, 925, 1006), 3, 4, 32, 4, 925),
-    ("quick", "cuda"): Preset((8,), (81, 925), 5, 32, 128, 32, 925),
-    ("full", "cuda"): Preset((8, 32), (81, 925, 1006), 5, 64, 256, 32, 925),
+    ("full", "cpu"): Preset((1,), (81, 925, 1006), 3, 4, 32, 4, 925, 32),
+    ("quick", "cuda"): Preset((8,), (81, 925), 5, 32, 128, 32, 925, 64),
+    ("full", "cuda"): Preset((8, 32), (81, 925, 1006), 5, 64, 256, 32, 925, 256),
 }
 
 
@@ -184,6 +191,48 @@ def bench_encoders(preset, device, dtypes, progress, compile=False):
     return rows
 
 
+# ---- tagging image files: predict.py vs open_clip's zero-shot recipe, same files and weights -----------------
+def predict_fns(paths, device, dtype, C=81, size="full", batch=16):
+    """{name: fn() -> (N, C) scores}, the files at `paths` tagged with C labels three ways: open_clip's zero-shot
+    recipe (its preprocess, encode_image, cosine with the prompts' text features), predict.py --clip
+    (eval.clip_zero_shot through eval.predict, predict.py's loop) and predict.py --ckpt (SigRL over the C labels,
+    its heads at initial weights). Label embeddings are made once per list (predict.py caches them), untimed."""
+    import eval as evaluation
+    from open_clip.transform import image_transform
+    theirs, ours = (m.to(device) for m in build_encoders(size))
+    names, R = [f"thing number {i}" for i in range(C)], ours.resolution
+    zero_shot = evaluation.clip_zero_shot(ours, names, "There is a {} in the scene", device)  # transform, encode, score
+    sigrl, H = SigRL.from_clip(ours).to(device).eval(), encode_labels(ours, names).to(device)  # H (C, D)
+    encode, scorers = evaluation.sigrl_scorers(sigrl, {"all": H}, R, spml=False)
+    with torch.no_grad():
+        text = theirs.encode_text(ours.tokenizer([f"There is a {n} in the scene" for n in names]).to(device))
+    text = text / text.norm(dim=-1, keepdim=True)  # (C, D)
+
+    def open_clip_tagging():
+        loader = torch.utils.data.DataLoader(ImageList(paths, [0] * len(paths), image_transform(R, False)), batch)
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+            image = torch.cat([theirs.encode_image(x.to(device)).float() for x, _, _ in loader])  # (N, D)
+        return (image / image.norm(dim=-1, keepdim=True) @ text.T).cpu().numpy()  # (N, C)
+
+    def ours_tagging(transform, encode, score):
+        return lambda: evaluation.predict(paths, transform, encode, {"all": score}, device, batch, 0, "")["all"]
+    return {"open_clip zero-shot": open_clip_tagging, "ours zero-shot (--clip)": ours_tagging(*zero_shot),
+            "ours SigRL (--ckpt)": ours_tagging(build_transform("zsl", False, R), encode, scorers["all"])}
+
+
+def bench_predict(preset, device, dtypes, progress, compile=False):
+    """Images per second of tagging photo-sized (320 x 240) JPEGs, reading and decoding included."""
+    gen, n = torch.Generator().manual_seed(0), preset.predict_images
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [os.path.join(folder, f"{i:03d}.jpg") for i in range(n)]
+        for path in paths:
+            Image.fromarray(torch.randint(0, 256, (240, 320, 3), generator=gen, dtype=torch.uint8).numpy()).save(path)
+        progress(f"tagging {n} images with 81 labels, three ways")
+        res = compare(predict_fns(paths, device, dtypes[0]), preset.repeats, device, warmup=1)
+    return [{"tagger (C = 81)": name, "images": n, "images/s": n / r["seconds"],
+             "time / open_clip": _ratio(r, res["open_clip zero-shot"], "seconds"), "raw": r} for name, r in res.items()]
+
+
 # ---- one training step, its FLOPs, and the machine's matmul throughput ---------------------------------------
 def train_flops(B, C, v=VisionConfig(), h=SigRLConfig(), fix_layer=10):
     """Matmul FLOPs (a multiply-add = 2) of one training step, by part; elementwise ops are not counted.
@@ -275,12 +324,15 @@ def _mib(n):
 
 def targets(result):
     """The issue's targets as (what, value, "<=" or ">=", limit): every C = 925 head row with a dense run, the
-    encoders, and on a GPU the paper-size training step (memory in all, and its share of bf16 matmul throughput)."""
+    encoders and zero-shot tagging (as fast as open_clip), and on a GPU the paper-size training step (memory in
+    all, and its share of bf16 matmul throughput)."""
     cuda = not result["meta"]["device"].startswith("CPU")
     return [(f"head {r['pass']} {col}, B={r['B']} C=925 {r['dtype']}", r[col], "<=", limit) for r in result["head"]
             if r["C"] == 925 and r["dense ms"] for (mode, col), limit in HEAD_TARGETS.items() if mode == r["pass"]] + \
         [(f"{e['encoder']} encoder time ours/open_clip", e["time ours/open_clip"], "<=", 1.1)
          for e in result["encoders"]] + \
+        [("tagging time ours zero-shot/open_clip", r["time / open_clip"], "<=", 1.1)
+         for r in result.get("predict", []) if r["tagger (C = 81)"] == "ours zero-shot (--clip)"] + \
         [target for t in result["train"] if cuda and t["train step"].startswith("B=32 C=925 bf16") for target in [
             (f"train step {t['train step']} peak GB (all)", t["peak MiB (all)"] and t["peak MiB (all)"] * 2 ** 20 / 1e9,
              "<=", 40), (f"train step {t['train step']} of matmul", t["of matmul"], ">=", 0.4)]]
@@ -333,12 +385,13 @@ def main(argv=None):
     for fn in head_fns(head_model().to(device), 1, 64, "fwd", device, dtypes[0]).values():
         fn()  # first calls pay for library set-up (MKL buffers, cuBLAS handles): not part of any measurement
     sections = list(args.only)
-    if "encoders" in sections and importlib.util.find_spec("open_clip") is None:  # a test-only dependency
-        sections.remove("encoders")
-        result["meta"]["skipped"] = ["encoders (open_clip is not installed: pip install -r requirements-dev.txt)"]
-        progress("skipping the encoders: open_clip is not installed")
+    for section in [s for s in ("encoders", "predict") if s in sections and not importlib.util.find_spec("open_clip")]:
+        sections.remove(section)  # open_clip is a test-only dependency
+        result["meta"].setdefault("skipped", []).append(
+            f"{section} (open_clip is not installed: pip install -r requirements-dev.txt)")
+        progress(f"skipping {section}: open_clip is not installed")
     for section in sections:
-        bench = {"head": bench_head, "encoders": bench_encoders, "train": bench_train,
+        bench = {"head": bench_head, "encoders": bench_encoders, "predict": bench_predict, "train": bench_train,
                  "parallel": bench_parallel}[section]
         result[section] = bench(preset, device, dtypes, progress, args.compile)
     result["meta"]["wall_s"] = round(time.time() - start, 1)

@@ -90,6 +90,10 @@ def explain_panel(image, grid, maps, title, legend):
         for part in wrap(text, side, fnt):
             draw.text((PAD, y), part, fill=GREY, font=fnt)
             y += line
+    bar = np.repeat(colormap(np.linspace(0, 1, side))[None], 10, axis=0)  # (10, side, 3) the colour scale
+    canvas.paste(Image.fromarray(bar), (PAD, y + 4))
+    draw.text((PAD, y + 16), "low", fill=GREY, font=fnt)
+    draw.text((PAD + side - fnt.getlength("high"), y + 16), "high", fill=GREY, font=fnt)
     for j, (heading, rows) in enumerate(maps):
         x = PAD + (j + 1) * (side + PAD)
         for i, part in enumerate(wrap(heading, side, fnt)[:2]):

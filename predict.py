@@ -1,10 +1,11 @@
-"""Tag your own images with any list of labels, with a trained SigRL run or with zero-shot CLIP.
+"""Tag your own images with any list of labels, and see where SigRL's local score comes from.
 
     python predict.py                                              # offline demo on toy-world test images
     python predict.py --ckpt RUN/last.pt IMG... DIR...              # the run's own label set
     python predict.py --ckpt RUN/last.pt --labels "cat,dog,lake" photos/ --json tags.json --csv tags.csv
     python predict.py --ckpt RUN/last.pt --labels-file names.txt photos/ --save-scores S.npy
     python predict.py --clip ViT-B-16.pt --labels "cat,dog" photos/  # zero-shot CLIP (cosine), no SigRL
+    python predict.py --ckpt RUN/last.pt photos/ --explain maps/    # one PNG per image: the maps below
 
 SigRL's scores depend on the label list. Eq. 13 divides each image's local and global score vectors by their
 L2 norms over the labels being scored, GMC builds its graph over the list, and VFR sums its attention over it.
@@ -13,8 +14,15 @@ within one list, and do not carry a --threshold from one list to another (with C
 order of 1/sqrt(C)). This is why the paper scores its 81 unseen labels as one list (ZSL) and all 1006 as
 another (GZSL). Zero-shot CLIP's cosine scores (--clip) do not depend on the list.
 
+--explain: per image, the image as the model saw it and, for each of its top labels, two maps on the patch
+grid (8 x 8 for the toy CLIP, 14 x 14 for ViT-B/16): (1) the similarity <M_hat[p], H[c]> of each reconstructed
+patch feature to the label, whose top-k patches (outlined) average to the local score before Eq. 13's
+normalisation, and (2) SDA's attention over the patches for that label (its softmax over the patches),
+averaged over the D channels. Both come from SigRL.explain, which runs the same code as the scores.
+
 With no arguments: tags 6 toy-world test images with the default run runs/zsl-toy/last.pt (trained first with
-`python train.py` when absent, a few minutes) and draws the paper's Fig. 3 for it in runs/zsl-toy/figure.png.
+`python train.py` when absent, a few minutes), writes runs/zsl-toy/explain/*.png and draws the paper's Fig. 3
+for it in runs/zsl-toy/figure.png.
 """
 import argparse
 import csv
@@ -25,20 +33,22 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from PIL import Image
 
 import checkpoints
+import draw
 import eval as evaluation
 import runs
 import tasks
 from clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
-from data import DataError, build_transform, check_images, write_lines
+from data import DataError, build_transform, check_images, view_transform, write_lines
 from runs import UsageError
 from safe_io import WriteError
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
-DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
+DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.pt"), 6, 8
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -106,13 +116,16 @@ def check_names(names, source, tokenizer):
 @dataclass
 class Tagger:
     """What tags images: the label names, the preprocessing, evaluation's encode / score pair, and for SigRL
-    the model."""
+    the model, its label embeddings H (C, D) and graph G (C, D) (for --explain) and the task it was trained on."""
     names: list
     transform: Callable
     encode: Callable
     score: Callable
     kind: str
     model: Optional[torch.nn.Module] = None
+    H: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+    task: str = "zsl"
 
 
 def sigrl_tagger(args, labels, device):
@@ -137,8 +150,9 @@ def sigrl_tagger(args, labels, device):
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     H = H.to(device)
     encode, scorers = evaluation.sigrl_scorers(model, {"all": H}, R, spml=cfg.task == "spml")
+    G = model.label_graph(H) if model.vfr is not None else None
     return Tagger(names, build_transform(cfg.task, False, R), encode, scorers["all"],
-                  f"SigRL ({args.ckpt}, epoch {ckpt['state']['epoch']})", model)
+                  f"SigRL ({args.ckpt}, epoch {ckpt['state']['epoch']})", model, H, G, cfg.task)
 
 
 def clip_tagger(args, labels, device):
@@ -197,6 +211,44 @@ def check_outputs(args):
         path = getattr(args, flag)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UsageError(f"--{flag.replace('_', '-')} {path}: its folder does not exist")
+    if args.explain:
+        os.makedirs(args.explain, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- --explain
+@torch.no_grad()
+def explain(tagger, paths, picks, out_dir, device):
+    """One PNG per image (see the module docstring). The maps come from SigRL.explain, which calls the code that
+    scores (SigRL.local_similarity), under the same precision as the scores."""
+    model, autocast = tagger.model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    v = model.student.config
+    grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
+    view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}
+    written = []
+    for i, (path, pick) in enumerate(tqdm(list(zip(paths, picks)), desc="explain", leave=False, disable=None)):
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        x = tagger.transform(image)[None].to(device)  # (1, 3, R', R')
+        with autocast:
+            g, patch = tagger.encode(x)  # (1, D), (1, P, D)
+            maps = model.explain(patch, tagger.H, G=tagger.G)  # (1, P, C) each
+            out = model.score(g, patch, tagger.H, G=tagger.G)
+        columns = []
+        for name, score in pick[:EXPLAIN_COLUMNS]:
+            c = column[name]
+            sim = maps.similarity[0, :, c].float()  # (P,)
+            rows = [(sim.cpu().numpy(), sim.topk(k).indices.cpu().numpy())]  # the patches the local score averages
+            if maps.attention is not None:
+                rows.append((maps.attention[0, :, c].float().cpu().numpy(), ()))
+            columns.append((f"{name} {score:.3f} (local {out.local[0, c]:.3f}, global {out.glob[0, c]:.3f})", rows))
+        legend = [f"row 1: <M_hat_p, H_c> per patch; outlined: the top {k}, whose mean is the local score",
+                  "row 2: SDA attention over patches, mean over channels" if maps.attention is not None else
+                  "(no SDA in this model)", "each map scaled to its own range"]
+        panel = draw.explain_panel(view(image), grid, columns, os.path.basename(path), legend)
+        target = os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png")
+        draw.save(panel, target)
+        written.append(target)
+    return written
 
 
 # ----------------------------------------------------------------------------- the offline demo
@@ -214,7 +266,7 @@ def demo(args):
     names, n_train = tasks.label_names(cfg, data)
     chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
     run_dir = os.path.dirname(DEMO_CKPT)
-    args.ckpt = DEMO_CKPT
+    args.ckpt, args.explain = DEMO_CKPT, os.path.join(run_dir, "explain")
     args.inputs = [data.test_paths[i] for i in chosen]
     code = tag(args)
     figure = os.path.join(run_dir, "figure.png")
@@ -228,6 +280,9 @@ def tag(args):
     labels = read_labels(args)
     device = runs.pick_device(args.device)
     tagger = sigrl_tagger(args, labels, device) if args.ckpt else clip_tagger(args, labels, device)
+    if args.explain and (tagger.model is None or tagger.model.config.global_only):
+        raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip; not a "
+                         "--global-only run)")
     paths = find_images(args.inputs)
     if tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
@@ -238,6 +293,9 @@ def tag(args):
     for path, pick in zip(paths, picks):
         print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or f"(no score >= {args.threshold})"))
     write_outputs(args, paths, tagger.names, scores, picks)
+    if args.explain:
+        written = explain(tagger, paths, picks, args.explain, device)
+        print(f"explain: {len(written)} PNGs -> {args.explain}", file=sys.stderr)
     return 0
 
 
@@ -257,6 +315,8 @@ def parser():
     p.add_argument("--csv", help="write the same as rows: image, rank, label, score")
     p.add_argument("--save-scores", help="write the (N, C) score matrix (.npy, for eval.py --scores) with the "
                                          "row order in <stem>.images.txt and the columns in <stem>.label_names.txt")
+    p.add_argument("--explain", metavar="OUT_DIR", help="one PNG per image: where each top label's local score "
+                                                        f"comes from (at most {EXPLAIN_COLUMNS} labels)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

@@ -56,6 +56,11 @@ class SigRLConfig:
     dropout: float = 0.3  # GMC dropout (input, attention coefficients, between the layers)
 
 
+class SigRLMaps(NamedTuple):
+    similarity: torch.Tensor  # (B, P, C) <M_hat[b,p,:], H[c,:]>; the local score is the mean of its top k over p
+    attention: Optional[torch.Tensor]  # (B, P, C) SDA's attention over the patches, mean over channels; or None
+
+
 class SigRLOutput(NamedTuple):
     scores: torch.Tensor  # (B, C) fused score, what metrics and losses use
     local: Optional[torch.Tensor]  # (B, C) normalised local score; None when global_only
@@ -64,13 +69,18 @@ class SigRLOutput(NamedTuple):
 
 
 # ---- SDA and VFR: the paper's computation, on any number of classes ------------------------------------------
-def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """SDA's category-specific features M (B, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7)."""
+def sda_attention(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """SDA's attention alpha (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7, before pooling)."""
     # A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
     x = patch[:, :, None, :] * H  # (B, P, 1, D) * (C, D) -> (B, P, C, D)
     A = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
     # alpha[b,:,c,d] = softmax over p of A[b,:,c,d]  (one softmax per class and channel)
-    alpha = A.softmax(dim=1)  # (B, P, C, D)
+    return A.softmax(dim=1)  # (B, P, C, D)
+
+
+def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """SDA's category-specific features M (B, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7)."""
+    alpha = sda_attention(fc_sda, patch, H)  # (B, P, C, D)
     # M[b,c,:] = sum_p alpha[b,p,c,:] * F[b,p,:]
     return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, C, D)
 
@@ -118,6 +128,12 @@ class SDA(nn.Module):
         Q = F.normalize(Q, dim=-1, eps=1e-12)  # (B, D, D), each row to unit L2 norm
         T = M @ Q  # (B, C, D) @ (B, D, D) -> (B, C, D)
         return T
+
+    def attention(self, patch: torch.Tensor, H: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+        """alpha averaged over the D channels (B, P, C): where SDA looks for each class, a distribution over the
+        patches (for pictures: predict.py --explain). With `chunk`, that many classes at a time."""
+        return torch.cat([sda_attention(self.fc_sda, patch, H_c).mean(dim=-1)  # (B, P, c) each
+                          for H_c in H.split(chunk or len(H))], dim=2)  # (B, P, C)
 
 
 class VFR(nn.Module):
@@ -242,22 +258,36 @@ class SigRL(nn.Module):
         if cfg.global_only:
             return SigRLOutput(glob, None, glob, g)
 
-        chunk = cfg.class_chunk if cfg.fast else None  # the fast path or the plain one (module docstring)
+        # Eq. 13, local part: s_local[b,c] = mean of the top-k over p of <M_hat[b,p,:], H[c,:]>, normalised
+        # like the global part; then score = (s_local + s_global) / 2
+        sim = self.local_similarity(patch, H, G)  # (B, P, C)
+        local = sim.topk(min(cfg.topk, P), dim=1).values.mean(dim=1)  # (B, k, C) -> (B, C)
+        local = F.normalize(local, dim=-1)  # (B, C)
+        scores = (local + glob) / 2  # (B, C)
+        assert scores.shape == (B, H.shape[0]), f"expected scores (B, C) = {(B, H.shape[0])}, got {tuple(scores.shape)}"
+        return SigRLOutput(scores, local, glob, g)
+
+    def local_similarity(self, patch: torch.Tensor, H: torch.Tensor, G=None) -> torch.Tensor:
+        """<M_hat[b,p,:], H[c,:]> (B, P, C): every reconstructed patch feature against every label (SDA, GMC, VFR
+        as configured). Its top-k mean over the patches is the local score before Eq. 13's normalisation."""
+        B, chunk = patch.shape[0], self.config.class_chunk if self.config.fast else None  # fast or plain path
         if self.vfr is None:
             M_hat = patch  # (B, P, D)
         else:
             G = self.label_graph(H) if G is None else G  # (C, D)
             T = self.sda(patch, H, chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
             M_hat = self.vfr(patch, T, G, chunk)  # (B, P, D)
+        return M_hat @ H.T  # (B, P, D) @ (D, C) -> (B, P, C)
 
-        # Eq. 13, local part: s_local[b,c] = mean of the top-k over p of <M_hat[b,p,:], H[c,:]>, normalised
-        # like the global part; then score = (s_local + s_global) / 2
-        sim = M_hat @ H.T  # (B, P, D) @ (D, C) -> (B, P, C)
-        local = sim.topk(min(cfg.topk, P), dim=1).values.mean(dim=1)  # (B, k, C) -> (B, C)
-        local = F.normalize(local, dim=-1)  # (B, C)
-        scores = (local + glob) / 2  # (B, C)
-        assert scores.shape == (B, H.shape[0]), f"expected scores (B, C) = {(B, H.shape[0])}, got {tuple(scores.shape)}"
-        return SigRLOutput(scores, local, glob, g)
+    @torch.no_grad()
+    def explain(self, patch: torch.Tensor, H: torch.Tensor, G=None) -> SigRLMaps:
+        """Where each class's local score comes from (for pictures; predict.py --explain), for encoded images:
+        the similarity map whose top-k patches `score` averages (the same call), and SDA's attention over the
+        patches averaged over channels (None without SDA)."""
+        assert not self.config.global_only, "a global-only model has no local score to explain"
+        chunk = self.config.class_chunk if self.config.fast else None
+        attention = self.sda.attention(patch, H, chunk) if self.sda is not None else None  # (B, P, C)
+        return SigRLMaps(self.local_similarity(patch, H, G), attention)
 
     @torch.no_grad()
     def teacher_feat(self, images: torch.Tensor) -> torch.Tensor:
@@ -300,6 +330,8 @@ if __name__ == "__main__":
         T = model.sda(patch, H)  # (B, C, D), the plain path
         print("tokens @ proj", tuple(tokens.shape), "| G", tuple(G.shape), "| T", tuple(T.shape),
               "| M_hat", tuple(model.vfr(patch, T, G).shape))
+        maps = model.explain(patch, H)  # what the local score looks at, per patch and class
+        print("explain: similarity", tuple(maps.similarity.shape), "| SDA attention", tuple(maps.attention.shape))
         out = model(images, H)  # the fast path: 4 classes at a time
         model.config.fast = False
         plain = model(images, H)

@@ -101,6 +101,8 @@ def test_sigrl_stage_by_stage(resolution, C):
     assert T.shape == (B, C, D)
     M_hat = model.vfr(patch, T, G, model.config.class_chunk)
     assert M_hat.shape == (B, P, D)
+    maps = model.explain(patch, H)  # what the local score looks at (predict.py --explain)
+    assert maps.similarity.shape == maps.attention.shape == (B, P, C)
     out = model(images, H)
     for name in ("scores", "local", "glob"):
         assert getattr(out, name).shape == (B, C), name

@@ -5,6 +5,7 @@ timings are checked (those belong to the benchmark)."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -121,8 +122,9 @@ def test_markdown_checks_the_gpu_training_step_targets(device):
 def test_encoders_are_skipped_without_open_clip(monkeypatch, capsys):
     real = bench.importlib.util.find_spec
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "open_clip" else real(name))
-    bench.main(["--only", "encoders", "--device", "cpu"])
-    assert "Skipped: encoders (open_clip is not installed" in capsys.readouterr().out
+    bench.main(["--only", "encoders", "predict", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "Skipped: encoders (open_clip is not installed" in out and "Skipped: predict (open_clip" in out
 
 
 def test_data_parallel_worker_runs_train_step(tmp_path, capsys):
@@ -139,3 +141,16 @@ def test_data_parallel_worker_runs_train_step(tmp_path, capsys):
     assert after.keys() == before.keys()
     assert torch.equal(after["student.conv1.weight"], before["student.conv1.weight"])  # frozen
     assert not torch.equal(after["student.proj"], before["student.proj"])  # trained
+
+
+def test_predict_taggers_compare_the_same_maths(tmp_path):
+    """The zero-shot rows time the same computation (open_clip's recipe == predict.py --clip on the same files);
+    the SigRL row gives one score per image and label."""
+    from PIL import Image
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    for i, path in enumerate(paths):
+        Image.effect_noise((40 + 8 * i, 30), 60 + 20 * i).convert("RGB").save(path)
+    fns = bench.predict_fns(paths, CPU, "fp32", C=5, size="tiny", batch=2)
+    scores = {name: fn() for name, fn in fns.items()}
+    np.testing.assert_allclose(scores["ours zero-shot (--clip)"], scores["open_clip zero-shot"], atol=1e-5)
+    assert scores["ours SigRL (--ckpt)"].shape == (3, 5) and np.isfinite(scores["ours SigRL (--ckpt)"]).all()

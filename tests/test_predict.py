@@ -214,6 +214,22 @@ def test_zero_shot_clip_equals_open_clip(setup, tmp_path):
         np.testing.assert_allclose([got[n] for n in names], row, atol=1e-5)
 
 
+def test_explain_pngs(setup, tmp_path, capsys):
+    """One PNG per image: the input and, per top label, the similarity map over the attention map."""
+    out = tmp_path / "maps"
+    assert predict.main(["--ckpt", str(setup["ckpt"]), str(setup["photos"]), "--explain", str(out), "--top-k", "3",
+                         "--workers", "0"]) == 0
+    pngs = sorted(os.listdir(out))
+    assert len(pngs) == 6 and pngs[0].startswith("0000_") and pngs[-1].startswith("0005_")
+    side = 3 * 64  # the 64 px input enlarged 3 x, so that each of its 8 x 8 patches is 24 x 24 pixels
+    for name in pngs:
+        width, height = Image.open(out / name).size
+        assert width == draw.PAD + 4 * (side + draw.PAD) and 2 * side < height < 3 * side  # image + 3 labels
+    capsys.readouterr()
+    code = predict.main(["--clip", toyworld.TOYCLIP, "--labels", "fish", str(setup["photos"]), "--explain", str(out)])
+    one_line_error(capsys, code, "--explain needs a SigRL checkpoint")
+
+
 def test_figure_marks_follow_the_rule(tmp_path):
     """Known case: truth {cat, dog, sky}, top-3 (dog, car, sky): dog and sky blue, car red, cat struck."""
     image = Image.new("RGB", (64, 64), (200, 200, 200))
@@ -266,5 +282,6 @@ def test_offline_demo_writes_the_pictures(setup, monkeypatch, capsys):
     """`python predict.py` with no arguments, on a run that exists (the default one would be trained first)."""
     monkeypatch.setattr(predict, "DEMO_CKPT", str(setup["ckpt"]))
     assert predict.main(["--workers", "0"]) == 0
-    assert (setup["ckpt"].parent / "figure.png").is_file()
+    run = setup["ckpt"].parent
+    assert len(os.listdir(run / "explain")) == predict.DEMO_IMAGES and (run / "figure.png").is_file()
     assert capsys.readouterr().out.count(": ") >= predict.DEMO_IMAGES

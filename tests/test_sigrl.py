@@ -20,23 +20,28 @@ def tower():
 def plain_forward(model, images, H):
     """(scores, local, glob) of `model`: its ablation switches and Eq. 13 written out here, around the plain
     path of its modules (no chunking anywhere)."""
-    cfg = model.config
     tokens = model.student.forward_tokens(images) @ model.student.proj
     g, patch = tokens[:, 0], tokens[:, 1:]
     s_glob = g @ H.T
     glob = s_glob / s_glob.norm(dim=1, keepdim=True)
-    if cfg.global_only:
+    if model.config.global_only:
         return glob, None, glob
+    s_local = plain_local(model, patch, H)
+    local = s_local / s_local.norm(dim=1, keepdim=True)
+    return (local + glob) / 2, local, glob
+
+
+def plain_local(model, patch, H):
+    """The local score before Eq. 13's normalisation (B, C): top-k mean over p of <M_hat[b,p,:], H[c,:]>."""
+    cfg = model.config
     M_hat = patch
     if cfg.vfr:
         G = model.gmc(H) if cfg.gmc else H
-        T = model.sda(patch, H) if cfg.sda else H.expand(len(images), -1, -1)
+        T = model.sda(patch, H) if cfg.sda else H.expand(len(patch), -1, -1)
         M_hat = model.vfr(patch, T, G)
     sim = torch.einsum("bpd,cd->bpc", M_hat, H)
     k = min(cfg.topk, patch.shape[1])
-    s_local = sim.sort(dim=1, descending=True).values[:, :k].mean(dim=1)
-    local = s_local / s_local.norm(dim=1, keepdim=True)
-    return (local + glob) / 2, local, glob
+    return sim.sort(dim=1, descending=True).values[:, :k].mean(dim=1)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -73,6 +78,30 @@ def assert_same(a, b):
             assert ga is None and gb is None
         else:
             torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5)
+
+
+# ---- the maps behind the local score (predict.py --explain) ------------------------------------------------
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("switches", [{}, {"gmc": False, "sda": False}, {"gmc": False, "sda": False, "vfr": False}])
+def test_explain_maps_are_what_the_local_score_ranks(fast, switches):
+    """The similarity map's top-k mean is the local score before its normalisation over the classes (against
+    the plain path written out above); normalised, it is score()'s local; SDA's map is alpha averaged over the
+    channels (written out here), a distribution over the patches for every class."""
+    model = make_model(fast=fast, class_chunk=5, **switches)
+    images, H = inputs()
+    with torch.no_grad():
+        g, patch = model.encode(images)
+        maps = model.explain(patch, H)
+        out = model.score(g, patch, H)
+        s_local = maps.similarity.topk(model.config.topk, dim=1).values.mean(dim=1)  # (B, C)
+        torch.testing.assert_close(s_local, plain_local(model, patch, H), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(s_local / s_local.norm(dim=1, keepdim=True), out.local, rtol=1e-12, atol=1e-12)
+        if model.sda is None:
+            assert maps.attention is None
+            return
+        alpha = model.sda.fc_sda(torch.tanh(patch[:, :, None, :] * H)).softmax(dim=1)  # (B, P, C, D)
+        torch.testing.assert_close(maps.attention, alpha.mean(dim=-1), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(maps.attention.sum(dim=1), torch.ones(B, C, dtype=torch.float64))
 
 
 # ---- fast path == plain path ----------------------------------------------------------------------------
