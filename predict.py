@@ -150,7 +150,8 @@ def sigrl_tagger(args, labels, device):
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     H = H.to(device)
     encode, scorers = evaluation.sigrl_scorers(model, {"all": H}, R, spml=cfg.task == "spml")
-    G = model.label_graph(H) if model.vfr is not None else None
+    with torch.no_grad():
+        G = model.label_graph(H) if model.vfr is not None else None  # (C, D), for --explain
     return Tagger(names, build_transform(cfg.task, False, R), encode, scorers["all"],
                   f"SigRL ({args.ckpt}, epoch {ckpt['state']['epoch']})", model, H, G, cfg.task)
 
@@ -268,10 +269,8 @@ def demo(args):
     run_dir = os.path.dirname(DEMO_CKPT)
     args.ckpt, args.explain = DEMO_CKPT, os.path.join(run_dir, "explain")
     args.inputs = [data.test_paths[i] for i in chosen]
-    code = tag(args)
-    figure = os.path.join(run_dir, "figure.png")
-    evaluation.main(["--ckpt", DEMO_CKPT, "--figure", figure, "--workers", "0"])
-    return code
+    return tag(args) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
+                                         "--workers", "0"])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -330,18 +329,13 @@ def main(argv=None):
     if args.top_k is not None and args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
         parser().error("--top-k and --batch-size must be >= 1, --workers >= 0")
     args.top_k = args.top_k or (5 if args.threshold is None else None)
-    if not (args.inputs or args.ckpt or args.clip):
-        try:
-            return demo(args)
-        except (CheckpointError, DataError, UsageError, WriteError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    if not args.inputs:
+    offline_demo = not (args.inputs or args.ckpt or args.clip)
+    if not offline_demo and not args.inputs:
         parser().error("no images given (image files or folders after the flags)")
-    if not (args.ckpt or args.clip):
+    if not offline_demo and not (args.ckpt or args.clip):
         parser().error("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
     try:
-        return tag(args)
+        return demo(args) if offline_demo else tag(args)
     except (CheckpointError, DataError, UsageError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
