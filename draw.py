@@ -8,10 +8,10 @@ Heat maps live on the model's patch grid (h x w cells, 8 x 8 for the toy CLIP at
 14 x 14 for ViT-B/16 at 224 px with 16 px patches). Each is scaled to its own [min, max] and shown with
 nearest-neighbour upsampling, so one cell on screen is one patch the model saw.
 """
-import os
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from safe_io import atomic_write
 
 BLUE, RED, BLACK, GREY, WHITE = (20, 80, 200), (200, 30, 30), (0, 0, 0), (110, 110, 110), (255, 255, 255)
 # Anchor colours of the "inferno" colour map (black, purple, red, orange, pale yellow) at 0, 1/4, ..., 1; the
@@ -164,7 +164,5 @@ def figure_grid(cells, title, columns=4, side=192):
     return canvas, boxes
 
 def save(picture, path):
-    """Write a PNG atomically (a temporary file, then a rename): an interrupted run leaves no half picture."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    picture.save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
+    """Write a PNG atomically (safe_io): an interrupted run leaves the old picture or the new one, never half."""
+    atomic_write(path, lambda f: picture.save(f, format="PNG", optimize=True))

@@ -133,12 +133,13 @@ def format_epoch(record):
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
-def check_json_path(path):
-    """--json's folder must exist and be writable before any work (the table printed, then a traceback)."""
+def check_output_path(flag, path):
+    """An output file's folder must exist and be writable before any work (not: the table printed, then a
+    traceback). `flag` names the option in the message (json, figure, csv, ...)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise UsageError(f"--json {path}: {folder} is not a writable folder" if not os.path.isdir(path) else
-                         f"--json {path}: a folder; expected a file name")
+        raise UsageError(f"--{flag} {path}: {folder} is not a writable folder" if not os.path.isdir(path) else
+                         f"--{flag} {path}: a folder; expected a file name")
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -353,9 +354,10 @@ def main(argv=None):
             raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
                              "--figure-n and --figure-k must be >= 1")
         if args.figure:
+            check_output_path("figure", args.figure)
             return draw_figure(args) or 0
         if args.json:
-            check_json_path(args.json)
+            check_output_path("json", args.json)
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)

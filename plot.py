@@ -17,7 +17,9 @@ import sys
 from PIL import Image, ImageDraw
 
 import draw
+import runs
 from runs import UsageError
+from safe_io import WriteError
 
 # distinct, colour-blind-safe enough line colours (the first of the usual "tab10" palette)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -132,16 +134,16 @@ def write_curves(run_dir, out=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder written by train.py (holds log.jsonl)")
     p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             raise UsageError(f"--out {args.out}: its folder does not exist")
         print(f"curves -> {write_curves(args.run_dir, args.out)}")
-    except UsageError as err:
+    except (UsageError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

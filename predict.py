@@ -26,6 +26,7 @@ for it in runs/zsl-toy/figure.png.
 """
 import argparse
 import csv
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -43,9 +44,9 @@ import runs
 import tasks
 from clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
-from data import DataError, build_transform, check_images, view_transform, write_lines
+from data import DataError, build_transform, check_images, view_transform
 from runs import UsageError
-from safe_io import WriteError
+from safe_io import WriteError, atomic_write
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.pt"), 6, 8
@@ -175,43 +176,29 @@ def ranked(row, names, top_k, threshold):
     return [(names[i], float(row[i])) for i in order[:top_k]]
 
 
-def write_atomic(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_outputs(args, paths, names, scores, picks):
     if args.json:
         rows = [{"image": p, "labels": [[n, s] for n, s in pick]} for p, pick in zip(paths, picks)]
         runs.write_json(rows, args.json)
     if args.csv:
-        def csv_rows(tmp):
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                out = csv.writer(f)
-                out.writerow(["image", "rank", "label", "score"])
-                out.writerows([p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick))
-        write_atomic(args.csv, csv_rows)
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([["image", "rank", "label", "score"]] + [
+            [p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick)])
+        atomic_write(args.csv, lambda f: f.write(text.getvalue().encode("utf-8")))
     if args.save_scores:
         stem = args.save_scores[:-4] if args.save_scores.endswith(".npy") else args.save_scores
-        write_atomic(args.save_scores, lambda tmp: save_npy(tmp, scores.astype(np.float32)))
+        atomic_write(args.save_scores, lambda f: np.save(f, scores.astype(np.float32)))
         for suffix, lines in ((".images.txt", paths), (".label_names.txt", names)):
-            write_atomic(stem + suffix, lambda tmp, lines=lines: write_lines(tmp, lines))
+            atomic_write(stem + suffix, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
         print(f"scores ({len(paths)} images x {len(names)} labels) -> {args.save_scores}, rows in "
               f"{stem}.images.txt, columns in {stem}.label_names.txt", file=sys.stderr)
 
 
-def save_npy(path, array):
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
-        np.save(f, array)
-
-
 def check_outputs(args):
-    """Every output's folder must exist before the first image is scored."""
+    """Every output's folder must be writable before the first image is scored."""
     for flag in ("json", "csv", "save_scores"):
-        path = getattr(args, flag)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"--{flag.replace('_', '-')} {path}: its folder does not exist")
+        if getattr(args, flag):
+            evaluation.check_output_path(flag.replace("_", "-"), getattr(args, flag))
     if args.explain:
         os.makedirs(args.explain, exist_ok=True)
 
@@ -299,8 +286,8 @@ def tag(args):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files and folders (walked for image files)")
     p.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
     p.add_argument("--clip", help="a CLIP file: without --ckpt, zero-shot CLIP tags (cosine); with --ckpt, the "
@@ -323,21 +310,24 @@ def parser():
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    if args.labels is not None and args.labels_file is not None:
-        parser().error("give --labels or --labels-file, not both")
-    if args.top_k is not None and args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
-        parser().error("--top-k and --batch-size must be >= 1, --workers >= 0")
-    args.top_k = args.top_k or (5 if args.threshold is None else None)
-    offline_demo = not (args.inputs or args.ckpt or args.clip)
-    if not offline_demo and not args.inputs:
-        parser().error("no images given (image files or folders after the flags)")
-    if not offline_demo and not (args.ckpt or args.clip):
-        parser().error("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
     try:
+        args = parser().parse_args(argv)
+        if args.labels is not None and args.labels_file is not None:
+            raise UsageError("give --labels or --labels-file, not both")
+        if args.top_k is not None and args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
+            raise UsageError("--top-k and --batch-size must be >= 1, --workers >= 0")
+        args.top_k = args.top_k or (5 if args.threshold is None else None)
+        offline_demo = not (args.inputs or args.ckpt or args.clip)
+        if not offline_demo and not args.inputs:
+            raise UsageError("no images given (image files or folders after the flags; see --help)")
+        if not offline_demo and not (args.ckpt or args.clip):
+            raise UsageError("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
         return demo(args) if offline_demo else tag(args)
     except (CheckpointError, DataError, UsageError, WriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {runs.error_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (outputs already written are whole; the others were not written)", file=sys.stderr)
         return 2
 
 
