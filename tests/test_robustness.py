@@ -108,7 +108,7 @@ def cli(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-IMPROVES = {"epochs": 2, "lr": 3e-2}  # on the VOC fixture: validation mAP 17.9 then 21.7, so best.pt is rewritten
+IMPROVES = {"epochs": 2, "lr": 5e-2, "seed": 1}  # on the VOC fixture: validation mAP 13.7 then 15.6: best.pt rewritten
 
 
 @pytest.fixture(scope="module")
