@@ -5,7 +5,9 @@
     torchrun --nproc_per_node 4 ablation.py ...   # each run on 4 GPUs (README: "More than one GPU")
 
 Every setting trains a fresh run with train.run (any train.py flag after the ablation's own flags is passed
-through) and reports the last epoch's ZSL / GZSL (or SPML test) figures as mean ± std over the seeds.
+through) and reports, as mean ± std over the seeds, its ZSL / GZSL (or SPML test) figures before the first
+step (epoch 0) and after the last epoch, with the mAP of each branch; above them, the zero-shot CLIP scored
+by cosine and through SigRL's global branch (the untrained backbone: the same in every run).
 What "off" means (sigrl.py): without GMC the label embeddings H stand in for the graph output G; without SDA
 H stands in for the decoupled features T; without VFR the local score is MKT's top-k over the raw patch
 tokens (then GMC and SDA have nothing to act on, so that row is the baseline).
@@ -19,8 +21,9 @@ import numpy as np
 import eval as evaluation
 import parallel
 import runs
+import tasks
 import train
-from clip_files import CheckpointError
+from clip_files import CheckpointError, load_clip
 from data import DataError
 
 SETTINGS = {  # Table IV rows: name -> flags
@@ -33,10 +36,14 @@ SETTINGS = {  # Table IV rows: name -> flags
 
 
 def mean_std(results):
-    """Per setting/metric mean and (population) standard deviation over the seeds' result dicts."""
-    mean = {s: {k: float(np.mean([r[s][k] for r in results])) for k in results[0][s]} for s in results[0]}
-    std = {s: {k: float(np.std([r[s][k] for r in results])) for k in results[0][s]} for s in results[0]}
-    return mean, std
+    """Mean and (population) standard deviation over the seeds' result dicts, leaf by leaf (None stays None)."""
+    first = results[0]
+    if isinstance(first, dict):
+        pairs = {k: mean_std([r[k] for r in results]) for k in first}
+        return {k: m for k, (m, _) in pairs.items()}, {k: s for k, (_, s) in pairs.items()}
+    if first is None:
+        return None, None
+    return float(np.mean(results)), float(np.std(results))
 
 
 def main(argv=None):
@@ -48,6 +55,11 @@ def main(argv=None):
     args, train_flags = p.parse_known_args(argv)
     means, stds = {}, {}
     try:
+        cfg = runs.parse_args(train_flags)
+        device = runs.pick_device(cfg.device)
+        parallel.start(device)
+        clip, data = load_clip(cfg.clip), parallel.in_turn(lambda: tasks.load_dataset(cfg))
+        means[train.COSINE] = evaluation.clip_baseline(clip, cfg, data, device)  # None on other processes
         for i, (name, flags) in enumerate(SETTINGS.items()):
             if args.only is not None and i not in args.only:
                 continue
@@ -56,9 +68,12 @@ def main(argv=None):
                 out = os.path.join(args.out, f"row{i}-seed{seed}")
                 cfg = runs.parse_args(train_flags + flags + ["--seed", str(seed), "--out", out, "--overwrite"])
                 print(f"== {name}, seed {seed} -> {out}", flush=True)
-                results.append(train.run(cfg, baseline=False))  # None on torchrun's other processes
+                rows = train.run(cfg, baseline=False)  # global scoring, epoch 0, trained; None on other processes
+                results.append(list(rows.values()) if rows is not None else None)
             if parallel.is_main():
-                means[name], stds[name] = mean_std(results)
+                means.setdefault(train.GLOBAL_SCORING, results[0][0])  # the untrained backbone: the same in every run
+                means[f"{name}, epoch 0"], stds[f"{name}, epoch 0"] = mean_std([r[1] for r in results])
+                means[f"{name}, trained"], stds[f"{name}, trained"] = mean_std([r[2] for r in results])
     except (CheckpointError, DataError, runs.UsageError, parallel.Stopped) as err:
         parallel.report(err)
         return 2
@@ -66,8 +81,8 @@ def main(argv=None):
         parallel.finish()
     if not parallel.is_main():
         return 0
-    print(evaluation.format_comparison(means, spread=stds,
-                                       title=f"\nAblation (Table IV analogue), mean ± std over seeds {args.seeds}:"))
+    print(evaluation.format_comparison(means, spread=stds, title=f"\nAblation (Table IV analogue), percent, "
+                                                                 f"mean ± std over seeds {args.seeds}:"))
     return 0
 
 

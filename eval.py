@@ -56,71 +56,112 @@ def predict(paths, transform, encode, scorers, device, batch_size, workers, desc
     return parallel.gather_rows({name: torch.cat(v).numpy() if v else None for name, v in out.items()})
 
 
-def sigrl_scorers(model, label_sets, resolution, spml):
-    """encode / scorers for `predict`: the backbone runs once per batch, GMC once per label set."""
+def sigrl_scorers(model, label_sets, resolution, spml, branches=False):
+    """encode / scorers for `predict`: the backbone runs once per batch, GMC once per label set. With
+    `branches`, each scorer returns (B, C, 3): the fused score, the local branch (NaN when global_only) and
+    the global branch (SigRLOutput.scores, .local, .glob)."""
     def encode(images):
         return model.encode(spml_resize(images, resolution) if spml else images)
 
     def scorer(H, G):
-        return lambda features: model.score(*features, H, G=G).scores
+        if not branches:
+            return lambda features: model.score(*features, H, G=G).scores
+
+        def three(features):
+            out = model.score(*features, H, G=G)
+            local = out.local if out.local is not None else torch.full_like(out.scores, float("nan"))
+            return torch.stack([out.scores, local, out.glob], dim=-1)  # (B, C, 3)
+        return three
 
     with torch.no_grad():
         return encode, {name: scorer(H, model.label_graph(H)) for name, H in label_sets.items()}
 
 
-def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None):
+BRANCHES = ("local", "global")
+
+
+def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None, branch_metrics=False):
     """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
     label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows.
-    Under torchrun every process scores its share; rank 0 returns the metrics, the others None."""
+    Under torchrun every process scores its share; rank 0 returns the metrics, the others None.
+
+    Returns {split: metrics of the fused score, "branch_map": {split: {"local": mAP, "global": mAP}}}, the
+    mAP of each branch of Eq. 13 scored alone (local is None for --global-only). `branch_metrics` adds
+    "branches": {split: {"local": metrics, "global": metrics}}, every figure of each branch."""
     model.eval()
     n_train = tasks.n_train_classes(cfg, data)
     transform = build_transform(cfg.task, False, resolution)
     emb = label_emb.to(device)
-    results = {}
+    scores, labels = {}, {}
     if cfg.task == "zsl":
         # two passes in the paper's sense (81 unseen labels; all 1006), sharing each batch's backbone features
-        encode, scorers = sigrl_scorers(model, {"zsl": emb[n_train:], "gzsl": emb}, resolution, spml=False)
+        encode, scorers = sigrl_scorers(model, {"zsl": emb[n_train:], "gzsl": emb}, resolution, spml=False,
+                                        branches=True)
         scores = predict(data.test_paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers,
                          "test")
-        if scores is not None:
-            results["zsl"] = nus_metrics(scores["zsl"], data.test_labels[:, n_train:])
-            results["gzsl"] = nus_metrics(scores["gzsl"], data.test_labels)
+        labels = {"zsl": data.test_labels[:, n_train:], "gzsl": data.test_labels}
+        metric = nus_metrics
     else:
-        encode, scorers = sigrl_scorers(model, {"all": emb}, resolution, spml=True)
+        encode, scorers = sigrl_scorers(model, {"all": emb}, resolution, spml=True, branches=True)
         for split in splits or ("val", "test"):
-            paths, labels = getattr(data, f"{split}_paths"), getattr(data, f"{split}_labels")
+            paths, labels[split] = getattr(data, f"{split}_paths"), getattr(data, f"{split}_labels")
             s = predict(paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers, split)
-            if s is not None:
-                results[split] = spml_metrics(sigmoid(s["all"]), labels)
+            scores = None if s is None else {**(scores or {}), split: s["all"]}
+        metric = lambda s, y: spml_metrics(sigmoid(s), y)  # noqa: E731
     model.train()
-    return results if parallel.is_main() else None
+    if not parallel.is_main() or scores is None:
+        return None
+    results = {split: metric(s[..., 0], labels[split]) for split, s in scores.items()}
+    branches = {split: {b: None if np.isnan(s[..., i]).any() else metric(s[..., i], labels[split])
+                        for i, b in enumerate(BRANCHES, start=1)} for split, s in scores.items()}
+    results["branch_map"] = {split: {b: None if m is None else m["map"] for b, m in per.items()}
+                             for split, per in branches.items()}
+    if branch_metrics:
+        results["branches"] = branches
+    return results
 
 
 def sigmoid(x):
     return 1 / (1 + np.exp(-x.astype(np.float64)))
 
 
+def splits_of(results):
+    """The evaluation splits of a result dict, in order (its other keys, such as branch_map, are not splits)."""
+    return [k for k, v in results.items() if isinstance(v, dict) and "map" in v]
+
+
 def format_table(results, title=""):
     """A Markdown table that pastes into a paper draft: one row per setting, figures in percent."""
-    columns = SPML_COLUMNS if "p@1" in next(iter(results.values())) else NUS_COLUMNS
+    splits = splits_of(results)
+    columns = SPML_COLUMNS if "p@1" in results[splits[0]] else NUS_COLUMNS
     head = "| setting | " + " | ".join(c.replace("map", "mAP").replace("p@", "P@").replace("r@", "R@")
                                        .replace("f1@", "F1@") for c in columns) + " |"
     lines = [title] if title else []
     lines += [head, "|" + "---|" * (len(columns) + 1)]
-    for name, m in results.items():
-        lines.append(f"| {name.upper()} | " + " | ".join(f"{m[c]:.2f}" for c in columns) + " |")
+    for name in splits:
+        lines.append(f"| {name.upper()} | " + " | ".join(f"{results[name][c]:.2f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
 def format_comparison(rows, title="", spread=None):
-    """Methods side by side on the headline figures; `spread` (same shape as rows) adds '± std'."""
-    settings = [s for s in ("zsl", "gzsl", "test") if s in next(iter(rows.values()))]
+    """Methods side by side on the headline figures, plus the mAP of each branch (Eq. 13's local and global
+    scores alone) for the rows that have them; `spread` (same shape as rows) adds '± std'."""
+    settings = [s for s in ("zsl", "gzsl", "test") if any(s in r for r in rows.values())]
     columns = [(s, c) for s in settings for c in ("map", "f1@3", "f1@5")]
-    head = "| method | " + " | ".join(f"{s.upper()} {c.replace('map', 'mAP').replace('f1', 'F1')}"
-                                      for s, c in columns) + " |"
+    if any("branch_map" in r for r in rows.values()):
+        columns += [(s, b) for s in settings for b in BRANCHES]
+    names = {c: c.replace("map", "mAP").replace("f1", "F1") for _, c in columns} | {b: f"{b} mAP" for b in BRANCHES}
+    head = "| method | " + " | ".join(f"{s.upper()} {names[c]}" for s, c in columns) + " |"
     lines = ([title] if title else []) + [head, "|" + "---|" * (len(columns) + 1)]
+
+    def cell(r, s, c):
+        return (r.get("branch_map", {}).get(s, {}).get(c) if c in BRANCHES else r.get(s, {}).get(c)) if r else None
+
     for name, r in rows.items():
-        cells = [f"{r[s][c]:.2f}" + (f" ± {spread[name][s][c]:.2f}" if spread else "") for s, c in columns]
+        cells = []
+        for s, c in columns:
+            value, std = cell(r, s, c), cell((spread or {}).get(name), s, c)
+            cells.append("-" if value is None else f"{value:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,8 +169,10 @@ def format_comparison(rows, title="", spread=None):
 def format_epoch(record):
     """One line per epoch: the losses and the headline figures."""
     losses = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
-    figures = " | ".join(f"{name} mAP {m['map']:.2f} F1@3 {m['f1@3']:.2f}"
-                         for name, m in record.items() if isinstance(m, dict) and "map" in m)
+    figures = " | ".join(f"{name} mAP {record[name]['map']:.2f} F1@3 {record[name]['f1@3']:.2f}"
+                         + "".join(f" {b} {m:.2f}" for b, m in record.get("branch_map", {}).get(name, {}).items()
+                                   if m is not None)
+                         for name in splits_of(record))
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
@@ -166,6 +209,9 @@ def eval_checkpoint(args):
                              splits=("test",) if cfg.task == "spml" else None)
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
         print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
+        print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
+            f"{split.upper()} " + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
+            for split, per in results["branch_map"].items()))
     return results
 
 

@@ -3,7 +3,7 @@
 One process at a time: a second train.py on the same --out is refused (safe_io.locked). Every file is
 replaced atomically, and at the end of epoch E they are written in this order:
 
-    log.jsonl (records 1..E)  ->  best.pt (epoch E, if it is the best so far)  ->  last.pt (epoch E)
+    log.jsonl (records 0..E)  ->  best.pt (epoch E, if it is the best so far)  ->  last.pt (epoch E)
 
 so whatever prefix of these writes a SIGKILL, a power cut or a full disk allows, last.pt holds a whole epoch
 E-1 or E, and --resume makes the rest agree with it: log.jsonl is cut back to last.pt's epoch (the epoch after
@@ -77,6 +77,11 @@ class RunDir:
             print(f"{path} holds epoch {best['epoch']} (val mAP {best['val_map']:.2f}), written just before the "
                   f"previous run stopped: it stays the best epoch so far")
         return best
+
+    def log(self, record):
+        """Write a record that has no checkpoint (epoch 0: the model before any step)."""
+        self.records.append(record)
+        self._write_log()
 
     def end_epoch(self, record, ckpt, improved, save):
         """Write epoch E's record, best.pt (when improved), then last.pt; `save(ckpt, path)` writes a checkpoint."""

@@ -262,8 +262,10 @@ def main(argv=None):
 
 
 def run(cfg, baseline=True):
-    """Train (or resume) one run; returns the last epoch's metrics. `baseline`: on the toy world, also
-    evaluate the zero-shot tiny CLIP and print both side by side."""
+    """Train (or resume) one run. Returns the rows a trained number is read against (like_for_like: the CLIP
+    through SigRL's global scoring at epoch 0, SigRL at epoch 0, SigRL after the last epoch; each a metrics dict
+    with branch_map), None on torchrun's other processes. `baseline`: on the toy world, also evaluate the
+    zero-shot tiny CLIP (cosine) and print every row side by side."""
     resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = runs.resume_config(cfg, resume)
@@ -341,6 +343,17 @@ def _run(cfg, resume, run_dir, device, baseline):
           + (f", batch {cfg.batch_size} = {parallel.size()} process(es) x {cfg.accum} micro-batch(es) of "
              f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")
 
+    if resume is None:  # epoch 0: the model as built, before any step, scored like the trained one
+        t0 = time.time()
+        with torch.no_grad():
+            label_emb = label_emb_fn().detach()  # (C_all, D)
+        state["epoch0"] = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device,
+                                                    branch_metrics=True)  # None on torchrun's other processes
+        if parallel.is_main():
+            record = {"epoch": 0, "step": 0, "seconds": round(time.time() - t0, 1), "loss": {},
+                      **{k: v for k, v in state["epoch0"].items() if k != "branches"}}
+            print(evaluation.format_epoch(record))
+            run_dir.log(record)
     end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
     metrics = resume["metrics"] if resume is not None else None
     while state["epoch"] < end:
@@ -370,17 +383,35 @@ def _run(cfg, resume, run_dir, device, baseline):
     if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs > 0:
         zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
     if metrics is None or not parallel.is_main():
-        return metrics
+        return None
     print(f"curves -> {plot.write_curves(cfg.out)}")
     print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                             f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:
         print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
               f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
+    rows = like_for_like(state, metrics)
     if zero_shot is not None:
-        print(evaluation.format_comparison({"zero-shot tiny CLIP": zero_shot, "SigRL (this run)": metrics},
-                                           title="\nThe same test images, the same protocol:"))
-    return metrics
+        rows = {COSINE: zero_shot, **rows}
+        print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
+    return rows
+
+
+COSINE = "zero-shot CLIP, cosine (as open_clip scores it)"
+GLOBAL_SCORING = "the same CLIP, SigRL's global scoring (Eq. 13 global branch, epoch 0)"
+
+
+def like_for_like(state, metrics):
+    """The rows a trained number is read against: the CLIP through SigRL's global branch before any step (the
+    like-for-like zero-shot baseline: the distillation keeps that branch near it), SigRL at epoch 0 (untrained
+    heads) and SigRL trained, each with the mAP of both branches."""
+    rows = {}
+    if state.get("epoch0"):
+        global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
+        rows = {GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
+                {k: v for k, v in state["epoch0"].items() if k != "branches"}}
+    rows[f"SigRL, epoch {state['epoch']}"] = metrics
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from metrics import nus_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUS_KEYS = {"map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"}
 SPML_KEYS = NUS_KEYS | {"p@1", "r@1"}
+BRANCHES = ("local", "global")
 
 
 def cli(script, *args, env=None, expect_ok=True):
@@ -58,13 +59,19 @@ def test_zsl_train_then_eval(world, tmp_path):
     cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", world["nus"], *common(world, run),
         env=world["env"])
     log = read_log(run)
-    assert len(log) == 1 and set(log[0]) >= {"zsl", "gzsl", "loss"} and set(log[0]["loss"]) == {"local", "global"}
+    assert [r["epoch"] for r in log] == [0, 1] and log[0]["step"] == 0 and log[0]["loss"] == {}  # before any step
+    assert set(log[1]["loss"]) == {"local", "global"}
+    for record in log:
+        assert set(record) >= {"zsl", "gzsl", "loss", "branch_map"}
+        assert {k: set(v) for k, v in record["branch_map"].items()} == {"zsl": set(BRANCHES), "gzsl": set(BRANCHES)}
     proc = cli("eval.py", "--ckpt", run / "last.pt", "--json", tmp_path / "r.json", env=world["env"])
     got = json.loads((tmp_path / "r.json").read_text())
-    assert set(got) == {"zsl", "gzsl"} and set(got["zsl"]) == NUS_KEYS and set(got["gzsl"]) == NUS_KEYS
+    assert set(got) == {"zsl", "gzsl", "branch_map"} and set(got["zsl"]) == NUS_KEYS and set(got["gzsl"]) == NUS_KEYS
     for setting in ("zsl", "gzsl"):  # eval.py alone reproduces the end-of-epoch evaluation of train.py
         for k in NUS_KEYS:
-            np.testing.assert_allclose(got[setting][k], log[0][setting][k], atol=1e-6, equal_nan=True)
+            np.testing.assert_allclose(got[setting][k], log[1][setting][k], atol=1e-6, equal_nan=True)
+        for b in BRANCHES:
+            np.testing.assert_allclose(got["branch_map"][setting][b], log[1]["branch_map"][setting][b], atol=1e-6)
     assert "| ZSL |" in proc.stdout and "| GZSL |" in proc.stdout
     ckpt = torch.load(run / "last.pt", weights_only=True)
     assert ckpt["label_emb"].shape == (1006, 64) and ckpt["n_train_classes"] == 925
@@ -79,7 +86,7 @@ def test_compile_trains_the_same_model(world, tmp_path):
         proc = cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", world["nus"], *extra,
                    *common(world, runs[name]), env=world["env"])
         assert ("SDA/VFR compiled" in proc.stdout) == (name == "compiled")
-    eager, compiled = (read_log(runs[k])[0]["loss"] for k in ("eager", "compiled"))
+    eager, compiled = (read_log(runs[k])[-1]["loss"] for k in ("eager", "compiled"))
     for k in ("local", "global"):
         np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-4)
     weights = [torch.load(runs[k] / "last.pt", weights_only=True)["model"] for k in ("eager", "compiled")]
@@ -87,7 +94,7 @@ def test_compile_trains_the_same_model(world, tmp_path):
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-3, atol=1e-5)
     cli("eval.py", "--ckpt", runs["compiled"] / "last.pt", "--compile", "--json", tmp_path / "r.json", env=world["env"])
-    got, logged = json.loads((tmp_path / "r.json").read_text()), read_log(runs["compiled"])[0]
+    got, logged = json.loads((tmp_path / "r.json").read_text()), read_log(runs["compiled"])[-1]
     for setting in ("zsl", "gzsl"):  # eval.py --compile reproduces the compiled run's own evaluation
         for k in NUS_KEYS:
             np.testing.assert_allclose(got[setting][k], logged[setting][k], atol=1e-4, equal_nan=True)
@@ -101,10 +108,12 @@ def test_spml_train_then_eval(world, tmp_path, data, loss):
         *common(world, run, **extra), env=world["env"])
     log = read_log(run)
     assert set(log[-1]) >= {"val", "test"} and set(log[-1]["loss"]) == {loss}
+    assert log[0]["epoch"] == 0 and {k: set(v) for k, v in log[-1]["branch_map"].items()} == \
+        {"val": set(BRANCHES), "test": set(BRANCHES)}
     assert (run / "best.pt").exists()
     cli("eval.py", "--ckpt", run / "best.pt", "--json", tmp_path / "r.json", env=world["env"])
     got = json.loads((tmp_path / "r.json").read_text())
-    assert set(got) == {"test"} and set(got["test"]) >= SPML_KEYS
+    assert set(got) == {"test", "branch_map"} and set(got["test"]) >= SPML_KEYS and set(got["branch_map"]) == {"test"}
     best = torch.load(run / "best.pt", weights_only=True)["state"]["best"]
     np.testing.assert_allclose(got["test"]["map"], best["test_map"], atol=1e-9)
     if loss == "em_apl":  # after epoch 1 >= warm-up the APL round turned some unobserved entries negative
@@ -117,7 +126,7 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     flags = dict(epochs=3, **{"apl-warmup": 1, "batch-size": 4})
     cli("train.py", *args, *common(world, tmp_path / "a", **flags), env=world["env"])
     cli("train.py", *args, *common(world, tmp_path / "b", **flags), "--stop-after", 1, env=world["env"])
-    assert len(read_log(tmp_path / "b")) == 1
+    assert [r["epoch"] for r in read_log(tmp_path / "b")] == [0, 1]
     cli("train.py", "--resume", tmp_path / "b" / "last.pt", env=world["env"])
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
@@ -228,8 +237,10 @@ def test_ablation_table(world, tmp_path):
                "--data-root", world["coco"], "--clip", world["clip"], "--epochs", 1, "--workers", 0,
                "--fix-layer", 1, "--batch-size", 8, env=world["env"])
     table = proc.stdout[proc.stdout.index("Ablation"):]
-    assert "| baseline (no GMC, SDA, VFR) |" in table and "| GMC + SDA + VFR (SigRL) |" in table
-    assert "±" in table and "| VFR |" not in table
+    for row in ("baseline (no GMC, SDA, VFR)", "GMC + SDA + VFR (SigRL)"):
+        assert f"| {row}, epoch 0 |" in table and f"| {row}, trained |" in table
+    assert "| zero-shot CLIP, cosine" in table and "| the same CLIP, SigRL's global scoring" in table
+    assert "±" in table and "| VFR, trained |" not in table and "TEST local mAP" in table
     for row, seed in ((0, 1), (0, 2), (4, 1), (4, 2)):
         assert (tmp_path / f"row{row}-seed{seed}" / "last.pt").exists()
     baseline = torch.load(tmp_path / "row0-seed1" / "last.pt", weights_only=True)["head_config"]
