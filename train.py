@@ -393,6 +393,7 @@ def _run(cfg, resume, run_dir, device, baseline):
     rows = like_for_like(state, metrics)
     if zero_shot is not None:
         rows = {COSINE: zero_shot, **rows}
+    if baseline and len(rows) > 1:
         print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
     return rows
 
