@@ -26,7 +26,7 @@ def load_dataset(cfg):
     (never a crash hours into an epoch, never a silent black image)."""
     if cfg.data == "toy":
         import toyworld  # only --data toy needs the synthetic world
-        toyworld.make_world(cfg.data_root, seed=cfg.world_seed)  # written once, then reused
+        toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
     if not cfg.data_root:
         raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
     if not os.path.isdir(cfg.data_root):

@@ -1,23 +1,37 @@
-"""A synthetic multi-label world and a tiny CLIP pre-trained on it, so the whole pipeline runs offline.
+"""A synthetic multi-label world and a tiny CLIP pre-trained on it, so the whole pipeline runs offline, built
+to have the properties of the real zero-shot setting that SigRL's local branch is meant to exploit.
 
-Why: SigRL's zero-shot setting needs a CLIP that already knows the UNSEEN label names from pre-training.
-Here the world is 7 scene types (textured backgrounds) holding 1-4 of 25 drawn objects; every image has a
-caption naming its scene and objects. A tiny CLIP (the project's own `clip_text.CLIP`) is pre-trained
-contrastively on a separate split whose captions mention every label, then the SigRL job fine-tunes it on
-the SEEN labels only and must recognise the 8 UNSEEN ones (25 %) through their text embeddings.
+SigRL's zero-shot job needs a CLIP that already knows the UNSEEN label names from pre-training, then
+fine-tunes on images labelled with the SEEN names only (NUS-WIDE: 925 seen tags, 81 unseen concepts). Here:
+7 scene types (textured backgrounds) holding 1-5 of 25 drawn objects; a tiny CLIP (the project's own
+clip_text.CLIP) pre-trained contrastively on captioned images of a separate split (toyclip/pretrain.py);
+32 labels, of which the SigRL job trains on 24 and must recognise the other 8 through their text embeddings.
 
     python toyworld.py make --root DIR           # write a world (train.py --data toy does this itself)
     python toyworld.py pretrain --out toyclip/   # re-create the committed tiny CLIP (toyclip/pretrain.py)
     python toyworld.py zeroshot                  # its zero-shot mAP vs chance (toyclip/toyclip.json)
 
-Co-occurrence (what GMC can exploit): each scene has a pool of likely objects; an object slot is filled from
-the scene's pool with probability 0.8, else from all objects. Scenes are labels too (NUS-WIDE also mixes
-scene concepts such as beach or snow with objects), so every object label correlates with a scene label.
+Each choice copies a property of the real setting:
+- Several labels per image, many of them small. NUS-WIDE images carry several concepts, and a photo has a
+  subject and smaller things around it. Here 1-5 objects (mean 3) with half-sizes drawn log-uniformly from
+  4.5 to 12 px: from about one 8 px patch to a third of the image.
+- Captions name the salient thing. Alt-text rarely lists everything in a photo, so CLIP's class token learns
+  the salient content and under-represents small and secondary objects. A pre-training caption names the
+  largest object, each other object with probability 0.3, and the scene (90 %). Every object is the largest
+  one in some images, so CLIP learns every name, unseen ones included.
+- Labels name everything. NUS-WIDE's labels (tags, human-verified concepts) name small things as well, so
+  the seen labels teach what the captions did not.
+- Scenes are labels and predict their objects. NUS-WIDE mixes scene concepts (beach, snow) with objects, and
+  they co-occur (what GMC can exploit): each scene has a pool of likely objects; a slot is filled from the
+  pool with probability 0.8, else from all objects.
+One property it does not copy: NUS-WIDE's seen labels outnumber the unseen 11 to 1 and include relatives of
+them; here 24 seen labels face 8 unseen ones, each the only one of its kind (README: what a 64-label variant
+measured).
 
-Images: 64 x 64 RGB, drawn at 2x with PIL and box-downsampled; objects 14-24 px at random positions inside a
-4 px margin (the eval transform's centre crop cuts about 4 px per side). Everything derives from
-numpy Generators seeded with (seed, split, index), so any image can be redrawn alone and the files are
-byte-identical for the same seed. Splits: 0 train, 1 test, 2 pre-training (captions).
+Images: 64 x 64 RGB, drawn at 2x with PIL and box-downsampled, objects at random places inside a 4 px margin
+(the evaluation centre crop cuts about 4 px per side). Everything derives from numpy Generators seeded with
+(seed, split, index), so any image can be redrawn alone and the files are byte-identical for the same seed.
+Splits: 0 train, 1 test, 2 pre-training (captions).
 """
 import json
 import math
@@ -40,7 +54,7 @@ from data import DataError, nus_path, observe_single_positive, read_spml_folder 
 
 RES = 64                 # image side in pixels (the tiny CLIP's input resolution)
 _K = 2                   # drawing supersampling factor
-VERSION = 1              # bump when the drawing or sampling changes, so cached worlds are rebuilt
+VERSION = 3              # bump when the drawing or sampling changes, so cached worlds are rebuilt
 TRAIN, TEST, PRETRAIN = 0, 1, 2     # split ids: part of every image's seed
 SPML_DIR = os.path.join("sigrl_spml", "toy")
 TOYCLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyclip", "toyclip.pt")
@@ -62,7 +76,9 @@ LABELS = list(SCENES) + OBJECTS                                          # 32 na
 UNSEEN = ["fish", "mushroom", "car", "planet", "snowman", "cactus", "cup", "desert"]   # one per scene + a scene
 SEEN = [name for name in LABELS if name not in UNSEEN]                 # 24 names, LABELS order
 P_POOL = 0.8             # probability that an object slot is filled from the scene's pool
-N_OBJECTS_P = [0.2, 0.35, 0.3, 0.15]                                   # P(1..4 objects)
+N_OBJECTS_P = [0.15, 0.25, 0.25, 0.2, 0.15]                             # P(1..5 objects)
+HALF_SIZE = (4.5, 12.0)  # object half-size in pixels, log-uniform between these
+P_OTHER = 0.3            # probability that a caption names an object other than the largest
 
 
 # ----------------------------------------------------------------------------------------- objects
@@ -216,11 +232,11 @@ def background(scene, rng):
 
 # ------------------------------------------------------------------------------------ sampling, drawing
 def sample_scene(rng):
-    """(scene, objects): a scene label and 1-4 distinct object labels, mostly from the scene's pool."""
+    """(scene, objects): a scene label and 1-5 distinct object labels, mostly from the scene's pool."""
     scene = LABELS[rng.integers(len(SCENES))]
     pool = SCENES[scene][2]
     objects = []
-    for _ in range(rng.choice(4, p=N_OBJECTS_P) + 1):
+    for _ in range(rng.choice(len(N_OBJECTS_P), p=N_OBJECTS_P) + 1):
         from_pool = [o for o in pool if o not in objects]
         choices = from_pool if from_pool and rng.uniform() < P_POOL else [o for o in OBJECTS if o not in objects]
         objects.append(choices[rng.integers(len(choices))])
@@ -228,26 +244,28 @@ def sample_scene(rng):
 
 
 def render(scene, objects, rng):
-    """Draw the scene with its objects at non-overlapping-ish random places; returns a RES x RES RGB image."""
+    """Draw the scene with its objects at non-overlapping-ish random places; returns a RES x RES RGB image and
+    the objects' half-sizes (pixels)."""
     img = Image.fromarray(background(scene, rng))
     d = ImageDraw.Draw(img)
     placed = []                                                                   # (cx, cy, s) in RES units
     for name in objects:
         for _ in range(20):                                                       # keep the least overlapping try
-            s = rng.uniform(7, 12)
+            s = math.exp(rng.uniform(math.log(HALF_SIZE[0]), math.log(HALF_SIZE[1])))
             cx, cy = rng.uniform(4 + s, RES - 4 - s, 2)
             overlap = max([min(s, t) - math.hypot(cx - u, cy - v) / 1.6 for u, v, t in placed] + [0])
             if overlap <= 0:
                 break
         placed.append((cx, cy, s))
         draw_object(d, name, cx * _K, cy * _K, s * _K, rng.uniform(0.85, 1.15, 3))
-    return img.reduce(_K)
+    return img.reduce(_K), [t for _, _, t in placed]
 
 
-def caption(scene, objects, rng):
-    """A caption naming the scene and the objects, in random order and phrasing; sometimes a mention is
-    dropped (like alt-text that names only part of a picture), but never all of them."""
-    mentioned = [o for o in objects if rng.uniform() < 0.85] or [objects[rng.integers(len(objects))]]
+def caption(scene, objects, sizes, rng):
+    """A caption in random phrasing naming the largest object, each other one with probability P_OTHER, and the
+    scene (90 %): like alt-text, which names the salient things of a picture, not everything in it."""
+    order = np.argsort(-np.asarray(sizes))
+    mentioned = [objects[order[0]]] + [objects[i] for i in order[1:] if rng.uniform() < P_OTHER]
     mentioned = [mentioned[i] for i in rng.permutation(len(mentioned))]
     words = [("an " if o[0] in "aeiou" else "a ") + o for o in mentioned]
     things = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -261,7 +279,8 @@ def draw_example(seed, split, index):
     """(image, scene, objects, caption) of example `index` of a split; a pure function of its arguments."""
     rng = np.random.default_rng([seed, split, index])
     scene, objects = sample_scene(rng)
-    return render(scene, objects, rng), scene, objects, caption(scene, objects, rng)
+    image, sizes = render(scene, objects, rng)
+    return image, scene, objects, caption(scene, objects, sizes, rng)
 
 
 # ----------------------------------------------------------------------------------- files on disk

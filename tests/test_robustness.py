@@ -117,7 +117,7 @@ def reference(world, tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     assert train_cli.main(spml(world, run, **IMPROVES)) == 0
     log = log_of(run)
-    assert [r["epoch"] for r in log] == [1, 2] and log[1]["val"]["map"] > log[0]["val"]["map"]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[2]["val"]["map"] > log[1]["val"]["map"]
     return run
 
 
@@ -216,7 +216,7 @@ def test_disk_full_while_saving(world, tmp_path, capsys):
     assert not leftovers(run) and ckpt(run / "last.pt")["state"]["epoch"] == 1
     rc, _, err = call(train_cli.main, capsys, ["--resume", run / "last.pt"])
     assert rc == 0, err
-    assert [r["epoch"] for r in log_of(run)] == [1, 2] and not leftovers(run)
+    assert [r["epoch"] for r in log_of(run)] == [0, 1, 2] and not leftovers(run)
 
 
 def test_half_written_toy_world_is_rebuilt(world, tmp_path, capsys, monkeypatch):
@@ -415,7 +415,7 @@ def test_divergence_stops_with_the_step_and_the_images(world, tmp_path, capsys):
     rc, _, err = call(train_cli.main, capsys, zsl(world, run, epochs=3, lr=10, **{"warmup-epochs": 1}))
     line = one_line(rc, err, "loss", "step", ".jpg", "--lr")
     epoch = ckpt(run / "last.pt")["state"]["epoch"]
-    assert f"last.pt holds epoch {epoch}" in line and [r["epoch"] for r in log_of(run)] == list(range(1, epoch + 1))
+    assert f"last.pt holds epoch {epoch}" in line and [r["epoch"] for r in log_of(run)] == list(range(epoch + 1))
     assert all(torch.isfinite(v).all() for v in ckpt(run / "last.pt")["model"].values())
     rc, _, err = call(train_cli.main, capsys, spml(world, tmp_path / "inf", lr=1e10))
     one_line(rc, err, "non-finite", "step", ".jpg")

@@ -72,7 +72,7 @@ def test_scene_pools_drive_co_occurrence():
             p_all = np.mean([obj in o for _, o in samples])
             assert p_given > 1.5 * p_all, (scene, obj, p_given, p_all)   # the pool lifts the object
         assert 0.1 < counts[scene] / len(samples) < 0.19
-    assert all(1 <= len(o) <= 4 and len(set(o)) == len(o) for _, o in samples)
+    assert all(1 <= len(o) <= len(tw.N_OBJECTS_P) and len(set(o)) == len(o) for _, o in samples)
 
 
 def test_captions_name_every_label_somewhere():
