@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import toydraw
 import toyworld as tw
 from data import DataError, check_images, load_nuswide
 from toyclip.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
@@ -55,7 +56,7 @@ def test_cached_world_is_reused_and_foreign_data_refused(world, tmp_path):
 def test_label_sets():
     assert len(tw.LABELS) == len(set(tw.LABELS)) == 32 and len(tw.UNSEEN) == 8
     assert set(tw.SEEN) | set(tw.UNSEEN) == set(tw.LABELS) and not set(tw.SEEN) & set(tw.UNSEEN)
-    assert set(tw.SHAPES) == set(tw.OBJECTS)
+    assert set(toydraw.SHAPES) == set(tw.OBJECTS)
     for scene, (_, phrase, pool) in tw.SCENES.items():
         assert scene in phrase and set(pool) <= set(tw.OBJECTS)
 
