@@ -114,11 +114,12 @@ def test_accumulation_equals_one_batch(zsl):
 
 def test_sharded_evaluation_is_exact(zsl, tmp_path):
     """The two-process run evaluated its last weights in shards; one process scoring its checkpoint gets the same
-    figures, bit for bit."""
+    figures, each branch's mAP included, bit for bit."""
     run = zsl["dir"] / "two"
     one_process(evaluation.main, "--ckpt", run / "last.pt", "--json", tmp_path / "r.json")
     got, logged = json.loads((tmp_path / "r.json").read_text()), log(run)[-1]
-    assert got == {k: logged[k] for k in got} and set(got) == {"zsl", "gzsl"}
+    assert got == {k: logged[k] for k in got} and set(got) == {"zsl", "gzsl", "branch_map"}  # branch mAPs too
+    assert log(run)[0]["epoch"] == 0 and log(run)[0]["step"] == 0  # the epoch-0 record, scored in shards as well
 
 
 def test_distributed_run_resumes_on_any_number_of_processes(world, tmp_path):
