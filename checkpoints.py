@@ -9,9 +9,11 @@ version does not know) or a file of another kind is one UsageError line.
 """
 import hashlib
 import os
+import random
 import warnings
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 
 import safe_io
@@ -146,3 +148,31 @@ def model_from_checkpoint(ckpt, weights=True):
     if weights:  # a CoOp run also saved its learned prompt (prompt.*): its label embeddings are ckpt["label_emb"]
         model.load_state_dict_trainable({k: v for k, v in ckpt["model"].items() if not k.startswith("prompt.")})
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- the random state a run carries
+def rng_state():
+    """Every random number generator a run draws from, in tensors and lists (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -15,7 +15,6 @@ each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (plot.py).
 import contextlib
 import math
 import os
-import random
 import sys
 import time
 
@@ -83,34 +82,6 @@ def lr_at(step, steps_per_epoch, cfg):
         return cfg.lr * epoch / cfg.warmup_epochs
     progress = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-8)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-# ----------------------------------------------------------------------------- reproducibility
-def rng_state():
-    """Every random number generator a run draws from, in tensors and lists (loadable with weights_only)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
-             "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def epoch_loader(train_set, plan, cfg, epoch):
@@ -289,7 +260,7 @@ def run(cfg, baseline=True):
 def _run(cfg, resume, run_dir, device, baseline):
     # Validate everything (CLIP file, dataset, labels, prompts) before the run directory is touched.
     runs.check_batch_split(cfg, parallel.size())
-    seed_everything(cfg.seed)
+    checkpoints.seed_everything(cfg.seed)
     clip = load_clip(cfg.clip)
     if resume is not None and resume["clip_sha256"] != clip.sha256:
         raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
@@ -325,7 +296,7 @@ def _run(cfg, resume, run_dir, device, baseline):
         model.load_state_dict_trainable(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         state.update(resume["state"])
-        set_rng_state(resume["rng"])
+        checkpoints.set_rng_state(resume["rng"])
         print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
     parallel.ready()  # every process checked everything; from here on they exchange gradients
     net = parallel.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
@@ -376,7 +347,7 @@ def _run(cfg, resume, run_dir, device, baseline):
         record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
                   "loss": losses, **metrics}
         print(evaluation.format_epoch(record))
-        ckpt = checkpoints.make_checkpoint(cfg, model, opt, state, rng_state(), metrics, names, n_train, label_emb)
+        ckpt = checkpoints.make_checkpoint(cfg, model, opt, state, checkpoints.rng_state(), metrics, names, n_train, label_emb)
         run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
     run_dir.phase = "after the last epoch"
     zero_shot = None

@@ -23,7 +23,6 @@ import predict
 import runs
 import tasks
 import toyworld
-import train
 from clip_files import load_clip
 from clip_text import encode_labels
 from data import build_transform
@@ -55,7 +54,7 @@ def _setup(d):
     os.makedirs(cfg.out)
     ckpt = d / "run" / "last.pt"
     checkpoints.save_checkpoint(checkpoints.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
-                                              train.rng_state(), None, names, n_train, H), ckpt)
+                                              checkpoints.rng_state(), None, names, n_train, H), ckpt)
     # the folder a user points predict.py at: nested folders, a PNG, a text file and a damaged JPEG
     photos, truth, created = d / "photos", {}, []
     for k, (path, row) in enumerate(zip(data.test_paths[:6], data.test_labels[:6])):
@@ -176,7 +175,7 @@ def test_coop_run_tags_its_own_labels(setup, tmp_path, capsys):
         H = model.prompt()  # (C, D)
     state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": setup["clip"].sha256}
     checkpoints.save_checkpoint(checkpoints.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
-                                              train.rng_state(), None, setup["names"], 24, H), tmp_path / "c.pt")
+                                              checkpoints.rng_state(), None, setup["names"], 24, H), tmp_path / "c.pt")
     assert predict.main(["--ckpt", str(tmp_path / "c.pt"), str(setup["photos"] / "a" / "b"), "--save-scores",
                          str(tmp_path / "s.npy"), "--workers", "0"]) == 0
     images = (tmp_path / "s.images.txt").read_text().splitlines()
