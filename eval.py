@@ -31,6 +31,7 @@ from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import DataError, ImageList, build_transform, spml_resize, view_transform
 from metrics import nus_metrics, spml_metrics
 from runs import UsageError
+from score_files import read_scores
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
 SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -263,46 +264,6 @@ def draw_figure(args):
                                          f"predictions, {setting}")
     draw.save(picture, args.figure)
     print(f"figure: {len(cells)} test images -> {args.figure}")
-
-
-def _read_array(path, flag):
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        a = None
-    if not isinstance(a, np.ndarray) or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        raise UsageError(f"{path}: not a numeric .npy array ({flag} expects one, as np.save writes it)")
-    if a.ndim != 2 or a.size == 0:
-        raise UsageError(f"{path}: shape {a.shape}: {'empty' if a.size == 0 else 'not 2-D'}; expected (N, C)")
-    return a
-
-
-def read_scores(args):
-    """Saved scores and labels, refused where they would give wrong numbers: NaN / inf scores, fewer than the 5
-    columns the top-5 metrics need, labels outside the protocol's alphabet. Under --protocol nuswide 0 means
-    "unknown" and only -1 is a negative: 0/1 labels there leave no negative, and any scores get mAP 100."""
-    scores, labels = _read_array(args.scores, "--scores"), _read_array(args.labels, "--labels")
-    if scores.shape != labels.shape:
-        raise UsageError(f"{args.scores} has shape {scores.shape} but {args.labels} has {labels.shape}; "
-                         f"expected the same (N, C)")
-    if not np.isfinite(scores).all():
-        r, c = np.argwhere(~np.isfinite(scores))[0]
-        raise UsageError(f"{args.scores}: {int((~np.isfinite(scores)).sum())} NaN or infinite scores (first at row "
-                         f"{r}, column {c})")
-    if scores.shape[1] < 5:
-        raise UsageError(f"{args.scores}: {scores.shape[1]} columns; the top-3 and top-5 metrics need at least 5")
-    values = set(np.unique(labels).tolist())
-    if args.protocol == "nuswide" and not values <= {-1, 0, 1}:
-        raise UsageError(f"{args.labels}: values {sorted(values)[:5]}; --protocol nuswide expects +1 / -1 (0 = unknown)")
-    if args.protocol == "nuswide" and -1 not in values:
-        raise UsageError(f"{args.labels}: 0/1 labels, but under --protocol nuswide 0 means unknown and only -1 is a "
-                         f"negative (every score would rank perfectly): use +1 / -1, or --protocol spml for 0/1")
-    if args.protocol == "spml" and not values <= {0, 1}:
-        raise UsageError(f"{args.labels}: values {sorted(values)[:5]} (-1 is NUS-WIDE's negative); --protocol spml "
-                         f"expects 1 / 0")
-    return scores, labels
 
 
 def eval_scores(args):
