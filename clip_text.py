@@ -1,4 +1,4 @@
-"""CLIP's text tower and the whole `CLIP` module; label embeddings; CoOp prompts. (Files: clip_files.py.)
+"""CLIP's text tower and the whole `CLIP` module; label embeddings; CoOp prompts. (Files: support/clip_files.py.)
 
 Shape legend:
     N texts, L context length (77), Wt text width (512), D joint embedding width (512), C classes,
@@ -22,8 +22,8 @@ import sys
 import torch
 import torch.nn as nn
 
-import safe_io
-from tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
+from support import safe_io
+from support.tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
 from vit import Transformer, VisionConfig, VisionTransformer, infer_vision_config
 
 OFFICIAL_VOCAB = 49408
@@ -222,7 +222,7 @@ class PromptLearner(nn.Module):
 if __name__ == "__main__":
     # A tiny CLIP at random weights with the committed toy vocabulary: the shapes, not the meaning.
     torch.manual_seed(0)
-    bpe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyclip", "toyclip.bpe.txt.gz")
+    bpe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "toyclip.bpe.txt.gz")
     vocab = N_RESERVED + 100  # the byte symbols, the first 100 merges of that file, SOT and EOT
     clip = CLIP(CLIPConfig(vision=VisionConfig(width=128, layers=2, patch=8, resolution=32, embed_dim=64),
                            embed_dim=64, vocab_size=vocab, text_width=128, text_layers=2)).eval()

@@ -7,7 +7,7 @@ Layouts on disk: README.md, 'Datasets'. N images, S seen / U unseen labels, C cl
   load_spml(dataset, root, year="2012", out=None)  Cole et al.'s formatted_*.npy, written on first use into
       <out or root>/sigrl_spml/<coco|voc2012|voc2007>/ (a folder per dataset, so one --out serves all).
 Every bad input raises DataError: one line naming the file and what was expected. The readers of other
-projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) live in data_formats.py.
+projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) live in support/data_formats.py.
 """
 import argparse
 import contextlib
@@ -24,10 +24,10 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from data_formats import (NUS_H5, NUS_RAW, DOWNLOADS, DataError, changed_source, format_coco, format_voc,
+from support.data_formats import (NUS_H5, NUS_RAW, DOWNLOADS, DataError, changed_source, format_coco, format_voc,
                           observe_single_positive, read_h5_layout, read_lines, read_names, read_raw_release,
                           record_sources, voc_dir)
-from parallel import seeded
+from support.parallel import seeded
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which

@@ -20,18 +20,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import checkpoints
-import draw
-import parallel
-import runs
-import safe_io
-import tasks
-from clip_files import CheckpointError, load_clip
+from support import checkpoints
+from tools import draw
+from support import parallel
+from support import runs
+from support import safe_io
+from support import tasks
+from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import DataError, ImageList, build_transform, spml_resize, view_transform
-from metrics import nus_metrics, spml_metrics
-from runs import UsageError
-from score_files import read_scores
+from protocol.metrics import nus_metrics, spml_metrics
+from support.runs import UsageError
+from support.score_files import read_scores
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
 SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -335,7 +335,7 @@ def parser():
     p.add_argument("--task", default="zsl", choices=["zsl", "spml"], help="--baseline: task")
     p.add_argument("--data", default="toy", choices=["toy", "nuswide", "coco", "voc"], help="--baseline: dataset")
     p.add_argument("--data-root", default="", help="dataset folder (--ckpt: overrides the recorded one)")
-    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toyclip/toyclip.pt)")
+    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
     p.add_argument("--compile", action="store_true",

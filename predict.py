@@ -37,16 +37,16 @@ import torch
 from tqdm import tqdm
 from PIL import Image
 
-import checkpoints
-import draw
+from support import checkpoints
+from tools import draw
 import eval as evaluation
-import runs
-import tasks
-from clip_files import CheckpointError, load_clip
+from support import runs
+from support import tasks
+from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
 from data import DataError, build_transform, check_images, view_transform
-from runs import UsageError
-from safe_io import WriteError, atomic_write
+from support.runs import UsageError
+from support.safe_io import WriteError, atomic_write
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.pt"), 6, 8

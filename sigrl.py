@@ -176,7 +176,7 @@ def compiled(fn):
     Why: a chunk makes several passes over (B, P, c, D) tensors (product, tanh, the D x D linear, softmax,
     pooling); all but the linear are elementwise or reductions, so their cost is memory traffic. The compiler
     fuses product + tanh into one kernel and softmax + pooling into another, the same maths in fewer passes.
-    Measured on 1 CPU thread at B = 1 (bench.py --compile): 0.67x / 0.84x the eager head's time forward at
+    Measured on 1 CPU thread at B = 1 (python -m tools.bench --compile): 0.67x / 0.84x the eager head's time forward at
     C = 81 / 925, 0.83x / 0.91x forward + backward. On a GPU, where these passes rather than the matmuls bound
     the step, the gain should be larger (not yet measured). Cached per function, not per module, so every SDA
     (or VFR) shares one compiled body and a model is never kept alive by the cache.
@@ -315,6 +315,43 @@ class SigRL(nn.Module):
         missing = [k for k in missing if not k.startswith("teacher.")]
         if missing or unexpected:
             raise KeyError(f"SigRL checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# ---- The zero-shot losses (paper Eq. 14-16); the SPML losses of Tables II-III are in protocol/spml_losses.py ----
+def ranking_loss_per_image(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 15's per-image ranking loss l (B,) of scores (B, C) against labels (B, C) in {+1, -1, 0}, as the
+    reference computes it (MKT's models/rank_loss.py), which differs from the paper's plain sum:
+
+        h[b, p, n] = max(1 + s[b, n] - s[b, p], 0)    for p with y = +1, n with y = -1 (y = 0 takes no part)
+        l[b]       = sum_{p, n} h / (V[b] + 1e-8),     V[b] = #{(p, n): h > 0}, a count (constant for autograd)
+
+    So each image is divided by its number of strictly violating pairs (an exact-margin pair counts nowhere)
+    and an image with none gives 0. The (B, C, C) pair tensor is the definition written out: 27M entries at
+    B = 32, C = 925, small beside the ViT's activations.
+    """
+    if scores.dim() != 2 or scores.shape != labels.shape:
+        raise ValueError(f"ranking_loss: expected two (B, C) tensors of equal shape, got {tuple(scores.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if not bool(((labels == 1) | (labels == 0) | (labels == -1)).all()):
+        raise ValueError(f"ranking_loss labels must take values in (-1, 0, 1), got {torch.unique(labels)[:10].tolist()}")
+    pair = (labels == 1)[:, :, None] & (labels == -1)[:, None, :]  # (B, C_p, C_n)
+    hinge = torch.relu(1 + scores[:, None, :] - scores[:, :, None]) * pair  # (B, C_p, C_n)
+    violations = (hinge > 0).sum(dim=(1, 2)).to(hinge.dtype)  # (B,)
+    return hinge.sum(dim=(1, 2)) / (violations + 1e-8)  # (B,)
+
+
+def ranking_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_local (Eq. 15), on the fused score as the reference trains it: the mean over all B images (scalar)."""
+    return ranking_loss_per_image(scores, labels).mean()
+
+
+def l1_distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_global (Eq. 16): the mean of |g - CLIP(X)| over all B x D entries of the student's class-token feature g
+    and the frozen teacher's (B, D); neither is normalised, and the teacher is a fixed target (detached)."""
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"l1_distill: expected two (B, C) tensors of equal shape, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    return (student - teacher.detach()).abs().mean()
 
 
 if __name__ == "__main__":

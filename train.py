@@ -10,7 +10,7 @@ teacher's class-token embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over
 AdamW with layer-wise lr decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle
 cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML,
 selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of
-each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (plot.py).
+each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (tools/plot.py).
 """
 import contextlib
 import math
@@ -22,20 +22,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoints
+from support import checkpoints
 import eval as evaluation
-import parallel
-import plot
-import runs
-import tasks
-from clip_files import CheckpointError, load_clip
+from support import parallel
+from tools import plot
+from support import runs
+from support import tasks
+from support.clip_files import CheckpointError, load_clip
 from clip_text import PromptLearner, encode_labels
 from data import DataError, ImageList, build_transform, spml_resize
-from losses import apl_update, l1_distill, ranking_loss, spml_loss
-from rundir import RunDir
-from runs import UsageError
-from safe_io import WriteError
-from sigrl import SigRL
+from protocol.spml_losses import apl_update, spml_loss
+from support.rundir import RunDir
+from support.runs import UsageError
+from support.safe_io import WriteError
+from sigrl import SigRL, l1_distill, ranking_loss
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import parallel  # noqa: E402
+from support import parallel  # noqa: E402
 
 
 def scenario(fail_on, in_turn):

@@ -11,8 +11,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
-import bench_parallel
+from tools import bench
+from tools import bench_parallel
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 

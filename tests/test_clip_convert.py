@@ -9,8 +9,8 @@ import pytest
 import torch
 from open_clip.model import CLIP as OpenClipCLIP
 
-import clip_convert
-from clip_files import load_clip
+from support import clip_convert
+from support.clip_files import load_clip
 from fixtures_clip import SIZES, random_model
 from vit import CheckpointError
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from open_clip.model import CLIP as OpenClipCLIP, CLIPTextCfg, CLIPVisionCfg
 
-from clip_files import CheckpointError, bpe_for, load_clip, main
+from support.clip_files import CheckpointError, bpe_for, load_clip, main
 from clip_text import PromptLearner, encode_labels, tokenize
 from fixtures_clip import build_oracle, make_clip_checkpoint, randomize_, save_official
-from tokenizer import learn_bpe, write_bpe
+from support.tokenizer import learn_bpe, write_bpe
 
 ATOL = RTOL = 1e-4  # independent fp32 implementations of CLIP agree to ~3e-6
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -170,7 +170,7 @@ def test_bad_checkpoints_give_one_line(tiny, kind):
 def test_cli(tiny, capsys):
     folder = tiny[2]
     bad = _bad_file("truncated", folder, str(folder / "tiny.pt"))
-    run = subprocess.run([sys.executable, os.path.join(HERE, "clip_files.py"), bad], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "support.clip_files", bad], capture_output=True, text=True,
                          cwd=HERE)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.count("\n") == 1 and "truncated zip archive" in run.stderr

@@ -14,9 +14,9 @@ import torch
 
 import fixtures_clip
 import fixtures_data
-import runs
+from support import runs
 import train
-from clip_files import OFFICIAL_URL
+from support.clip_files import OFFICIAL_URL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Installed here for the tests (requirements-dev.txt), absent after `pip install -r requirements.txt`.

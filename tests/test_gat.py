@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch_geometric.nn import GATv2Conv
 
-import runs
+from support import runs
 import train
 from gat import GMC, GATv2Layer
 from sigrl import SigRL, SigRLConfig

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import runs
-import tasks
-import toyworld
+from support import runs
+from support import tasks
+from toy import world as toyworld
 import train
-from clip_files import load_clip
+from support.clip_files import load_clip
 from clip_text import encode_labels
 from data import ImageList, build_transform
-from metrics import nus_metrics
+from protocol.metrics import nus_metrics
 
 # 1,280 training images at batch 32: 40 steps per epoch; 240 test images. Measured (torch 2.14.1, CPU): GZSL
 # fused 47.9 -> 50.7, local 37.6 -> 44.7; ZSL local 32.2 -> 33.7 (fused 42.6 -> 43.5).

@@ -1,19 +1,18 @@
-"""Tests of metrics.py: the golden vectors (the authors' code run on stored inputs) and scikit-learn.
+"""Tests of protocol/metrics.py: the golden vectors (the authors' code run on stored inputs) and scikit-learn.
 
-Golden files live in <shared>/golden, <shared> = $SIGRL_SHARED or ../shared beside this repository.
+The golden files ship in tests/golden (tests/golden/README.md says what each holds and where it comes from).
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-import metrics
-from metrics import nus_ap, nus_metrics, nus_topk, spml_ap, spml_metrics, spml_topk
+from protocol import metrics
+from protocol.metrics import nus_ap, nus_metrics, nus_topk, spml_ap, spml_metrics, spml_topk
 
-GOLDEN = Path(os.environ.get("SIGRL_SHARED", Path(__file__).resolve().parent.parent.parent / "shared")) / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def golden(prefix):
@@ -23,8 +22,7 @@ def golden(prefix):
 
 def load(path):
     if path is None:
-        pytest.fail(f"golden vectors not found under {GOLDEN}: put the shared/ folder beside the repo "
-                    f"or set SIGRL_SHARED to it")
+        pytest.fail(f"golden vectors not found under {GOLDEN}: they ship with the repository (git checkout tests/golden)")
     return np.load(path, allow_pickle=False)
 
 

@@ -15,12 +15,11 @@ import torch
 import eval as evaluation
 import fixtures_clip
 import fixtures_data
-import parallel
+from support import parallel
 import train
-from clip_files import load_clip
+from support.clip_files import load_clip
 from clip_text import PromptLearner
-from losses import l1_distill, ranking_loss
-from sigrl import SigRL
+from sigrl import SigRL, l1_distill, ranking_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --standalone: a free port on this machine, so concurrent test runs never meet

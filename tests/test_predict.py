@@ -15,18 +15,18 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import draw
+from support import checkpoints
+from tools import draw
 import eval as evaluation
-import plot
+from tools import plot
 import predict
-import runs
-import tasks
-import toyworld
-from clip_files import load_clip
+from support import runs
+from support import tasks
+from toy import world as toyworld
+from support.clip_files import load_clip
 from clip_text import encode_labels
 from data import build_transform
-from metrics import nus_metrics
+from protocol.metrics import nus_metrics
 from sigrl import SigRL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,13 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
+from support import checkpoints
 import data
 import eval as eval_cli
 import fixtures_clip
 import fixtures_data
-import tasks
-import toyworld
+from support import tasks
+from toy import world as toyworld
 import train as train_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +173,7 @@ def test_second_run_on_the_same_directory_is_refused(world, reference, tmp_path,
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     before = {f: (run / f).read_bytes() for f in os.listdir(run) if f != ".lock"}
-    holder = subprocess.Popen([sys.executable, "-c", "import safe_io, sys, time\nwith safe_io.locked(sys.argv[1]):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "from support import safe_io\nimport sys, time\nwith safe_io.locked(sys.argv[1]):\n"
                                "    print('held', flush=True)\n    time.sleep(600)", run], cwd=REPO,
                               stdout=subprocess.PIPE, text=True)
     try:

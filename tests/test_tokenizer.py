@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tokenizer
-from tokenizer import Tokenizer, find_bpe, learn_bpe, normalize, pretokenize, tokenize, write_bpe
+from support import tokenizer
+from support.tokenizer import Tokenizer, find_bpe, learn_bpe, normalize, pretokenize, tokenize, write_bpe
 
 open_clip = pytest.importorskip("open_clip")
 

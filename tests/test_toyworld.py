@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import toydraw
-import toyworld as tw
+from toy import shapes as toydraw
+from toy import world as tw
 from data import DataError, check_images, load_nuswide
-from toyclip.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
+from toy.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,8 +150,8 @@ opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and
                  isinstance(args[0], (str, bytes, os.PathLike)) else None)
 sys.path.insert(0, {REPO!r})
-import toyworld
-from clip_files import load_clip
+from toy import world as toyworld
+from support.clip_files import load_clip
 from clip_text import encode_labels
 clip = load_clip(toyworld.TOYCLIP)
 emb = encode_labels(clip, toyworld.LABELS, cache_dir={str(tmp_path / 'cache')!r})
@@ -166,7 +166,7 @@ print(json.dumps([clip.bpe, list(emb.shape), ids, clip.resolution, outside, sort
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     bpe, shape, ids, resolution, outside, opened = json.loads(out.stdout.strip().splitlines()[-1])
-    assert os.path.realpath(bpe) == os.path.realpath(os.path.join(REPO, "toyclip", "toyclip.bpe.txt.gz"))
+    assert os.path.realpath(bpe) == os.path.realpath(os.path.join(REPO, "toy", "toyclip.bpe.txt.gz"))
     assert bpe in opened and tw.TOYCLIP in opened                       # the hook does see the files read
     assert shape[0] == 32 and len(ids) == 1 and resolution == tw.RES  # "snowman" is one learned token
     assert outside == []

@@ -17,7 +17,7 @@ import eval as evaluate
 import fixtures_clip
 import fixtures_data
 import train
-from metrics import nus_metrics
+from protocol.metrics import nus_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUS_KEYS = {"map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"}
@@ -26,7 +26,9 @@ BRANCHES = ("local", "global")
 
 
 def cli(script, *args, env=None, expect_ok=True):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+    """Run a command as a user would: a top-level script (train.py) by its path, a tool (tools.ablation) with -m."""
+    target = [os.path.join(REPO, script)] if script.endswith(".py") else ["-m", script]
+    proc = subprocess.run([sys.executable, *target, *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=600)
     if expect_ok:
         assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -233,7 +235,7 @@ def test_help_explains():
 
 
 def test_ablation_table(world, tmp_path):
-    proc = cli("ablation.py", "--seeds", 1, 2, "--only", 0, 4, "--out", tmp_path, "--task", "spml", "--data", "coco",
+    proc = cli("tools.ablation", "--seeds", 1, 2, "--only", 0, 4, "--out", tmp_path, "--task", "spml", "--data", "coco",
                "--data-root", world["coco"], "--clip", world["clip"], "--epochs", 1, "--workers", 0,
                "--fix-layer", 1, "--batch-size", 8, env=world["env"])
     table = proc.stdout[proc.stdout.index("Ablation"):]

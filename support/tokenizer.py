@@ -299,7 +299,7 @@ def write_bpe(path, merges) -> None:
 # --- finding the vocabulary file --------------------------------------------------------------------------
 # The official merges ship with this repository (vocab/, MIT licence of openai/CLIP, see vocab/LICENSE), so
 # CLIP's tokenizer needs no download, no environment variable and no other package.
-SHIPPED_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", BPE_NAME)
+SHIPPED_BPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vocab", BPE_NAME)
 BPE_SOURCE = f"https://github.com/openai/CLIP/raw/main/clip/{BPE_NAME}"
 
 

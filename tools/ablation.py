@@ -1,8 +1,8 @@
 """The analogue of the paper's Table IV: SigRL's modules switched on and off, each setting over several seeds.
 
-    python ablation.py                       # the toy world (offline), 3 seeds per setting
-    python ablation.py --seeds 42 43 44 --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt
-    torchrun --nproc_per_node 4 ablation.py ...   # each run on 4 GPUs (README: "More than one GPU")
+    python -m tools.ablation                       # the toy world (offline), 3 seeds per setting
+    python -m tools.ablation --seeds 42 43 44 --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt
+    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs (README: "More than one GPU")
 
 Every setting trains a fresh run with train.run (any train.py flag after the ablation's own flags is passed
 through) and reports, as mean ± std over the seeds, its ZSL / GZSL (or SPML test) figures before the first
@@ -19,11 +19,11 @@ import sys
 import numpy as np
 
 import eval as evaluation
-import parallel
-import runs
-import tasks
+from support import parallel
+from support import runs
+from support import tasks
 import train
-from clip_files import CheckpointError, load_clip
+from support.clip_files import CheckpointError, load_clip
 from data import DataError
 
 SETTINGS = {  # Table IV rows: name -> flags
@@ -48,7 +48,7 @@ def mean_std(results):
 
 def main(argv=None):
     parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
+    p = argparse.ArgumentParser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds per setting")
     p.add_argument("--out", default=os.path.join("runs", "ablation"), help="one run directory per setting/seed")
     p.add_argument("--only", nargs="+", choices=range(len(SETTINGS)), type=int, help="row indices to run")

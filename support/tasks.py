@@ -13,8 +13,8 @@ from dataclasses import fields
 import numpy as np
 
 from data import DataError, check_images, load_nuswide, load_spml
-from runs import UsageError
-from tokenizer import CONTEXT_LENGTH
+from support.runs import UsageError
+from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
 # VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
@@ -25,7 +25,7 @@ def load_dataset(cfg):
     """The dataset of the run, with missing or unreadable images excluded once, at the start, in one report
     (never a crash hours into an epoch, never a silent black image)."""
     if cfg.data == "toy":
-        import toyworld  # only --data toy needs the synthetic world
+        from toy import world as toyworld  # only --data toy needs the synthetic world
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
     if not cfg.data_root:
         raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
@@ -107,7 +107,7 @@ def check_labels_match(ckpt, cfg, data, path):
 
 
 if __name__ == "__main__":
-    import runs
+    from support import runs
     cfg = runs.parse_args(sys.argv[1:])  # the same flags as train.py; default: the toy world
     data = load_dataset(cfg)
     names, n_train = label_names(cfg, data)

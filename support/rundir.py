@@ -14,9 +14,9 @@ has been checked, just before the first step.
 import json
 import os
 
-import safe_io
-from checkpoints import load_run_checkpoint
-from runs import UsageError
+from support import safe_io
+from support.checkpoints import load_run_checkpoint
+from support.runs import UsageError
 
 FILES = ("last.pt", "best.pt", "log.jsonl", "config.json")  # last.pt first: without it there is no run to resume
 

@@ -1,21 +1,14 @@
-"""Training losses of SigRL: NUS-WIDE ranking + L1 distillation, and the SPML losses (VOC / COCO).
+"""The single-positive multi-label (SPML) losses that SigRL is trained with on VOC and COCO (Tables II-III).
 
-Shape legend: B batch, C classes, D embedding width (512), N training images (APL update).
+Shape legend: B batch, C classes, N training images (APL update).
 
-Paper Eq. 14-16, with the semantics of the code that produced the published numbers (MKT's models/rank_loss.py
-for the ranking loss, Zhou et al.'s (ECCV 2022) and Cole et al.'s (CVPR 2021) loss code for SPML):
-  Eq. 14  L_local  = pairwise ranking loss on the fused score s (B, C) against seen labels y in {+1,-1,0}
-                     -> ``ranking_loss(scores, labels)``
-  Eq. 15  L_global = |f_student - f_teacher|, the student/teacher CLS embeddings (B, D)
-                     -> ``l1_distill(student, teacher)``
-  Eq. 16  L = L_local + L_global (both weights 1; the sum is the caller's one line)
-  SPML: the same model trained with IUN, EM or EM_APL on p = sigmoid(s) -> ``spml_loss(name, ...)``,
-        plus the end-of-epoch pseudo-labelling of EM_APL -> ``apl_update(...)``.
+These come from earlier papers, not from SigRL: Cole et al. (CVPR 2021) for IUN and AN, Zhou et al. (ECCV 2022)
+for EM and EM_APL, with the semantics of those authors' loss code. SigRL's own losses (paper Eq. 14-16, the
+ranking loss and the L1 distillation of the zero-shot setting) are in sigrl.py, beside the score they train.
+  spml_loss(name, ...)   IUN, AN, EM or EM_APL on p = sigmoid(score)
+  apl_update(...)        the end-of-epoch asymmetric pseudo-labelling of EM_APL
 
-Where the reference code differs from the paper, we follow the code:
-  * Ranking loss: divided by the number of STRICTLY violating pairs of each image (not by all pairs, not
-    a plain sum), then averaged over ALL B images, zero-loss images included.
-  * "Local" loss is applied to the fused score, not the local branch alone (the caller's choice).
+Where the reference code differs from its papers, we follow the code:
   * IUN reads the TRUE negatives: an oracle baseline, not a single-positive method.
   * SigRL's released SPML script (main_clip.py) cannot run EM_APL: its APL update call is commented out and
     EM_APL reads a beta it never defines; its runnable logic is EM with SigRL's alpha.
@@ -55,44 +48,6 @@ def _check_pair(name, a, b):
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"{name}: expected two (B, C) tensors of equal shape, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
-
-
-# ----------------------------------------------------------------------------- NUS-WIDE (Eq. 14-16)
-
-def ranking_loss_per_image(scores, labels):
-    """Per-image ranking loss l_i (B,) of Eq. 14, as the MKT/BiAM code computes it.
-
-    h[i, p, n] = [1 + s[i, n] - s[i, p]]_+ for p with y = +1 and n with y = -1 (y = 0 takes no part);
-    l_i = sum_{p, n} h / (V_i + 1e-8), V_i = #{(p, n): h > 0} (strict: an exact-margin pair counts in
-    neither sum; V_i is a count, hence constant for autograd); l_i = 0 when V_i = 0. The 1e-8 is MKT's
-    (models/rank_loss.py, which counts V_i in the scores' dtype): it changes nothing in float32 once V_i >= 1.
-
-    Why a (B, C, C) pairwise tensor and no loop over images: at B = 32, C = 925 it has 27M entries
-    (~110 MB per float32 copy, ~0.4 GB with what autograd keeps), small next to the ViT's activations,
-    and it is the definition written out. A sort + cumulative-sum form is O(C log C) per image but
-    obscures the strict "h > 0" rule, which decides the normaliser.
-    """
-    _check_pair("ranking_loss", scores, labels)
-    _check_values("ranking_loss labels", labels, (-1, 0, 1))
-    pair = (labels == 1)[:, :, None] & (labels == -1)[:, None, :]          # (B, C_p, C_n)
-    margin = 1 + (scores[:, None, :] - scores[:, :, None])                  # (B, C_p, C_n)
-    hinge = torch.relu(margin) * pair                                       # (B, C_p, C_n)
-    violations = (hinge > 0).sum(dim=(1, 2)).to(hinge.dtype)                # (B,)
-    return hinge.sum(dim=(1, 2)) / (violations + 1e-8)                      # (B,)
-
-
-def ranking_loss(scores, labels):
-    """L_local (Eq. 14): mean over ALL B images of ``ranking_loss_per_image`` (scalar)."""
-    return ranking_loss_per_image(scores, labels).mean()
-
-
-def l1_distill(student, teacher):
-    """L_global (Eq. 15): element-wise mean of |student - teacher| over all B x D entries.
-
-    Neither embedding is normalised. The teacher is a fixed target (a frozen CLIP), so it is detached.
-    """
-    _check_pair("l1_distill", student, teacher)
-    return (student - teacher.detach()).abs().mean()
 
 
 # ----------------------------------------------------------------------------- SPML (VOC / COCO)
@@ -180,9 +135,6 @@ def apl_update(obs, probs, unlabel_num, num_epochs, warmup_epoch, neg_proportion
 if __name__ == "__main__":
     torch.manual_seed(0)
     scores = torch.randn(4, 10) * 0.1                                       # (B, C) small, as normalised
-    labels = torch.where(torch.rand(4, 10) < 0.3, 1.0, -1.0)                # (B, C)
-    print("ranking loss per image:", ranking_loss_per_image(scores, labels))
-    print("L1 distillation:", l1_distill(torch.randn(4, 512), torch.randn(4, 512)).item())
     obs = torch.zeros(4, 10)                                                # (B, C) one positive per image
     obs[torch.arange(4), torch.randint(0, 10, (4,))] = 1
     for name in ("an", "em"):

@@ -1,6 +1,6 @@
 """A CLIP checkpoint on disk -> a `clip_text.CLIP` in fp32: finding the weights, reading, diagnosing, hashing.
 
-    python clip_files.py ViT-B-16.pt "a photo of a dog."     # config, sha256 and text embedding norms
+    python -m support.clip_files ViT-B-16.pt "a photo of a dog."     # config, sha256 and text embedding norms
 
 What `load_clip(path)` reads (renaming other layouts to OpenAI's keys is clip_convert.py's job):
   - OpenAI's release, ViT-B-16.pt (`OFFICIAL_URL`): a TorchScript archive (a zip) whose state dict is partly
@@ -28,9 +28,9 @@ import zipfile
 
 import torch
 
-from clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
+from support.clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
 from clip_text import CLIP, OFFICIAL_VOCAB, CLIPConfig
-from tokenizer import find_bpe
+from support.tokenizer import find_bpe
 from vit import CheckpointError, check_keys
 
 # openai/CLIP's model list (clip/clip.py, _MODELS["ViT-B/16"]); the path holds the file's sha256.
@@ -242,7 +242,7 @@ def load_clip(path, bpe=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Load a CLIP checkpoint; print its config and text embedding norms.")
+    parser = argparse.ArgumentParser(prog="python -m support.clip_files", description="Load a CLIP checkpoint; print its config and text embedding norms.")
     parser.add_argument("checkpoint")
     parser.add_argument("texts", nargs="*", help='e.g. "a photo of a dog."')
     parser.add_argument("--bpe", default=None, help="BPE vocabulary file for a non-official vocabulary")

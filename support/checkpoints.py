@@ -16,9 +16,9 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-import safe_io
+from support import safe_io
 from data import IMAGENET_MEAN, IMAGENET_STD
-from runs import Config, UsageError
+from support.runs import Config, UsageError
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 

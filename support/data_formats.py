@@ -15,7 +15,7 @@ import pickle
 import numpy as np
 from tqdm import tqdm
 
-LABELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "labels")
+LABELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
 NUS_H5 = ("features/nus_wide_train.h5", "features/nus_wide_test.h5", "img_names.pkl", "test_img_names.pkl")
 NUS_RAW = "ImageList/Imagelist.txt"
 # Where each dataset's files come from (README, 'Getting the files'); the "not found" errors name them.

@@ -1,6 +1,6 @@
 """Pre-train the toy world's tiny CLIP: contrastive image-caption learning, as OpenAI trained CLIP.
 
-    python toyworld.py pretrain --out toyclip/      (this module does the work; see toyclip/toyclip.json)
+    python -m toy.pretrain --out toy/      (writes toyclip.pt, its vocabulary and toyclip.json there)
 
 Shape legend: B batch, R resolution (64), L context length (77), l the longest caption in a batch,
 W widths, D joint embedding width, V vocabulary size.
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import toyworld
-from clip_files import INT_ENTRIES
+from toy import world as toyworld
+from support.clip_files import INT_ENTRIES
 from clip_text import CLIP, CLIPConfig
-from tokenizer import N_RESERVED, Tokenizer, learn_bpe, write_bpe
+from support.tokenizer import N_RESERVED, Tokenizer, learn_bpe, write_bpe
 from vit import VisionConfig
 
 # OpenAI stores these in fp16 (as in its ViT-B-16.pt): conv1, every Linear and in_proj tensor, both projections.
@@ -151,6 +151,23 @@ def pretrain(out_dir, cfg=PretrainConfig()):
     results = toyworld.zeroshot(path)
     with open(os.path.join(out_dir, "toyclip.json"), "w") as f:
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(PretrainConfig, k)]
-        json.dump({"command": " ".join(["python toyworld.py pretrain --out", out_dir] + changed), "config": asdict(cfg),
+        json.dump({"command": " ".join(["python -m toy.pretrain --out", out_dir] + changed), "config": asdict(cfg),
                    "minutes": round(minutes, 1), "torch": torch.__version__, "zeroshot": results}, f, indent=2)
     return path
+
+
+def main(argv=None):
+    import argparse
+    from dataclasses import fields
+    p = argparse.ArgumentParser(prog="python -m toy.pretrain", description="Pre-train the toy world's tiny CLIP (contrastive, as OpenAI's CLIP) "
+                                            "and write toyclip.pt, toyclip.bpe.txt.gz and toyclip.json into --out.")
+    p.add_argument("--out", default=os.path.dirname(toyworld.TOYCLIP), help="folder (default: toy/, the committed one)")
+    for f in fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help="(default: %(default)s)")
+    args = p.parse_args(argv)
+    print(pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})))
+
+
+if __name__ == "__main__":
+    main()

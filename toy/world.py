@@ -4,12 +4,12 @@ to have the properties of the real zero-shot setting that SigRL's local branch i
 SigRL's zero-shot job needs a CLIP that already knows the UNSEEN label names from pre-training, then
 fine-tunes on images labelled with the SEEN names only (NUS-WIDE: 925 seen tags, 81 unseen concepts). Here:
 7 scene types (textured backgrounds) holding 1-5 of 25 drawn objects; a tiny CLIP (the project's own
-clip_text.CLIP) pre-trained contrastively on captioned images of a separate split (toyclip/pretrain.py);
+clip_text.CLIP) pre-trained contrastively on captioned images of a separate split (toy/pretrain.py);
 32 labels, of which the SigRL job trains on 24 and must recognise the other 8 through their text embeddings.
 
-    python toyworld.py make --root DIR           # write a world (train.py --data toy does this itself)
-    python toyworld.py pretrain --out toyclip/   # re-create the committed tiny CLIP (toyclip/pretrain.py)
-    python toyworld.py zeroshot                  # its zero-shot mAP vs chance (toyclip/toyclip.json)
+    python -m toy.world make --root DIR     # write a world (train.py --data toy does this itself)
+    python -m toy.world zeroshot            # the tiny CLIP's zero-shot mAP vs chance (toy/toyclip.json)
+    python -m toy.pretrain --out toy/       # re-create the committed tiny CLIP (toy/pretrain.py)
 
 Each choice copies a property of the real setting:
 - Several labels per image, many of them small. NUS-WIDE images carry several concepts, and a photo has a
@@ -49,16 +49,16 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from clip_text import CLIP_MEAN, CLIP_STD  # noqa: E402
-import safe_io  # noqa: E402
+from support import safe_io  # noqa: E402
 from data import DataError, nus_path, observe_single_positive, read_spml_folder  # noqa: E402
-from toydraw import background, draw_object  # noqa: E402
+from toy.shapes import background, draw_object  # noqa: E402
 
 RES = 64                 # image side in pixels (the tiny CLIP's input resolution)
 _K = 2                   # drawing supersampling factor
 VERSION = 3              # bump when the drawing or sampling changes, so cached worlds are rebuilt
 TRAIN, TEST, PRETRAIN = 0, 1, 2     # split ids: part of every image's seed
 SPML_DIR = os.path.join("sigrl_spml", "toy")
-TOYCLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyclip", "toyclip.pt")
+TOYCLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toyclip.pt")
 
 # scene label -> (image folder, phrase used in captions, likely objects)
 SCENES = {
@@ -169,7 +169,7 @@ def _made(root, want):
 def _write_world(root, seed, n_train, n_test, want):
     marker, nus, spml = root / "toyworld.json", root / "sigrl_nuswide", root / SPML_DIR
     if not marker.is_file() and any(p.exists() for p in (nus, spml, root / "Flickr")):
-        raise DataError(f"{root} holds data that toyworld.py did not write (no toyworld.json); choose an empty or "
+        raise DataError(f"{root} holds data that toy/world.py did not write (no toyworld.json); choose an empty or "
                         f"new folder for the toy world (--data-root)")
     safe_io.atomic_write(marker, lambda f: f.write(json.dumps({**want, "writing": True}).encode()))
     for path in (root / "Flickr", nus, spml):
@@ -227,9 +227,9 @@ def zeroshot(clip=TOYCLIP, n=1000, seed=0, template="There is a {} in the scene"
     Returns percentages: {"zsl": nus_metrics over the unseen labels, "gzsl": over all, "chance": {"zsl",
     "gzsl"}}; chance = the mAP of a random ranking, i.e. the mean label frequency.
     """
-    from clip_files import load_clip
+    from support.clip_files import load_clip
     from clip_text import encode_labels
-    from metrics import nus_metrics
+    from protocol.metrics import nus_metrics
     clip = load_clip(clip) if isinstance(clip, (str, os.PathLike)) else clip
     draws = [draw_example(seed, TEST, i) for i in range(n)]
     names = SEEN + UNSEEN
@@ -246,19 +246,13 @@ def zeroshot(clip=TOYCLIP, n=1000, seed=0, template="There is a {} in the scene"
 
 def main(argv=None):
     import argparse
-    from dataclasses import fields
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m toy.world", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make", help="write the world (NUS-WIDE and SPML views) into --root")
     make.add_argument("--root", required=True)
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--n-train", type=int, default=3000)
     make.add_argument("--n-test", type=int, default=1000)
-    pre = sub.add_parser("pretrain", help="pre-train the tiny CLIP into --out (toyclip/pretrain.py)")
-    pre.add_argument("--out", default=os.path.dirname(TOYCLIP))
-    from toyclip.pretrain import PretrainConfig, pretrain
-    for f in fields(PretrainConfig):
-        pre.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     zs = sub.add_parser("zeroshot", help="zero-shot mAP of a CLIP file on freshly drawn test images")
     zs.add_argument("--clip", default=TOYCLIP)
     zs.add_argument("--n", type=int, default=1000)
@@ -267,8 +261,6 @@ def main(argv=None):
     if args.command == "make":
         make_world(args.root, args.seed, args.n_train, args.n_test)
         print(f"world in {args.root}: {len(SEEN)} seen + {len(UNSEEN)} unseen labels")
-    elif args.command == "pretrain":
-        print(pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})))
     else:
         r = zeroshot(args.clip, args.n, args.seed)
         for split in ("zsl", "gzsl"):

@@ -1,7 +1,7 @@
 """Training curves of a run, from its RUN_DIR/log.jsonl: each loss term and each split's mAP per epoch, one PNG.
 
-    python plot.py runs/zsl-toy                 # -> runs/zsl-toy/curves.png (train.py also writes it)
-    python plot.py RUN_DIR --out curves.png
+    python -m tools.plot runs/zsl-toy                 # -> runs/zsl-toy/curves.png (train.py also writes it)
+    python -m tools.plot RUN_DIR --out curves.png
 
 One panel per loss term, averaged over each epoch's steps (ZSL: "local", the ranking loss on the fused score,
 Eq. 14-15, and "global", the L1 distillation of the class token, Eq. 16; SPML: the chosen loss); then the
@@ -16,10 +16,10 @@ import sys
 
 from PIL import Image, ImageDraw
 
-import draw
-import runs
-from runs import UsageError
-from safe_io import WriteError
+from tools import draw
+from support import runs
+from support.runs import UsageError
+from support.safe_io import WriteError
 
 # distinct, colour-blind-safe enough line colours (the first of the usual "tab10" palette)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -134,7 +134,7 @@ def write_curves(run_dir, out=None):
 
 
 def main(argv=None):
-    p = runs.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = runs.Parser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder written by train.py (holds log.jsonl)")
     p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")

@@ -14,9 +14,9 @@ measure.py); the sections:
   parallel  train.py's step on N torchrun processes vs one process (bench_parallel.py): CPU 2 gloo processes
             (correctness, overhead); GPU images/s on one GPU, and on all of them when there are several.
 
-    python bench.py --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
-    python bench.py --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~25 min
-    python bench.py --full --device cuda --dtypes bf16 fp32 --compile --json bench_gpu.json   # THE GPU RUN (one H100)
+    python -m tools.bench --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
+    python -m tools.bench --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~25 min
+    python -m tools.bench --full --device cuda --dtypes bf16 fp32 --compile --json bench_gpu.json   # THE GPU RUN (one H100)
     --compile adds "compiled" columns/rows: ours with SDA/VFR's chunk bodies through torch.compile (SigRL.compile_heads)
 
 CPU threads default to 1: on a shared machine an OpenMP region stalls whenever one of its threads is descheduled
@@ -37,10 +37,9 @@ from PIL import Image
 
 from clip_text import encode_labels
 from data import ImageList, build_transform
-from losses import l1_distill, ranking_loss
-from bench_parallel import bench_parallel
-from measure import compare, in_fresh_process, peak_rss, proc_bytes
-from sigrl import SigRL, SigRLConfig
+from tools.bench_parallel import bench_parallel
+from tools.measure import compare, in_fresh_process, peak_rss, proc_bytes
+from sigrl import SigRL, SigRLConfig, l1_distill, ranking_loss
 from train import freeze_early_layers
 from vit import VisionConfig, VisionTransformer
 
@@ -72,7 +71,7 @@ PRESETS = {  # (--quick/--full, device type)
 
 def cpu_peak(spec):
     """Peak memory of one call described by `spec` (see `child`), measured in a fresh process."""
-    return in_fresh_process([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)])
+    return in_fresh_process([sys.executable, "-m", "tools.bench", "--child", json.dumps(spec)])
 
 
 def child(spec):
@@ -359,7 +358,7 @@ def markdown(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="all sizes, more repeats (default: --quick)")
     parser.add_argument("--quick", action="store_true", help="the small preset (the default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -1,8 +1,8 @@
 """What the toy world looks like: 25 objects drawn from primitives, and a textured background per scene.
 
-toyworld.py decides what is in a picture (scene, objects, sizes, places, caption); this file only draws.
+toy/world.py decides what is in a picture (scene, objects, sizes, places, caption); this file only draws.
 
-    python toydraw.py sheet.png        # every object, large and small, on one contact sheet
+    python -m toy.shapes sheet.png        # every object, large and small, on one contact sheet
 """
 import math
 import sys

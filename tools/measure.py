@@ -16,6 +16,7 @@ import time
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 MMAP_THRESHOLD = "65536"  # bytes: MALLOC_MMAP_THRESHOLD_ of the CPU memory process
 
 
@@ -60,7 +61,7 @@ def in_fresh_process(argv):
     """Run the memory process `argv` (it ends by printing peak_rss's result) with the small mmap threshold and
     this process's thread count: {"peak_bytes", "total_peak_bytes"}, both None if the process was killed."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run = subprocess.run(argv, env=env, capture_output=True, text=True)
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT)  # ROOT: for python -m
     if run.returncode > 0:
         raise RuntimeError(f"memory process {argv[2:]} failed:\n{run.stderr[-2000:]}")
     killed = run.returncode < 0  # e.g. by the kernel's out-of-memory killer

@@ -11,7 +11,7 @@ nearest-neighbour upsampling, so one cell on screen is one patch the model saw.
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from safe_io import atomic_write
+from support.safe_io import atomic_write
 
 BLUE, RED, BLACK, GREY, WHITE = (20, 80, 200), (200, 30, 30), (0, 0, 0), (110, 110, 110), (255, 255, 255)
 # Anchor colours of the "inferno" colour map (black, purple, red, orange, pale yellow) at 0, 1/4, ..., 1; the

@@ -1,7 +1,7 @@
 """bench.py's data-parallel section: train.py's own step (train.train_step) on N torchrun processes against one.
 
-    python bench.py --only parallel                  # CPU: 2 gloo processes vs 1 (correctness and overhead only)
-    python bench.py --only parallel --device cuda    # GPU: images/s on 1 GPU (and on all of them, if several)
+    python -m tools.bench --only parallel                  # CPU: 2 gloo processes vs 1 (correctness and overhead only)
+    python -m tools.bench --only parallel --device cuda    # GPU: images/s on 1 GPU (and on all of them, if several)
 
 Each row is its own `torchrun --standalone` job, the launcher and code path of a real run: a SigRL at full
 ViT-B/16 size (the paper's freezing: blocks 1-10) takes optimiser steps on one fixed global batch of random images
@@ -26,12 +26,13 @@ import types
 import numpy as np
 import torch
 
-import parallel
-import runs
+from support import parallel
+from support import runs
 import train
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 SIZES = {"cpu": dict(batch=2, classes=81, steps=3, vision={}), "cuda": dict(batch=32, classes=925, steps=5, vision={})}
 
 
@@ -74,8 +75,8 @@ def job(processes, batch, size, device, weights):
     spec = dict(size, batch=batch, device=device.type, weights=weights)
     env = dict(os.environ, OMP_NUM_THREADS="1") if device.type == "cpu" else dict(os.environ)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env)
+                           str(processes), "-m", "tools.bench_parallel", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)  # ROOT: where -m finds tools/
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"data-parallel job ({processes} x batch {batch}) failed:\n{proc.stderr[-3000:]}")

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from runs import UsageError
+from support.runs import UsageError
 
 
 def _read_array(path, flag):

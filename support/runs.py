@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torchvision
 
-from clip_files import OFFICIAL_SHA256, WHERE
-from losses import SPML_DEFAULTS
-import safe_io
+from support.clip_files import OFFICIAL_SHA256, WHERE
+from protocol.spml_losses import SPML_DEFAULTS
+from support import safe_io
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 class UsageError(ValueError):
@@ -140,7 +140,7 @@ def parser():
         epilog="Defaults that depend on the preset (--task/--data pick the paper's recipe for that table; any\n"
                "flag overrides it; --workers: min(8, CPU count) on this machine):\n\n" + presets_table() +
                "\n\n--clip and --data-root are needed for nuswide, coco and voc (README: 'Reproducing the paper',\n"
-               "'Datasets'); --data toy reads toyclip/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
+               "'Datasets'); --data toy reads toy/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     varies = {k for preset in PRESETS.values() for k in preset}
     for f in fields(Config):
@@ -168,7 +168,7 @@ def parse_args(argv=None):
     if not cfg.out:
         cfg.out = os.path.join("runs", f"{cfg.task}-{cfg.data}")
     if cfg.data == "toy":
-        cfg.clip = cfg.clip or os.path.join(REPO, "toyclip", "toyclip.pt")
+        cfg.clip = cfg.clip or os.path.join(REPO, "toy", "toyclip.pt")
         size = "" if (cfg.world_train, cfg.world_test) == (3000, 1000) else f"-{cfg.world_train}x{cfg.world_test}"
         cfg.data_root = cfg.data_root or os.path.join("runs", f"toyworld-seed{cfg.world_seed}{size}")
     cfg._given = set(given)
