@@ -4,7 +4,7 @@ Shape legend:
     N texts, L context length (77), Wt text width (512), D joint embedding width (512), C classes,
     V vocabulary size (49408), n_ctx learnable context tokens (CoOp)
 
-SigRL needs one text embedding per label, H in R^{C x D} (the H of paper Eq. 5-13). The
+SigRL needs one text embedding per label, H in R^{C x D} (paper Eq. 1: h^i = CoOp(Y_i), the label embedding that every later equation reads). The
 reference code loads MKT's precomputed label_emb.pt: encode_text("There is a {name} in the scene") per label,
 not normalised. `encode_labels` recomputes exactly that from the CLIP file, so no opaque file is needed.
 `PromptLearner` is CoOp's learnable prompt, for prompt-tuning experiments (the reference code has none).

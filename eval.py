@@ -323,6 +323,23 @@ def eval_baseline(args):
     return results
 
 
+COSINE = "zero-shot CLIP, cosine (as open_clip scores it)"
+GLOBAL_SCORING = "the same CLIP, SigRL's global scoring (its global branch, epoch 0)"
+
+
+def like_for_like(state, metrics):
+    """The rows a trained number is read against: the CLIP through SigRL's global branch before any step (the
+    like-for-like zero-shot baseline: the distillation keeps that branch near it), SigRL at epoch 0 (untrained
+    heads) and SigRL trained, each with the mAP of both branches."""
+    rows = {}
+    if state.get("epoch0"):
+        global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
+        rows = {GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
+                {k: v for k, v in state["epoch0"].items() if k != "branches"}}
+    rows[f"SigRL, epoch {state['epoch']}"] = metrics
+    return rows
+
+
 def parser():
     p = runs.Parser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
                     formatter_class=argparse.RawDescriptionHelpFormatter)

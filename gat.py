@@ -8,14 +8,16 @@ Shape legend
     O  width of one head
 
 Paper vs. reference code
-    The paper (Eq. 2-4) writes the original GAT (Velickovic et al.): the edge score is
-    e_ij = LeakyReLU(a^T [W h_i || W h_j]), then a softmax over the neighbours j and a weighted sum of W h_j.
+    The paper writes the original GAT (Velickovic et al.): Eq. 2, the edge score
+    e_ij = LeakyReLU(alpha^T [W h_i || W h_j]); Eq. 3, beta_ij = softmax over the neighbours j of e_ij; Eq. 4,
+    h-hat_i = sigma(sum_j beta_ij W h_j). Names: the paper calls the attention VECTOR alpha and the attention
+    COEFFICIENTS beta; this file calls the vector a (self.att) and the coefficients alpha, as GATv2's paper does.
     Because LeakyReLU is monotone and a^T splits into a part for i and a part for j, every node i ranks its
     neighbours j in the same order ("static" attention). The reference code uses GATv2 (Brody et al.)
     instead, which this file follows:
-        e_ij     = a^T LeakyReLU(W h_i + W h_j)          slope 0.2, one W for both ends (W_l = W_r)
-        alpha_ij = softmax_j(e_ij)                        over all j (the graph is complete, self-loops included)
-        h_i'     = sum_j alpha_ij W h_j                   heads concatenated
+        e_ij     = a^T LeakyReLU(W h_i + W h_j)          Eq. 2 as GATv2; slope 0.2, one W for both ends
+        alpha_ij = softmax_j(e_ij)                        Eq. 3 (the paper's beta); over all j, self-loops included
+        h_i'     = sum_j alpha_ij W h_j                   Eq. 4; heads concatenated, sigma = ELU after layer 1
     Further details of the code: ONE attention vector a per layer, shared by all of that layer's heads
     (length O), no bias terms, dropout 0.3 on the GMC input, on alpha and between the two layers.
     Layer 1: D -> 4 heads x 32 (concatenated, 128), then ELU; layer 2: 128 -> D with one head.
@@ -70,13 +72,13 @@ class GATv2Layer(nn.Module):
 
     def attend(self, x_query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """New features of the query nodes x_query (c, K, O), attending to all C nodes x (C, K, O)."""
-        # e_ij = a^T LeakyReLU(W h_i + W h_j)
+        # Eq. 2, as GATv2: e_ij = a^T LeakyReLU(W h_i + W h_j)
         pair = x_query[:, None] + x[None]  # (c, 1, K, O) + (1, C, K, O) -> (c, C, K, O)
         pair = F.leaky_relu(pair, self.negative_slope, inplace=True)  # in place: the largest tensor here, once
         e = (pair @ self.att.T).squeeze(-1)  # (c, C, K, O) @ (O, 1) -> (c, C, K)
-        # alpha_ij = softmax_j(e_ij), then dropout on the coefficients
+        # Eq. 3: alpha_ij = softmax_j(e_ij) (the paper's beta_ij), then dropout on the coefficients
         alpha = F.dropout(e.softmax(dim=1), self.dropout, self.training)  # (c, C, K)
-        # h_i' = sum_j alpha_ij W h_j, per head
+        # Eq. 4: h_i' = sum_j alpha_ij W h_j, per head
         return torch.einsum("ijk,jko->iko", alpha, x)  # (c, C, K) x (C, K, O) -> (c, K, O)
 
     def extra_repr(self) -> str:

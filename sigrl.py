@@ -5,13 +5,13 @@ Shape legend
     C  classes in the scored label set  c  classes in one chunk of the fast path (<= class_chunk)
     D  joint embedding width (512)      W  ViT width (768 for ViT-B/16)
 
-Symbols (paper -> code): F -> patch, g -> g, H -> H (label_emb), G -> G, M -> M, T -> T, O -> O,
-M_hat -> M_hat.  Pipeline, following the reference code wherever it differs from the paper:
+Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, M -> M,
+T -> T, O -> O, M-hat -> M_hat.  Pipeline, following the reference code wherever it differs from the paper:
     tokens = student.forward_tokens(images)            (B, 1+P, W), ln_post on every token
     g = tokens[:, 0] @ proj,  patch = tokens[:, 1:] @ proj        (B, D), (B, P, D), one projection
     G = GMC(H)                    graph over labels, Eq. 2-4 (see gat.py)     (C, D)
     T = SDA(patch, H)             semantic decoupling, Eq. 5-9                (B, C, D)
-    M_hat = VFR(patch, T, G)      visual feature reconstruction, Eq. 10-12    (B, P, D)
+    M_hat = VFR(patch, T, G)      reconstruction, unnumbered step + Eq. 10-12 (B, P, D)
     scores                        Eq. 13                                      (B, C)
 A frozen teacher (a copy of the initial student) gives the target of the distillation loss on g.
 
@@ -70,40 +70,41 @@ class SigRLOutput(NamedTuple):
 
 # ---- SDA and VFR: the paper's computation, on any number of classes ------------------------------------------
 def sda_attention(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """SDA's attention alpha (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7, before pooling)."""
-    # A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
+    """SDA's attention alpha (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5 and 7)."""
+    # Eq. 5: A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
     x = patch[:, :, None, :] * H  # (B, P, 1, D) * (C, D) -> (B, P, C, D)
     A = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
-    # alpha[b,:,c,d] = softmax over p of A[b,:,c,d]  (one softmax per class and channel)
+    # Eq. 7 (one FC, as the code): alpha[b,:,c,d] = softmax over p of A[b,:,c,d], per class and channel
     return A.softmax(dim=1)  # (B, P, C, D)
 
 
 def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """SDA's category-specific features M (B, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7)."""
     alpha = sda_attention(fc_sda, patch, H)  # (B, P, C, D)
-    # M[b,c,:] = sum_p alpha[b,p,c,:] * F[b,p,:]
+    # Eq. 6, as the code pools (over p, per class): M[b,c,:] = sum_p alpha[b,p,c,:] * F[b,p,:]
     return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, C, D)
 
 
 def reconstruction_weight(fc_vfr: nn.Linear, patch: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
-    """VFR's sum_c alpha'[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D) (Eq. 11)."""
-    # A'[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))
+    """VFR's sum_c alpha'[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D) (Eq. 10-11)."""
+    # Eq. 10: A'[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))
     x = patch[:, :, None, :] * O[:, None]  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
     A = fc_vfr(x.tanh_())  # (B, P, C, D); tanh in place, as in decouple
-    # alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d], then summed over the classes
+    # Eq. 11: alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]; then summed over the classes (Eq. 12, as the code)
     return A.softmax(dim=1).sum(dim=2)  # (B, P, C, D) -> (B, P, D)
 
 
 class SDA(nn.Module):
     """Semantic decoupling attention (paper Eq. 5-9): patch F (B, P, D), H (C, D) -> T (B, C, D).
 
-        A[b,p,c,:]     = fc_sda(tanh(F[b,p,:] * H[c,:]))       fc_sda: D -> D with bias
-        alpha[b,:,c,d] = softmax over p of A[b,:,c,d]
-        M[b,c,:]       = sum_p alpha[b,p,c,:] * F[b,p,:]        category-specific features (B, C, D)
-        Q[b]           = rownorm(ReLU(M[b]^T H))                (D, D), each row scaled to unit L2 norm
-        T[b]           = M[b] Q[b]                              semantic-decoupled features (B, C, D)
-    That is the reference code's form; the paper's differs: Eq. 5-7 show two FC layers (the code: one), and
-    Eq. 8-9 re-weight with a C x C cosine matrix (the code: the D x D matrix Q).
+        A[b,p,c,:]     = fc_sda(tanh(F[b,p,:] * H[c,:]))       Eq. 5; fc_sda: D -> D with bias
+        alpha[b,:,c,d] = softmax over p of A[b,:,c,d]           Eq. 7, without its second FC and tanh
+        M[b,c,:]       = sum_p alpha[b,p,c,:] * F[b,p,:]        Eq. 6, as the code computes it (B, C, D)
+        Q[b]           = rownorm(ReLU(M[b]^T H))                Eq. 8, as the code computes it (D, D)
+        T[b]           = M[b] Q[b]                              Eq. 9; semantic-decoupled features (B, C, D)
+    That is the reference code's form; the paper's differs: Eq. 5 and 7 show two FC layers (the code: one);
+    Eq. 6 sums over the classes (the code pools over the patches, one feature per class); Eq. 8-9 re-weight
+    with a C x C cosine matrix (the code: the D x D matrix Q). This file follows the code.
     """
 
     def __init__(self, dim: int):
@@ -124,9 +125,10 @@ class SDA(nn.Module):
         # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar passes through the
         # ReLU and the row normalisation removes it (except on rows of norm < 1e-12, which stay ~0 either way),
         # so it is left out.
+        # Eq. 8, as the code: Q[b] = rownorm(ReLU(M[b]^T H)), a D x D matrix where the paper has a C x C one
         Q = torch.relu(M.transpose(1, 2) @ H)  # (B, D, C) @ (C, D) -> (B, D, D)
         Q = F.normalize(Q, dim=-1, eps=1e-12)  # (B, D, D), each row to unit L2 norm
-        T = M @ Q  # (B, C, D) @ (B, D, D) -> (B, C, D)
+        T = M @ Q  # Eq. 9: (B, C, D) @ (B, D, D) -> (B, C, D)
         return T
 
     def attention(self, patch: torch.Tensor, H: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
@@ -139,8 +141,8 @@ class SDA(nn.Module):
 class VFR(nn.Module):
     """Visual feature reconstruction (paper Eq. 10-12): patch F (B, P, D), T (B, C, D), G (C, D) -> M_hat (B, P, D).
 
-        O[b,c,:]        = fc_o([T[b,c,:] ; G[c,:]])             Eq. 10; fc_o: 2D -> D, no bias
-        A'[b,p,c,:]     = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))     Eq. 11; fc_vfr: D -> D with bias
+        O[b,c,:]        = fc_o([T[b,c,:] ; G[c,:]])             unnumbered in the paper; fc_o: 2D -> D, no bias
+        A'[b,p,c,:]     = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))     Eq. 10; fc_vfr: D -> D with bias
         alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]         Eq. 11
         M_hat[b,p,:]    = F[b,p,:] * sum_c alpha'[b,p,c,:]      Eq. 12, as the code computes it
     The paper's Eq. 12 sums the attention over the patches; the code sums it over the classes, keeping one
@@ -157,6 +159,7 @@ class VFR(nn.Module):
         """chunk None: the plain path; an int: the fast path, `chunk` classes at a time (module docstring)."""
         (B, P, D), C = patch.shape, G.shape[0]
         assert T.shape == (B, C, D) and G.shape == (C, D), f"expected T (B, C, D), G (C, D); got {T.shape}, {G.shape}"
+        # O = FC([H-hat ; T]): the paper leaves this step unnumbered
         O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
         if chunk is None:
             weight = reconstruction_weight(self.fc_vfr, patch, O)  # (B, P, D), through (B, P, C, D) tensors
@@ -165,7 +168,7 @@ class VFR(nn.Module):
             weight = 0  # a running sum over the chunks: one chunk's (B, P, D) term alive at a time
             for O_c in O.split(chunk, dim=1):  # (B, c, D)
                 weight = weight + checkpoint(step, self.fc_vfr, patch, O_c, use_reentrant=False)  # (B, P, D)
-        M_hat = patch * weight  # (B, P, D)
+        M_hat = patch * weight  # Eq. 12, summed over the classes as the code does: (B, P, D)
         return M_hat
 
 
@@ -317,7 +320,7 @@ class SigRL(nn.Module):
             raise KeyError(f"SigRL checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-# ---- The zero-shot losses (paper Eq. 14-16); the SPML losses of Tables II-III are in protocol/spml_losses.py ----
+# ---- The zero-shot losses (paper Eq. 15-16; train.py adds them); SPML's are in protocol/spml_losses.py ----
 def ranking_loss_per_image(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Eq. 15's per-image ranking loss l (B,) of scores (B, C) against labels (B, C) in {+1, -1, 0}, as the
     reference computes it (MKT's models/rank_loss.py), which differs from the paper's plain sum:

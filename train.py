@@ -4,8 +4,8 @@
     python train.py --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt     # Table I
     python train.py --task spml --data coco --data-root DIR --clip ViT-B-16.pt --loss em   # Table II/III
 
-ZSL (paper Eq. 14-16): L = L_local + L_global, where L_local is the BiAM/MKT ranking loss on the fused
-score of the 925 seen labels and L_global is the L1 distance between the student's and the frozen
+ZSL (paper Eq. 14): L = L_local + L_global, where L_local (Eq. 15) is the BiAM/MKT ranking loss on the fused
+score of the 925 seen labels and L_global (Eq. 16) is the L1 distance between the student's and the frozen
 teacher's class-token embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over the dataset's classes.
 AdamW with layer-wise lr decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle
 cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML,
@@ -17,6 +17,8 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from data import DataError, ImageList, build_transform, spml_resize
 from protocol.spml_losses import apl_update, spml_loss
 from support.rundir import RunDir
 from support.runs import UsageError
+from support.divergence import Diverged, check_step
 from support.safe_io import WriteError
 from sigrl import SigRL, l1_distill, ranking_loss
 
@@ -93,44 +96,29 @@ def epoch_loader(train_set, plan, cfg, epoch):
                                        pin_memory=torch.cuda.is_available())
 
 
-# ----------------------------------------------------------------------------- divergence
-EXPLODED = 100  # x max(1, |first loss|): every loss here starts O(1) (ranking hinge ~1, SPML BCE terms < 1,
-#                 the L1 distillation at 0, the student being the teacher), so this is far past any progress
+# ----------------------------------------------------------------------------- the run, one epoch, one step
+@dataclass
+class Run:
+    """What a training run holds between steps: build() makes it, fit() trains it."""
+    cfg: runs.Config
+    model: SigRL
+    net: torch.nn.Module  # the model, or under torchrun the model in DistributedDataParallel
+    opt: torch.optim.Optimizer
+    label_emb: Callable[[], torch.Tensor]  # () -> H (C_all, D): fixed, or CoOp's prompts (recomputed each backward)
+    data: object  # the dataset: train_paths (named when a step diverges), labels; SPML's train_true
+    train_set: Optional[ImageList]
+    names: list  # every label, the n_train training labels first
+    n_train: int
+    device: torch.device
+    state: dict  # step, epoch, best, first_loss (SPML: obs, unlabel_num); saved in last.pt
+    steps_per_epoch: int
 
 
-class Diverged(Exception):
-    """Training left the finite numbers or the loss exploded; stopped before it reaches a checkpoint."""
-
-
-def check_step(state, batch, loss=None, opt=None):
-    """Before the optimiser step: the step's loss is finite and has not exploded. After it: gradients and weights
-    are finite (a finite loss can hide overflowing weights). Raises Diverged naming the step and the images."""
-    if loss is not None:
-        value = loss.item()
-        if state["first_loss"] is None:
-            state["first_loss"] = value
-        limit = EXPLODED * max(1.0, abs(state["first_loss"]))
-        what = (f"the loss is non-finite ({value})" if not math.isfinite(value) else
-                f"the loss exploded to {value:.4g} (> {EXPLODED} x max(1, |first loss {state['first_loss']:.4g}|))"
-                if value > limit else None)
-    else:
-        def peak(tensors):  # the largest |value|: finite iff every value is (a norm can overflow instead)
-            return torch.stack([t.detach().abs().amax().float() for t in tensors] or [torch.zeros(())]).amax()
-        params = [p for group in opt.param_groups for p in group["params"]]
-        peaks = torch.stack([peak([p.grad for p in params if p.grad is not None]), peak(params)]).tolist()
-        what = next((f"the {name} became non-finite" for name, m in zip(("gradients", "weights"), peaks)
-                     if not math.isfinite(m)), None)
-    if what:
-        more = f" (+{len(batch) - 3} more)" if len(batch) > 3 else ""
-        raise Diverged(f"training diverged at step {state['step']} (epoch {state['epoch'] + 1}): {what}; "
-                       f"batch: {', '.join(batch[:3])}{more}; start again with a lower --lr")
-
-
-# ----------------------------------------------------------------------------- one epoch, one step
-def train_one_epoch(net, model, label_emb_fn, train_set, opt, state, cfg, data, n_train, device, steps_per_epoch):
-    """One pass over the training images; returns the mean of each loss term over the steps. `net` is the model,
-    or under torchrun the model in DistributedDataParallel."""
-    net.train()
+def train_one_epoch(run):
+    """One pass over the training images; returns the mean of each loss term over the steps."""
+    cfg, state = run.cfg, run.state
+    run.net.train()
+    train_set = run.train_set
     # the reference drops the images without a seen positive from each batch (ZSL); SPML keeps every image
     usable = (train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(train_set), dtype=bool)
     plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
@@ -141,22 +129,21 @@ def train_one_epoch(net, model, label_emb_fn, train_set, opt, state, cfg, data, 
     bar = tqdm(plan, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=None)
     for n_steps, step in enumerate(bar, 1):
-        lr = lr_at(state["step"], steps_per_epoch, cfg)
-        for group in opt.param_groups:
+        lr = lr_at(state["step"], run.steps_per_epoch, cfg)
+        for group in run.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        terms = train_step(net, model, [(next(batches), share) for _, share in step], label_emb_fn, opt, state, cfg,
-                           data, n_train, device)
+        terms = train_step(run, [(next(batches), share) for _, share in step])
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + v
         bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
     return {k: v / max(len(plan), 1) for k, v in totals.items()}
 
 
-def train_step(net, model, micro_batches, label_emb_fn, opt, state, cfg, data, n_train, device):
+def train_step(run, micro_batches):
     """One optimiser step on one global batch, given as this process's micro-batches ((images, labels, index),
     share), share = the micro-batch's fraction of the global batch's images (one process, no --accum: a single
-    micro-batch of share 1). Returns the global batch's loss terms. `data`: the dataset (train_paths name the
-    images of a step that diverged; SPML's train_true)."""
+    micro-batch of share 1). Returns the global batch's loss terms."""
+    cfg, model, net, opt, state, data, device = run.cfg, run.model, run.net, run.opt, run.state, run.data, run.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     opt.zero_grad(set_to_none=True)
     step_terms = {}
@@ -164,23 +151,23 @@ def train_step(net, model, micro_batches, label_emb_fn, opt, state, cfg, data, n
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if cfg.task == "spml":
             images = spml_resize(images, model.student.resolution)
-        label_emb = label_emb_fn()[:n_train]  # (S, D); CoOp recomputes it for every backward
+        label_emb = run.label_emb()[:run.n_train]  # (S, D); CoOp recomputes it for every backward
         with parallel.accumulating(net, skip_sync=k < len(micro_batches) - 1):
             # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
             with parallel.seeded((cfg.seed, state["step"]), device), autocast:
                 out = net(images, label_emb)
             scores = out.scores.float()  # (B, S)
             if cfg.task == "zsl":
-                terms = {"local": ranking_loss(scores, labels.float()),  # Eq. 14-15, on the fused score
-                         "global": l1_distill(out.feat.float(), model.teacher_feat(images).float())}  # Eq. 16
+                L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
+                L_global = l1_distill(out.feat.float(), model.teacher_feat(images).float())  # Eq. 16
+                loss = L_local + L_global  # Eq. 14
+                terms = {"local": L_local, "global": L_global}
             else:
                 obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
                 true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
                 loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
                 terms = {cfg.loss: loss}
-            # Each term is a mean over this micro-batch. Weighted by its share of the global batch, the micro-batches'
-            # gradients add up to the gradient of the global batch's mean; DDP averages over the N processes, so x N.
-            (sum(terms.values()) * share * parallel.size()).backward()
+            parallel.backward(loss, share)  # the micro-batch's and the process's part of the global batch's gradient
         for name, v in terms.items():
             step_terms[name] = step_terms.get(name, 0.0) + share * v.detach()
     step_terms = parallel.sum_over_ranks(step_terms)  # the global batch's loss terms, the same on every process
@@ -247,7 +234,7 @@ def run(cfg, baseline=True):
         run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite)
     with run_dir.locked() if parallel.is_main() else contextlib.nullcontext():  # a second train.py stops here
         try:
-            return _run(cfg, resume, run_dir, device, baseline)
+            return fit(build(cfg, resume, run_dir, device), run_dir, resume, baseline)
         except (KeyboardInterrupt, DataError, WriteError, Diverged) as err:  # Ctrl-C, a worker's bad image, ...
             if not parallel.is_main() and isinstance(err, (KeyboardInterrupt, Diverged)):
                 raise parallel.Stopped(str(err)) from None  # every process stops on these; rank 0 says so
@@ -257,8 +244,9 @@ def run(cfg, baseline=True):
             raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
 
 
-def _run(cfg, resume, run_dir, device, baseline):
-    # Validate everything (CLIP file, dataset, labels, prompts) before the run directory is touched.
+def build(cfg, resume, run_dir, device):
+    """The run, ready for its first step (or, resuming, for the step after the last saved one). Everything (CLIP
+    file, dataset, labels, prompts, checkpoint) is validated before the run directory is touched."""
     runs.check_batch_split(cfg, parallel.size())
     checkpoints.seed_everything(cfg.seed)
     clip = load_clip(cfg.clip)
@@ -313,11 +301,17 @@ def _run(cfg, resume, run_dir, device, baseline):
           f"{', SDA/VFR compiled' if any(m is not None and m.fused for m in (model.sda, model.vfr)) else ''}"
           + (f", batch {cfg.batch_size} = {parallel.size()} process(es) x {cfg.accum} micro-batch(es) of "
              f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")
+    return Run(cfg, model, net, opt, label_emb_fn, data, train_set, names, n_train, device, state, steps_per_epoch)
 
+
+def fit(run, run_dir, resume, baseline):
+    """Epoch 0 (the model as built), then train epoch after epoch, each scored and checkpointed; returns the
+    rows a trained number is read against (see `run`)."""
+    cfg, model, state, data, device, names = run.cfg, run.model, run.state, run.data, run.device, run.names
     if resume is None:  # epoch 0: the model as built, before any step, scored like the trained one
         t0 = time.time()
         with torch.no_grad():
-            label_emb = label_emb_fn().detach()  # (C_all, D)
+            label_emb = run.label_emb().detach()  # (C_all, D)
         state["epoch0"] = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device,
                                                     branch_metrics=True)  # None on torchrun's other processes
         if parallel.is_main():
@@ -330,11 +324,10 @@ def _run(cfg, resume, run_dir, device, baseline):
     while state["epoch"] < end:
         run_dir.phase = f"during epoch {state['epoch'] + 1}"
         t0 = time.time()
-        losses = train_one_epoch(net, model, label_emb_fn, train_set, opt, state, cfg, data, n_train, device,
-                                 steps_per_epoch)
+        losses = train_one_epoch(run)
         state["epoch"] += 1
         with torch.no_grad():
-            label_emb = label_emb_fn().detach()  # (C_all, D)
+            label_emb = run.label_emb().detach()  # (C_all, D)
         if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
             apl_round(model, label_emb, data, state, cfg, device)
         metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
@@ -347,7 +340,8 @@ def _run(cfg, resume, run_dir, device, baseline):
         record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
                   "loss": losses, **metrics}
         print(evaluation.format_epoch(record))
-        ckpt = checkpoints.make_checkpoint(cfg, model, opt, state, checkpoints.rng_state(), metrics, names, n_train, label_emb)
+        ckpt = checkpoints.make_checkpoint(cfg, model, run.opt, state, checkpoints.rng_state(), metrics, names,
+                                           run.n_train, label_emb)
         run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
     run_dir.phase = "after the last epoch"
     zero_shot = None
@@ -361,28 +355,11 @@ def _run(cfg, resume, run_dir, device, baseline):
     if cfg.task == "spml" and state["best"]:
         print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
               f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
-    rows = like_for_like(state, metrics)
+    rows = evaluation.like_for_like(state, metrics)
     if zero_shot is not None:
-        rows = {COSINE: zero_shot, **rows}
+        rows = {evaluation.COSINE: zero_shot, **rows}
     if baseline and len(rows) > 1:
         print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
-    return rows
-
-
-COSINE = "zero-shot CLIP, cosine (as open_clip scores it)"
-GLOBAL_SCORING = "the same CLIP, SigRL's global scoring (Eq. 13 global branch, epoch 0)"
-
-
-def like_for_like(state, metrics):
-    """The rows a trained number is read against: the CLIP through SigRL's global branch before any step (the
-    like-for-like zero-shot baseline: the distillation keeps that branch near it), SigRL at epoch 0 (untrained
-    heads) and SigRL trained, each with the mAP of both branches."""
-    rows = {}
-    if state.get("epoch0"):
-        global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
-        rows = {GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
-                {k: v for k, v in state["epoch0"].items() if k != "branches"}}
-    rows[f"SigRL, epoch {state['epoch']}"] = metrics
     return rows
 
 

@@ -170,6 +170,13 @@ def accumulating(net, skip_sync):
     return net.no_sync() if skip_sync and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
 
 
+def backward(loss, share):
+    """Backward of one micro-batch's mean loss as its part of the global batch's mean: weighted by its share of the
+    global batch's images, the micro-batches' gradients add up to the gradient of the global batch's mean; DDP
+    averages over the N processes, so the product is taken N times (x size())."""
+    (loss * share * size()).backward()
+
+
 def sum_over_ranks(values):
     """{name: tensor scalar} summed over the ranks (the same result on every rank)."""
     if size() == 1 or not values:

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from support import checkpoints
+from support import divergence
 import data
 import eval as eval_cli
 import fixtures_clip
@@ -427,8 +428,8 @@ def test_divergence_stops_with_the_step_and_the_images(world, tmp_path, capsys):
              "nan.pt", "visual.proj")
     weight = torch.nn.Parameter(torch.tensor([1.0, float("inf")]))  # a finite loss can hide such a weight
     weight.grad = torch.zeros(2)
-    with pytest.raises(train_cli.Diverged, match="weights became non-finite.*a.jpg"):
-        train_cli.check_step({"step": 7, "epoch": 0}, ["a.jpg"], opt=torch.optim.AdamW([weight]))
+    with pytest.raises(divergence.Diverged, match="weights became non-finite.*a.jpg"):
+        divergence.check_step({"step": 7, "epoch": 0}, ["a.jpg"], opt=torch.optim.AdamW([weight]))
 
 
 # ------------------------------------------------------------------------------------------- other tracebacks

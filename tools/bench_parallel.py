@@ -56,11 +56,12 @@ def worker(spec):
     micro = [((images[idx], labels[idx], torch.from_numpy(idx)), share) for idx, share in step_plan]
     data = types.SimpleNamespace(train_paths=[f"random image {i}" for i in range(B)])  # named if it diverges
     state, seconds = {"step": 0, "epoch": 0, "first_loss": None}, []
+    run = train.Run(cfg, model, net, opt, lambda: H, data, None, [], C, device, state, steps_per_epoch=1)
     for _ in range(1 + spec["steps"]):  # the first step pays for AdamW's state and library set-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        train.train_step(net, model, micro, lambda: H, opt, state, cfg, data, C, device)
+        train.train_step(run, micro)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)

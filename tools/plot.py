@@ -4,7 +4,7 @@
     python -m tools.plot RUN_DIR --out curves.png
 
 One panel per loss term, averaged over each epoch's steps (ZSL: "local", the ranking loss on the fused score,
-Eq. 14-15, and "global", the L1 distillation of the class token, Eq. 16; SPML: the chosen loss); then the
+Eq. 15, and "global", the L1 distillation of the class token, Eq. 16; SPML: the chosen loss); then the
 mAP of every evaluated setting (ZSL and GZSL, or SPML val and test), in percent, and, where the log holds
 them, the mAP of the local and global scores alone (dashed). Drawn with Pillow only.
 """
