@@ -31,6 +31,7 @@ from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import DataError, ImageList, build_transform, spml_resize, view_transform
 from protocol.metrics import nus_metrics, spml_metrics
 from support.runs import UsageError
+from support.paths import check_outputs as check_paths
 from support.score_files import read_scores
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -177,13 +178,13 @@ def format_epoch(record):
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
-def check_output_path(flag, path):
-    """An output file's folder must exist and be writable before any work (not: the table printed, then a
-    traceback). `flag` names the option in the message (json, figure, csv, ...)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise UsageError(f"--{flag} {path}: {folder} is not a writable folder" if not os.path.isdir(path) else
-                         f"--{flag} {path}: a folder; expected a file name")
+def check_outputs(args, data=None):
+    """support/paths.py's rule for --json / --figure, before any work (with `data`: its test images too)."""
+    given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
+             ("the CLIP file", args.clip)]
+    if data is not None:
+        given += [("a test label file", f) for f in data.files.values()] + [("a test image", p) for p in data.test_paths]
+    check_paths([("--json", args.json), ("--figure", args.figure)], given)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -198,6 +199,7 @@ def checkpoint_and_data(args):
     parallel.start(device)
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
+    check_outputs(args, data)
     return ckpt, cfg, data, device
 
 
@@ -377,11 +379,9 @@ def main(argv=None):
         if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
             raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
                              "--figure-n and --figure-k must be >= 1")
+        check_outputs(args)
         if args.figure:
-            check_output_path("figure", args.figure)
             return draw_figure(args) or 0
-        if args.json:
-            check_output_path("json", args.json)
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)

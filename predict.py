@@ -12,7 +12,9 @@ L2 norms over the labels being scored, GMC builds its graph over the list, and V
 Adding or removing a label changes every other label's score and can change their order: compare scores
 within one list, and do not carry a --threshold from one list to another (with C labels a score is of the
 order of 1/sqrt(C)). This is why the paper scores its 81 unseen labels as one list (ZSL) and all 1006 as
-another (GZSL). Zero-shot CLIP's cosine scores (--clip) do not depend on the list.
+another (GZSL). Zero-shot CLIP's cosine scores (--clip) do not depend on the list. A single label is scored,
+with a warning rather than refused (its sign still says whether both branches call it present), but each
+branch's norm over one label is its own size: every score is +1, 0 or -1.
 
 --explain: per image, the image as the model saw it and, for each of its top labels, two maps on the patch
 grid (8 x 8 for the toy CLIP, 14 x 14 for ViT-B/16): (1) the similarity <M_hat[p], H[c]> of each reconstructed
@@ -45,6 +47,7 @@ from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
 from data import DataError, build_transform, check_images, view_transform
+from support.paths import FOLDER, check_outputs as check_paths
 from support.runs import UsageError
 from support.safe_io import WriteError, atomic_write
 
@@ -55,8 +58,9 @@ DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.
 # ----------------------------------------------------------------------------- inputs
 def find_images(inputs):
     """Files named and files found in the folders named (walked in sorted order), kept when PIL can read them.
-    A path that does not exist is an error; other files and unreadable images are skipped, with a line each."""
-    paths, not_images = [], []
+    A path that does not exist is an error; other files and unreadable images are skipped, with a line each.
+    Only regular files are opened: a named pipe would block the read forever, a device never end."""
+    paths, skipped = [], []
     for item in inputs:
         if os.path.isdir(item):
             for folder, dirs, files in os.walk(item):
@@ -64,13 +68,20 @@ def find_images(inputs):
                 for name in sorted(files):
                     path = os.path.join(folder, name)
                     is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-                    (paths if is_image else not_images).append(path)
+                    if not os.path.isfile(path):
+                        skipped.append((path, "not a regular file (a pipe, socket or device)"))
+                    elif not is_image:
+                        skipped.append((path, "not an image file (by its extension)"))
+                    else:
+                        paths.append(path)
         elif os.path.isfile(item):
             paths.append(item)  # named explicitly: tried whatever its extension
+        elif os.path.exists(item):
+            raise UsageError(f"{item}: not a regular file (a pipe, socket or device); expected images or folders")
         else:
             raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
-    for path in not_images:
-        print(f"skipped {path}: not an image file (by its extension)", file=sys.stderr)
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
     good, bad = check_images(paths) if paths else (np.zeros(0, bool), [])
     for path in bad:
         print(f"skipped {path}: cannot be read as an image", file=sys.stderr)
@@ -86,7 +97,7 @@ def read_labels(args):
         names, source = [n.strip() for n in args.labels.split(",")], "--labels"
     elif args.labels_file is not None:
         try:
-            with open(args.labels_file, encoding="utf-8") as f:
+            with open(args.labels_file, encoding="utf-8-sig") as f:  # -sig: drops the BOM Notepad writes
                 names = [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"{args.labels_file}: cannot read as a UTF-8 text file of label names ({e})") from None
@@ -186,21 +197,35 @@ def write_outputs(args, paths, names, scores, picks):
             [p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick)])
         atomic_write(args.csv, lambda f: f.write(text.getvalue().encode("utf-8")))
     if args.save_scores:
-        stem = args.save_scores[:-4] if args.save_scores.endswith(".npy") else args.save_scores
+        rows, columns = side_files(args.save_scores)
         atomic_write(args.save_scores, lambda f: np.save(f, scores.astype(np.float32)))
-        for suffix, lines in ((".images.txt", paths), (".label_names.txt", names)):
-            atomic_write(stem + suffix, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
+        for path, lines in ((rows, paths), (columns, names)):
+            atomic_write(path, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
         print(f"scores ({len(paths)} images x {len(names)} labels) -> {args.save_scores}, rows in "
-              f"{stem}.images.txt, columns in {stem}.label_names.txt", file=sys.stderr)
+              f"{rows}, columns in {columns}", file=sys.stderr)
 
 
-def check_outputs(args):
-    """Every output's folder must be writable before the first image is scored."""
-    for flag in ("json", "csv", "save_scores"):
-        if getattr(args, flag):
-            evaluation.check_output_path(flag.replace("_", "-"), getattr(args, flag))
-    if args.explain:
-        os.makedirs(args.explain, exist_ok=True)
+def side_files(save_scores):
+    """--save-scores S.npy: the files naming its rows and its columns, S.images.txt and S.label_names.txt."""
+    stem = save_scores[:-4] if save_scores.endswith(".npy") else save_scores
+    return stem + ".images.txt", stem + ".label_names.txt"
+
+
+def check_outputs(args, images=()):
+    """support/paths.py's rule, before the first image is scored: no output replaces an input (the checkpoint,
+    CLIP file, labels file, an image; --explain not among the folders of images) or another output. With
+    `images`, the images found and the PNGs --explain will write are checked too."""
+    outputs = [("--json", args.json), ("--csv", args.csv), ("--save-scores", args.save_scores),
+               ("--explain", args.explain, FOLDER)]
+    outputs += [("--save-scores", side) for side in side_files(args.save_scores)] if args.save_scores else []
+    outputs += [("--explain", target) for target in explain_targets(images, args.explain)] if args.explain else []
+    given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file)]
+    given += [("images" if os.path.isdir(i) else "an image", i) for i in args.inputs]
+    check_paths(outputs, given + [("an image", i) for i in images])
+
+
+def explain_targets(paths, out_dir):
+    return [os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(p))[0]}.png") for i, p in enumerate(paths)]
 
 
 # ----------------------------------------------------------------------------- --explain
@@ -212,7 +237,8 @@ def explain(tagger, paths, picks, out_dir, device):
     v = model.student.config
     grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
     view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}
-    written = []
+    os.makedirs(out_dir, exist_ok=True)
+    targets = explain_targets(paths, out_dir)
     for i, (path, pick) in enumerate(tqdm(list(zip(paths, picks)), desc="explain", leave=False, disable=None)):
         with Image.open(path) as im:
             image = im.convert("RGB")
@@ -233,10 +259,8 @@ def explain(tagger, paths, picks, out_dir, device):
                   "row 2: SDA attention over patches, mean over channels" if maps.attention is not None else
                   "(no SDA in this model)", "each map scaled to its own range"]
         panel = draw.explain_panel(view(image), grid, columns, os.path.basename(path), legend)
-        target = os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png")
-        draw.save(panel, target)
-        written.append(target)
-    return written
+        draw.save(panel, targets[i])
+    return targets
 
 
 # ----------------------------------------------------------------------------- the offline demo
@@ -270,7 +294,12 @@ def tag(args):
         raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip; not a "
                          "--global-only run)")
     paths = find_images(args.inputs)
-    if tagger.model is not None:
+    check_outputs(args, paths)
+    if tagger.model is not None and len(tagger.names) < 2:
+        print(f"warning: {tagger.kind}: one label: Eq. 13 divides each branch's score by its norm over the labels, "
+              f"here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
+              f"or more to rank them, or --clip for cosine scores (see --help)", file=sys.stderr)
+    elif tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
               f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,

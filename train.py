@@ -231,7 +231,7 @@ def run(cfg, baseline=True):
     parallel.start(device)
     run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun
     if parallel.is_main():
-        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite)
+        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite, inputs=[("the CLIP file", cfg.clip)])
     with run_dir.locked() if parallel.is_main() else contextlib.nullcontext():  # a second train.py stops here
         try:
             return fit(build(cfg, resume, run_dir, device), run_dir, resume, baseline)

@@ -44,7 +44,7 @@ def read_lines(path, source=None):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found" + (f" (from {source})" if source else ""))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows Notepad's "UTF-8") is not a name
             return [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
@@ -274,11 +274,16 @@ def changed_source(folder, root):
     path = os.path.join(folder, SOURCES)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    now = fingerprint(root, list(record["files"]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        files, kind = list(record["files"]), record["kind"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not the record of sources this project writes ({e}); delete {folder} to have "
+                        f"it prepared again") from None
+    now = fingerprint(root, files)
     changed = [f for f in record["files"] if f in now and now[f] != record["files"][f]]
-    return (record["kind"], changed[0]) if changed else None
+    return (kind, changed[0]) if changed else None
 
 
 def observe_single_positive(labels):
