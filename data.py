@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from tqdm import tqdm
 
 from support.data_formats import (NUS_H5, NUS_RAW, DOWNLOADS, DataError, changed_source, format_coco, format_voc,
                           observe_single_positive, read_h5_layout, read_lines, read_names, read_raw_release,
                           record_sources, voc_dir)
+from support import cli
 from support.parallel import seeded
+from support.paths import FOLDER, check_outputs
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
@@ -298,9 +300,13 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def read_image(path):
-    """The image as 8-bit RGB. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips
-    every value above 255, so a 16-bit photograph would come out nearly white."""
+    """The image as people see it, as 8-bit RGB: every reader (training, evaluation, predict.py, its explain
+    pictures, Fig. 3) goes through here, so a picture always shows the pixels that were scored.
+    EXIF orientation is applied (a phone stores a portrait photo sideways with Orientation = 6; every viewer
+    turns it upright). 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips every value
+    above 255, so a 16-bit photograph would come out nearly white."""
     with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)  # a copy turned upright, or `im` itself when there is nothing to turn
         if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # "I" is how some Pillow versions open 16-bit PNGs
             wide = np.asarray(im, dtype=np.float64)  # (H, W) in 0 .. 65535
             return Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)).convert("RGB")
@@ -351,8 +357,9 @@ def _show(a):
         print(f"{len(bad)} of {len(paths)} images missing or unreadable" + (": " + ", ".join(bad[:5]) if bad else ""))
 
 
+@cli.command
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = cli.parser(
         description="Prepare or inspect the SigRL datasets (layouts: README.md, 'Datasets').",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
   python data.py prepare nuswide --root data/NUS_WIDE       # BiAM h5 layout or official release -> sigrl_nuswide/
@@ -366,12 +373,8 @@ def main(argv=None):
     p.add_argument("--year", default="2012", choices=["2012", "2007"], help="VOC release (default 2012, as the code)")
     p.add_argument("--check-images", action="store_true", help="show: also open every image, list unreadable ones")
     a = p.parse_args(argv)
-    try:
-        prepare(a.dataset, a.root, out=a.out, year=a.year) if a.command == "prepare" else _show(a)
-    except DataError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+    check_outputs([("--out", a.out, FOLDER)])
+    prepare(a.dataset, a.root, out=a.out, year=a.year) if a.command == "prepare" else _show(a)
 
 
 if __name__ == "__main__":

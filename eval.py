@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from support import checkpoints
@@ -28,7 +27,7 @@ from support import safe_io
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
-from data import DataError, ImageList, build_transform, spml_resize, view_transform
+from data import DataError, ImageList, build_transform, read_image, spml_resize, view_transform
 from protocol.metrics import nus_metrics, spml_metrics
 from support.runs import UsageError
 from support.paths import check_outputs as check_paths
@@ -256,8 +255,7 @@ def draw_figure(args):
     scores = scores["fig"]  # (n, C)
     view, cells = view_transform(cfg.task, R), []
     for i, path, row in zip(chosen, paths, scores):
-        with Image.open(path) as im:
-            image = view(im.convert("RGB"))
+        image = view(read_image(path))  # as it was scored: upright, 16-bit scaled
         top = np.argsort(-row, kind="stable")[:args.figure_k]
         cells.append((image, os.path.basename(path), [names[c] for c in np.flatnonzero(truth[i])],
                       [names[c] for c in top]))

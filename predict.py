@@ -46,7 +46,7 @@ from support import runs
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
-from data import DataError, build_transform, check_images, view_transform
+from data import DataError, build_transform, check_images, read_image, view_transform
 from support.paths import FOLDER, check_outputs as check_paths
 from support.runs import UsageError
 from support.safe_io import WriteError, atomic_write
@@ -240,8 +240,7 @@ def explain(tagger, paths, picks, out_dir, device):
     os.makedirs(out_dir, exist_ok=True)
     targets = explain_targets(paths, out_dir)
     for i, (path, pick) in enumerate(tqdm(list(zip(paths, picks)), desc="explain", leave=False, disable=None)):
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = read_image(path)  # what predict scored: upright, 16-bit scaled (not clipped to white)
         x = tagger.transform(image)[None].to(device)  # (1, 3, R', R')
         with autocast:
             g, patch = tagger.encode(x)  # (1, D), (1, P, D)

@@ -75,9 +75,9 @@ def _read_pickled_names(path):
     try:
         with open(path, "rb") as f:
             names = _NoGlobals(f).load()["img_names"]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: expected a pickled dict {{'img_names': [str, ...]}} ({e})") from e
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _read_h5_labels(path, names, cols):
@@ -189,9 +189,9 @@ def format_coco(root):
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-            these = [(c["id"], c["name"]) for c in d["categories"]]
-            pairs = [(str(a["image_id"]), a["category_id"]) for a in d["annotations"]]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            these = [(int(c["id"]), str(c["name"])) for c in d["categories"]]
+            pairs = [(str(int(a["image_id"])), int(a["category_id"])) for a in d["annotations"]]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON, a non-integer id
             raise DataError(f"{path}: expected COCO instances json with categories and annotations ({e})") from e
         if cats is not None and these != cats:
             raise DataError(f"{path}: category list differs from instances_train2014.json")

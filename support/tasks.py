@@ -13,7 +13,8 @@ from dataclasses import fields
 import numpy as np
 
 from data import DataError, check_images, load_nuswide, load_spml
-from support.runs import UsageError
+from support import cli
+from support.runs import UsageError, parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
@@ -106,11 +107,16 @@ def check_labels_match(ckpt, cfg, data, path):
                          f"{len(names)} of {cfg.data_root} (first difference at column {first})")
 
 
-if __name__ == "__main__":
-    from support import runs
-    cfg = runs.parse_args(sys.argv[1:])  # the same flags as train.py; default: the toy world
+@cli.command
+def main(argv=None):
+    """The dataset a train.py command line would use: its labels and split sizes."""
+    cfg = parse_args(argv)  # the same flags as train.py; default: the toy world
     data = load_dataset(cfg)
     names, n_train = label_names(cfg, data)
     print(f"{cfg.task} / {cfg.data}: {len(names)} labels, the first {n_train} trained on; "
           + ", ".join(f"{s} {len(getattr(data, s + '_paths'))} images" for s in SPLITS[cfg.task]))
     print("text encoder reads:", prompt_names(names)[:8], "...")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,19 +12,20 @@ What "off" means (sigrl.py): without GMC the label embeddings H stand in for the
 H stands in for the decoupled features T; without VFR the local score is MKT's top-k over the raw patch
 tokens (then GMC and SDA have nothing to act on, so that row is the baseline).
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
 import eval as evaluation
-from support import parallel
+from support import cli, parallel
 from support import runs
 from support import tasks
 import train
 from support.clip_files import CheckpointError, load_clip
 from data import DataError
+from support.paths import FOLDER, check_outputs
+from support.safe_io import WriteError
 
 SETTINGS = {  # Table IV rows: name -> flags
     "baseline (no GMC, SDA, VFR)": ["--no-gmc", "--no-sda", "--no-vfr"],
@@ -48,13 +49,14 @@ def mean_std(results):
 
 def main(argv=None):
     parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
-    p = argparse.ArgumentParser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds per setting")
+    p = cli.parser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
+    p.add_argument("--seeds", type=cli.at_least(0), nargs="+", default=[1, 2, 3], help="training seeds per setting")
     p.add_argument("--out", default=os.path.join("runs", "ablation"), help="one run directory per setting/seed")
     p.add_argument("--only", nargs="+", choices=range(len(SETTINGS)), type=int, help="row indices to run")
-    args, train_flags = p.parse_known_args(argv)
     means, stds = {}, {}
     try:
+        args, train_flags = p.parse_known_args(argv)
+        check_outputs([("--out", args.out, FOLDER)])
         cfg = runs.parse_args(train_flags)
         device = runs.pick_device(cfg.device)
         parallel.start(device)
@@ -74,8 +76,8 @@ def main(argv=None):
                 means.setdefault(evaluation.GLOBAL_SCORING, results[0][0])  # the untrained backbone: the same in every run
                 means[f"{name}, epoch 0"], stds[f"{name}, epoch 0"] = mean_std([r[1] for r in results])
                 means[f"{name}, trained"], stds[f"{name}, trained"] = mean_std([r[2] for r in results])
-    except (CheckpointError, DataError, runs.UsageError, parallel.Stopped) as err:
-        parallel.report(err)
+    except (CheckpointError, DataError, runs.UsageError, WriteError, parallel.Stopped) as err:
+        parallel.report(err, runs.error_line(err))
         return 2
     finally:
         parallel.finish()

@@ -17,10 +17,9 @@ import sys
 from PIL import Image, ImageDraw
 
 from tools import draw
-from support import runs
+from support import cli
 from support.paths import check_outputs
 from support.runs import UsageError
-from support.safe_io import WriteError
 
 # distinct, colour-blind-safe enough line colours (the first of the usual "tab10" palette)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -146,21 +145,17 @@ def write_curves(run_dir, out=None):
     return out
 
 
+@cli.command
 def main(argv=None):
-    p = runs.Parser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = cli.parser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder written by train.py (holds log.jsonl)")
     p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")
-    try:
-        args = p.parse_args(argv)
-        read_log(args.run_dir)  # the input first: a missing run folder is named as such
-        out = args.out or os.path.join(args.run_dir, "curves.png")
-        check_outputs([("--out", out)], [("the log", os.path.join(args.run_dir, "log.jsonl"))])
-        print(f"curves -> {write_curves(args.run_dir, args.out)}")
-    except (UsageError, WriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    args = p.parse_args(argv)
+    read_log(args.run_dir)  # the input first: a missing run folder is named as such
+    out = args.out or os.path.join(args.run_dir, "curves.png")
+    check_outputs([("--out", out)], [("the log", os.path.join(args.run_dir, "log.jsonl"))])
+    print(f"curves -> {write_curves(args.run_dir, args.out)}")
 
 
 if __name__ == "__main__":
