@@ -5,6 +5,7 @@ pipe, a BOM, a single label) are handled with a line instead of a hang or a wron
 The run checkpoint is SigRL on the committed tiny CLIP at its initial weights, saved without training."""
 import json
 import os
+import re
 import signal
 import types
 
@@ -171,3 +172,48 @@ def test_a_single_label_warns_that_every_score_is_plus_or_minus_one_or_zero(run,
     assert "warning:" in err and "+1, 0 or -1" in err
     scores = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.endswith(tuple("0123456789"))]
     assert scores and all(s in (-1.0, 0.0, 1.0) for s in scores)  # what the warning says, seen
+
+
+# ----------------------------------------------------------------------------- images as people see them
+def test_exif_orientation_and_16_bit_greyscale_are_scored_and_drawn_as_seen(run, tmp_path, monkeypatch, capsys):
+    """A JPEG stored sideways with EXIF Orientation = 6 is scored as its upright picture; a 16-bit greyscale PNG
+    as its 8-bit version; the explain picture shows those pixels and its headings' halves average to the score."""
+    from data import read_image
+    from tools import draw
+    rng = np.random.default_rng(0)
+    upright = (rng.random((48, 64, 3)) * 255).astype(np.uint8)  # (H, W, 3), wider than tall: turning shows
+    upright[:, :16] = (255, 0, 0)  # a red band on the left
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: the stored pixels must be turned 90 degrees clockwise to be upright
+    Image.fromarray(np.rot90(upright, k=1).copy()).save(photos / "phone.jpg", quality=100, exif=exif)
+    with Image.open(photos / "phone.jpg") as im:  # the stored pixels, as decoded, not turned
+        stored = np.asarray(im.convert("RGB"))
+    seen = np.rot90(stored, k=-1)  # (48, 64, 3) turned clockwise by hand
+    assert seen.shape == upright.shape and np.array_equal(np.asarray(read_image(photos / "phone.jpg")), seen)
+    Image.fromarray(seen.copy()).save(tmp_path / "phone_upright.png")
+    grey8 = (rng.random((40, 40)) * 255).astype(np.uint8)  # (40, 40)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(photos / "deep.png")  # 16-bit: v * 257 maps 255 to 65535
+    assert Image.open(photos / "deep.png").mode.startswith("I")
+    Image.fromarray(grey8).save(tmp_path / "deep8.png")
+    panels = {}
+    real_panel = draw.explain_panel
+    monkeypatch.setattr(draw, "explain_panel", lambda image, grid, columns, title, legend: panels.setdefault(
+        title, (np.asarray(image), [c[0] for c in columns])) and real_panel(image, grid, columns, title, legend))
+    flags = ["--workers", "0", "--top-k", "3"]
+    assert predict.main(["--ckpt", str(run["ckpt"]), str(photos), "--json", str(tmp_path / "a.json"),
+                         "--explain", str(tmp_path / "maps"), *flags]) == 0
+    assert predict.main(["--ckpt", str(run["ckpt"]), str(tmp_path / "phone_upright.png"), str(tmp_path / "deep8.png"),
+                         "--json", str(tmp_path / "b.json"), "--explain", str(tmp_path / "maps8"), *flags]) == 0
+    capsys.readouterr()
+    got = {os.path.basename(r["image"]): r["labels"] for r in json.loads((tmp_path / "a.json").read_text())}
+    want = {os.path.basename(r["image"]): r["labels"] for r in json.loads((tmp_path / "b.json").read_text())}
+    for mine, theirs in (("phone.jpg", "phone_upright.png"), ("deep.png", "deep8.png")):
+        assert [n for n, _ in got[mine]] == [n for n, _ in want[theirs]], mine
+        np.testing.assert_allclose([s for _, s in got[mine]], [s for _, s in want[theirs]], atol=1e-5)
+        np.testing.assert_array_equal(panels[mine][0], panels[theirs][0])  # the picture shows what was scored
+        for heading in panels[mine][1]:  # "name 0.368 (local 0.177, global 0.559)"
+            score, local, glob = map(float, re.findall(r"-?\d+\.\d+", heading)[-3:])
+            assert abs((local + glob) / 2 - score) <= 1e-3 + 1e-9, heading
+    assert panels["deep.png"][0].mean() < 250  # not the pure white of a clipped 16-bit image
