@@ -198,6 +198,7 @@ def checkpoint_and_data(args):
     parallel.start(device)
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
+    tasks.report_changed_test(ckpt, cfg, data, args.ckpt)
     check_outputs(args, data)
     return ckpt, cfg, data, device
 

@@ -275,15 +275,15 @@ def build(cfg, resume, run_dir, device):
     del clip
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    state = {"step": 0, "epoch": 0, "best": None, "first_loss": None, "clip_sha256": clip_sha256}
+    data_record = tasks.data_fingerprint(cfg, data) if resume is None else tasks.check_resumed_data(resume, cfg, data)
+    state = {"step": 0, "epoch": 0, "best": None, "first_loss": None, "clip_sha256": clip_sha256, "data": data_record}
     if cfg.task == "spml":
         state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
         state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
     if resume is not None:
-        tasks.check_labels_match(resume, cfg, data, cfg.resume)
         model.load_state_dict_trainable(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        state.update(resume["state"])
+        state.update({**resume["state"], "data": data_record})  # the data as it is now (checked above)
         checkpoints.set_rng_state(resume["rng"])
         print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
     parallel.ready()  # every process checked everything; from here on they exchange gradients

@@ -49,6 +49,8 @@ class Config:
     out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
     overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
+    allow_changed_data: bool = _f(False, "--resume: continue although the data differs from what the run "
+                                         "trained on (its images, their sizes and times, or its labels)")
     stop_after: int = _f(0, "stop after this many epochs of this invocation (resume later); 0 = run to the end",
                          low=0)
     epochs: int = _f(20, "training epochs", low=1)
@@ -107,7 +109,8 @@ PRESETS = {
     ("spml", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
                           eval_batch_size=128, apl_warmup=1, topk=5),
 }
-RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile", "accum"}
+RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile", "accum",
+                      "allow_changed_data"}
 
 
 def _shown(value):
