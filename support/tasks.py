@@ -17,7 +17,7 @@ from support.runs import UsageError
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
-# VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
+# VOC's class identifiers are not words; the text encoder gets readable names (listed in docs/reference_differences.md).
 READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 
@@ -28,7 +28,7 @@ def load_dataset(cfg):
         from toy import world as toyworld  # only --data toy needs the synthetic world
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
     if not cfg.data_root:
-        raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
+        raise UsageError(f"--data {cfg.data} needs --data-root DIR (docs/datasets.md)")
     if not os.path.isdir(cfg.data_root):
         raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
     if cfg.task == "zsl":
