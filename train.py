@@ -123,6 +123,7 @@ def build(cfg, resume, run_dir, device):
     if resume is not None and resume["clip_sha256"] != clip.sha256:
         raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
                               f"the frozen teacher must be the same")
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy: the offline world, written once, then reused
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     names, n_train = tasks.label_names(cfg, data)
     tasks.check_prompts(clip.tokenizer, names, cfg)

@@ -58,6 +58,7 @@ def main(argv=None):
         cfg = runs.parse_args(train_flags)
         device = runs.pick_device(cfg.device)
         parallel.start(device)
+        parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy (the default) only
         clip, data = load_clip(cfg.clip), parallel.in_turn(lambda: tasks.load_dataset(cfg))
         means[evaluation.COSINE] = evaluation.clip_baseline(clip, cfg, data, device)  # None on other processes
         for i, (name, flags) in enumerate(SETTINGS.items()):
