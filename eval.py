@@ -196,6 +196,7 @@ def checkpoint_and_data(args):
     cfg.workers = args.workers if args.workers is not None else cfg.workers
     device = runs.pick_device(args.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
     parallel.start(device)
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # a toy run's world, written again if it was removed
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     tasks.report_changed_test(ckpt, cfg, data, args.ckpt)
@@ -316,6 +317,7 @@ def eval_baseline(args):
     device = runs.pick_device(args.device)
     parallel.start(device)
     clip = load_clip(cfg.clip)
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy only
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))
     parallel.ready()
     results = clip_baseline(clip, cfg, data, device)

@@ -273,6 +273,7 @@ def demo(args):
             return 2
     ckpt = checkpoints.load_run_checkpoint(DEMO_CKPT)
     cfg = runs.Config(**ckpt["config"])
+    tasks.make_toy_world(cfg)  # written again if it was removed since the run
     data = tasks.load_dataset(cfg)
     names, n_train = tasks.label_names(cfg, data)
     chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)

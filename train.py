@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from support import checkpoints
 import eval as evaluation
@@ -37,6 +36,7 @@ from protocol.spml_losses import apl_update, spml_loss
 from support.rundir import RunDir
 from support.runs import UsageError
 from support.divergence import Diverged, check_step
+from support.progress import progress
 from support.safe_io import WriteError
 from sigrl import SigRL, l1_distill, ranking_loss
 
@@ -96,7 +96,7 @@ def epoch_loader(train_set, plan, cfg, epoch):
                                        pin_memory=torch.cuda.is_available())
 
 
-# ----------------------------------------------------------------------------- the run, one epoch, one step
+# ----------------------------------------------------------------------------- the run: build, then fit
 @dataclass
 class Run:
     """What a training run holds between steps: build() makes it, fit() trains it."""
@@ -114,136 +114,6 @@ class Run:
     steps_per_epoch: int
 
 
-def train_one_epoch(run):
-    """One pass over the training images; returns the mean of each loss term over the steps."""
-    cfg, state = run.cfg, run.state
-    run.net.train()
-    train_set = run.train_set
-    # the reference drops the images without a seen positive from each batch (ZSL); SPML keeps every image
-    usable = (train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(train_set), dtype=bool)
-    plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
-    batches = iter(epoch_loader(train_set, plan, cfg, state["epoch"]))
-    totals = {}
-    # disable=None: no bar when stderr is not a terminal (a redirected log gets the one line per epoch
-    # that run() prints, not thousands of carriage-return updates)
-    bar = tqdm(plan, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-               disable=None)
-    for n_steps, step in enumerate(bar, 1):
-        lr = lr_at(state["step"], run.steps_per_epoch, cfg)
-        for group in run.opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        terms = train_step(run, [(next(batches), share) for _, share in step])
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v
-        bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
-    return {k: v / max(len(plan), 1) for k, v in totals.items()}
-
-
-def train_step(run, micro_batches):
-    """One optimiser step on one global batch, given as this process's micro-batches ((images, labels, index),
-    share), share = the micro-batch's fraction of the global batch's images (one process, no --accum: a single
-    micro-batch of share 1). Returns the global batch's loss terms."""
-    cfg, model, net, opt, state, data, device = run.cfg, run.model, run.net, run.opt, run.state, run.data, run.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    opt.zero_grad(set_to_none=True)
-    step_terms = {}
-    for k, ((images, labels, index), share) in enumerate(micro_batches):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if cfg.task == "spml":
-            images = spml_resize(images, model.student.resolution)
-        label_emb = run.label_emb()[:run.n_train]  # (S, D); CoOp recomputes it for every backward
-        with parallel.accumulating(net, skip_sync=k < len(micro_batches) - 1):
-            # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
-            with parallel.seeded((cfg.seed, state["step"]), device), autocast:
-                out = net(images, label_emb)
-            scores = out.scores.float()  # (B, S)
-            if cfg.task == "zsl":
-                L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
-                L_global = l1_distill(out.feat.float(), model.teacher_feat(images).float())  # Eq. 16
-                loss = L_local + L_global  # Eq. 14
-                terms = {"local": L_local, "global": L_global}
-            else:
-                obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
-                true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
-                loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
-                terms = {cfg.loss: loss}
-            parallel.backward(loss, share)  # the micro-batch's and the process's part of the global batch's gradient
-        for name, v in terms.items():
-            step_terms[name] = step_terms.get(name, 0.0) + share * v.detach()
-    step_terms = parallel.sum_over_ranks(step_terms)  # the global batch's loss terms, the same on every process
-    # so every process reaches the same verdict (and after the step, gradients and weights are the same everywhere)
-    batch = [data.train_paths[i] for (_, _, index), share in micro_batches if share > 0 for i in index.tolist()]
-    check_step(state, batch, loss=sum(step_terms.values()))
-    opt.step()
-    check_step(state, batch, opt=opt)
-    state["step"] += 1
-    return {name: v.item() for name, v in step_terms.items()}
-
-
-APL_FLIPS = 1  # a key of its own for the flips of the APL pass (the training epochs use (seed, epoch, image))
-
-
-@torch.no_grad()
-def apl_round(model, label_emb, data, state, cfg, device):
-    """EM_APL (Zhou et al. 2022): after epoch e >= warm-up, the unobserved entries with the lowest
-    probability in each class become soft negatives (obs = -p); probabilities come from the training
-    pipeline (its random flip keyed by (seed, epoch, APL_FLIPS, image)) with the model in eval mode, as in the
-    reference."""
-    model.eval()
-    transform = build_transform("spml", True, model.student.resolution)
-    encode, scorers = evaluation.sigrl_scorers(model, {"all": label_emb.to(device)}, model.student.resolution,
-                                               spml=True)
-    scores = evaluation.predict(data.train_paths, transform, encode, scorers, device, cfg.eval_batch_size,
-                                cfg.workers, "APL", key=(cfg.seed, state["epoch"], APL_FLIPS))
-    obs = None
-    if parallel.is_main():  # rank 0 has every image's score: the new labels are computed once, then shared
-        obs = apl_update(state["obs"].numpy().astype(np.float64), evaluation.sigmoid(scores["all"]),
-                         state["unlabel_num"].numpy(), cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
-        obs = torch.from_numpy(obs).float()
-    state["obs"] = parallel.from_main(obs)
-    model.train()
-
-
-# ----------------------------------------------------------------------------- the run
-def main(argv=None):
-    parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
-    try:
-        run(runs.parse_args(argv))
-        return 0
-    except (CheckpointError, DataError, UsageError, WriteError, parallel.Stopped) as err:
-        parallel.report(err, runs.error_line(err))
-    except KeyboardInterrupt:
-        print("error: interrupted before the run directory was opened; nothing was written", file=sys.stderr)
-    finally:
-        parallel.finish()
-    return 2
-
-
-def run(cfg, baseline=True):
-    """Train (or resume) one run. Returns the rows a trained number is read against (like_for_like: the CLIP
-    through SigRL's global scoring at epoch 0, SigRL at epoch 0, SigRL after the last epoch; each a metrics dict
-    with branch_map), None on torchrun's other processes. `baseline`: on the toy world, also evaluate the
-    zero-shot tiny CLIP (cosine) and print every row side by side."""
-    resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
-    if resume is not None:
-        cfg = runs.resume_config(cfg, resume)
-    device = runs.pick_device(cfg.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
-    parallel.start(device)
-    run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun
-    if parallel.is_main():
-        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite, inputs=[("the CLIP file", cfg.clip)])
-    with run_dir.locked() if parallel.is_main() else contextlib.nullcontext():  # a second train.py stops here
-        try:
-            return fit(build(cfg, resume, run_dir, device), run_dir, resume, baseline)
-        except (KeyboardInterrupt, DataError, WriteError, Diverged) as err:  # Ctrl-C, a worker's bad image, ...
-            if not parallel.is_main() and isinstance(err, (KeyboardInterrupt, Diverged)):
-                raise parallel.Stopped(str(err)) from None  # every process stops on these; rank 0 says so
-            if not (run_dir.started or isinstance(err, KeyboardInterrupt)):
-                raise  # found while validating: the run directory was not touched
-            what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else runs.error_line(err)
-            raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
-
-
 def build(cfg, resume, run_dir, device):
     """The run, ready for its first step (or, resuming, for the step after the last saved one). Everything (CLIP
     file, dataset, labels, prompts, checkpoint) is validated before the run directory is touched."""
@@ -253,6 +123,7 @@ def build(cfg, resume, run_dir, device):
     if resume is not None and resume["clip_sha256"] != clip.sha256:
         raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
                               f"the frozen teacher must be the same")
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy: the offline world, written once, then reused
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     names, n_train = tasks.label_names(cfg, data)
     tasks.check_prompts(clip.tokenizer, names, cfg)
@@ -321,10 +192,25 @@ def fit(run, run_dir, resume, baseline):
             run_dir.log(record)
     end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
     metrics = resume["metrics"] if resume is not None else None
+    # the reference drops the images without a seen positive from each batch (ZSL); SPML keeps every image
+    usable = (run.train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(run.train_set), bool)
     while state["epoch"] < end:
         run_dir.phase = f"during epoch {state['epoch'] + 1}"
         t0 = time.time()
-        losses = train_one_epoch(run)
+        run.net.train()
+        # each step: one global batch, as this process's micro-batches (index, share of the batch's images)
+        plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
+        batches = iter(epoch_loader(run.train_set, plan, cfg, state["epoch"]))
+        totals = {}
+        bar = progress(plan, f"epoch {state['epoch'] + 1}/{cfg.epochs}", unit="step")
+        for n_steps, step in enumerate(bar, 1):
+            lr = lr_at(state["step"], run.steps_per_epoch, cfg)
+            for group in run.opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            terms = train_step(run, [(next(batches), share) for _, share in step])
+            totals = {k: totals.get(k, 0.0) + v for k, v in terms.items()}
+            bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
+        losses = {k: v / max(len(plan), 1) for k, v in totals.items()}  # each term's mean over the epoch
         state["epoch"] += 1
         with torch.no_grad():
             label_emb = run.label_emb().detach()  # (C_all, D)
@@ -361,6 +247,112 @@ def fit(run, run_dir, resume, baseline):
     if baseline and len(rows) > 1:
         print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
     return rows
+
+
+def train_step(run, micro_batches):
+    """One optimiser step on one global batch, given as this process's micro-batches ((images, labels, index),
+    share), share = the micro-batch's fraction of the global batch's images (one process, no --accum: a single
+    micro-batch of share 1). Returns the global batch's loss terms."""
+    cfg, model, net, opt, state, data, device = run.cfg, run.model, run.net, run.opt, run.state, run.data, run.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    opt.zero_grad(set_to_none=True)
+    step_terms = {}
+    for k, ((images, labels, index), share) in enumerate(micro_batches):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if cfg.task == "spml":
+            images = spml_resize(images, model.student.resolution)
+        label_emb = run.label_emb()[:run.n_train]  # (S, D); CoOp recomputes it for every backward
+        with parallel.accumulating(net, skip_sync=k < len(micro_batches) - 1):
+            # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
+            with parallel.seeded((cfg.seed, state["step"]), device), autocast:
+                out = net(images, label_emb)
+            scores = out.scores.float()  # (B, S)
+            if cfg.task == "zsl":
+                L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
+                L_global = l1_distill(out.feat.float(), model.teacher_feat(images).float())  # Eq. 16
+                loss = L_local + L_global  # Eq. 14
+                terms = {"local": L_local, "global": L_global}
+            else:
+                obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
+                true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
+                loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
+                terms = {cfg.loss: loss}
+            parallel.backward(loss, share)  # the micro-batch's and the process's part of the global batch's gradient
+        for name, v in terms.items():
+            step_terms[name] = step_terms.get(name, 0.0) + share * v.detach()
+    step_terms = parallel.sum_over_ranks(step_terms)  # the global batch's loss terms, the same on every process
+    # so every process reaches the same verdict (and after the step, gradients and weights are the same everywhere)
+    batch = [data.train_paths[i] for (_, _, index), share in micro_batches if share > 0 for i in index.tolist()]
+    check_step(state, batch, loss=sum(step_terms.values()))
+    opt.step()
+    check_step(state, batch, opt=opt)
+    state["step"] += 1
+    return {name: v.item() for name, v in step_terms.items()}
+
+
+
+APL_FLIPS = 1  # a key of its own for the flips of the APL pass (the training epochs use (seed, epoch, image))
+
+
+@torch.no_grad()
+def apl_round(model, label_emb, data, state, cfg, device):
+    """EM_APL (Zhou et al. 2022): after epoch e >= warm-up, the unobserved entries with the lowest
+    probability in each class become soft negatives (obs = -p); probabilities come from the training
+    pipeline (its random flip keyed by (seed, epoch, APL_FLIPS, image)) with the model in eval mode, as in the
+    reference."""
+    model.eval()
+    transform = build_transform("spml", True, model.student.resolution)
+    encode, scorers = evaluation.sigrl_scorers(model, {"all": label_emb.to(device)}, model.student.resolution,
+                                               spml=True)
+    scores = evaluation.predict(data.train_paths, transform, encode, scorers, device, cfg.eval_batch_size,
+                                cfg.workers, "APL", key=(cfg.seed, state["epoch"], APL_FLIPS))
+    obs = None
+    if parallel.is_main():  # rank 0 has every image's score: the new labels are computed once, then shared
+        obs = apl_update(state["obs"].numpy().astype(np.float64), evaluation.sigmoid(scores["all"]),
+                         state["unlabel_num"].numpy(), cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
+        obs = torch.from_numpy(obs).float()
+    state["obs"] = parallel.from_main(obs)
+    model.train()
+
+
+# ----------------------------------------------------------------------------- the command
+def main(argv=None):
+    parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
+    try:
+        run(runs.parse_args(argv))
+        return 0
+    except (CheckpointError, DataError, UsageError, WriteError, parallel.Stopped) as err:
+        parallel.report(err, runs.error_line(err))
+    except KeyboardInterrupt:
+        print("error: interrupted before the run directory was opened; nothing was written", file=sys.stderr)
+    finally:
+        parallel.finish()
+    return 2
+
+
+def run(cfg, baseline=True):
+    """Train (or resume) one run. Returns the rows a trained number is read against (like_for_like: the CLIP
+    through SigRL's global scoring at epoch 0, SigRL at epoch 0, SigRL after the last epoch; each a metrics dict
+    with branch_map), None on torchrun's other processes. `baseline`: on the toy world, also evaluate the
+    zero-shot tiny CLIP (cosine) and print every row side by side."""
+    resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
+    if resume is not None:
+        cfg = runs.resume_config(cfg, resume)
+    device = runs.pick_device(cfg.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
+    parallel.start(device)
+    run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun
+    if parallel.is_main():
+        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite, inputs=[("the CLIP file", cfg.clip)])
+    with run_dir.locked() if parallel.is_main() else contextlib.nullcontext():  # a second train.py stops here
+        try:
+            return fit(build(cfg, resume, run_dir, device), run_dir, resume, baseline)
+        except (KeyboardInterrupt, DataError, WriteError, Diverged) as err:  # Ctrl-C, a worker's bad image, ...
+            if not parallel.is_main() and isinstance(err, (KeyboardInterrupt, Diverged)):
+                raise parallel.Stopped(str(err)) from None  # every process stops on these; rank 0 says so
+            if not (run_dir.started or isinstance(err, KeyboardInterrupt)):
+                raise  # found while validating: the run directory was not touched
+            what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else runs.error_line(err)
+            raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
 
 
 if __name__ == "__main__":

@@ -19,23 +19,29 @@ from support.runs import UsageError, parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
-# VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
+# VOC's class identifiers are not words; the text encoder gets readable names (listed in docs/reference_differences.md).
 READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 
-def load_dataset(cfg):
-    """The dataset of the run, with missing or unreadable images excluded once, at the start, in one report
-    (never a crash hours into an epoch, never a silent black image)."""
+def make_toy_world(cfg):
+    """--data toy only: write the offline default's synthetic world into --data-root, or reuse the one already
+    there (toy/world.py). Every other dataset is read as it is on disk, so this does nothing for them."""
     if cfg.data == "toy":
         from toy import world as toyworld  # only --data toy needs the synthetic world
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
+
+
+def load_dataset(cfg):
+    """The dataset of the run, read from --data-root, with missing or unreadable images excluded once, at the
+    start, in one report (never a crash hours into an epoch, never a silent black image)."""
     if not cfg.data_root:
-        raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
+        raise UsageError(f"--data {cfg.data} needs --data-root DIR (docs/datasets.md)")
     if not os.path.isdir(cfg.data_root):
         raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
     if cfg.task == "zsl":
         data = load_nuswide(cfg.data_root, out=cfg.data_out or None)
     elif cfg.data == "toy":
+        from toy import world as toyworld  # the toy world's SPML view (its ZSL view is in NUS-WIDE's layout)
         data = toyworld.load_spml_view(cfg.data_root)
     else:
         data = load_spml(cfg.data, cfg.data_root, year=cfg.voc_year, out=cfg.data_out or None)
@@ -181,6 +187,7 @@ def report_changed_test(ckpt, cfg, data, path):
 def main(argv=None):
     """The dataset a train.py command line would use: its labels and split sizes."""
     cfg = parse_args(argv)  # the same flags as train.py; default: the toy world
+    make_toy_world(cfg)
     data = load_dataset(cfg)
     names, n_train = label_names(cfg, data)
     print(f"{cfg.task} / {cfg.data}: {len(names)} labels, the first {n_train} trained on; "

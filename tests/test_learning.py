@@ -3,7 +3,7 @@ fused score over all labels (GZSL) above its own epoch-0 value, and the local br
 and on the unseen ones alone (ZSL: what it learned on the seen labels transfers). These fail when training stops
 teaching anything: gradients that no longer reach the heads or the backbone, a zero learning rate, a broken
 schedule or loss. (The fused ZSL score is not asserted: at this budget it moves by about 1 mAP either way; the
-README's 3-seed runs at the default budget say how it moves.) The epoch-0 record they are read against is itself
+docs/toy_results.md's 3-seed runs at the default budget say how it moves.) The epoch-0 record they are read against is itself
 checked against the CLIP computed directly, outside SigRL."""
 import json
 

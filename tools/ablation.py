@@ -2,7 +2,7 @@
 
     python -m tools.ablation                       # the toy world (offline), 3 seeds per setting
     python -m tools.ablation --seeds 42 43 44 --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt
-    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs (README: "More than one GPU")
+    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs (docs/parallel.md)
 
 Every setting trains a fresh run with train.run (any train.py flag after the ablation's own flags is passed
 through) and reports, as mean ± std over the seeds, its ZSL / GZSL (or SPML test) figures before the first
@@ -60,6 +60,7 @@ def main(argv=None):
         cfg = runs.parse_args(train_flags)
         device = runs.pick_device(cfg.device)
         parallel.start(device)
+        parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy (the default) only
         clip, data = load_clip(cfg.clip), parallel.in_turn(lambda: tasks.load_dataset(cfg))
         means[evaluation.COSINE] = evaluation.clip_baseline(clip, cfg, data, device)  # None on other processes
         for i, (name, flags) in enumerate(SETTINGS.items()):

@@ -25,7 +25,7 @@ Each choice copies a property of the real setting:
   they co-occur (what GMC can exploit): each scene has a pool of likely objects; a slot is filled from the
   pool with probability 0.8, else from all objects.
 One property it does not copy: NUS-WIDE's seen labels outnumber the unseen 11 to 1 and include relatives of
-them; here 24 seen labels face 8 unseen ones, each the only one of its kind (README: what a 64-label variant
+them; here 24 seen labels face 8 unseen ones, each the only one of its kind (docs/toy_results.md: what a 64-label variant
 measured).
 
 Images: 64 x 64 RGB, drawn at 2x with PIL and box-downsampled, objects at random places inside a 4 px margin
