@@ -1,4 +1,4 @@
-"""Readers for the dataset formats other projects ship; data.py turns their output into the project's files.
+"""Readers for the dataset formats other projects ship; support/prepared.py turns their output into the project's files.
 
   read_h5_layout(root)      BiAM/MKT NUS-WIDE: features/nus_wide_{train,test}.h5 + img_names pickles (h5py lazily)
   read_raw_release(root)    the official NUS-WIDE release, labels derived exactly as BiAM/LESA did
@@ -237,7 +237,7 @@ def format_voc(root, year):
 # ------------------------------------------------------------------------------------------ sources
 def source_files(kind, root, year="2012"):
     """The files (relative to root) that each reader reads labels from: kind = "h5" | "raw" | "coco" | "voc".
-    Prepared label files record their sizes and times, so a changed source is noticed (data.py)."""
+    Prepared label files record their sizes and times, so a changed source is noticed (support/prepared.py)."""
     if kind == "voc":
         main = os.path.relpath(os.path.join(voc_dir(root, year), "ImageSets", "Main"), root)
         patterns = [os.path.join(main, "*.txt")]
