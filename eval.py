@@ -182,7 +182,8 @@ def check_outputs(args, data=None):
     given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
              ("the CLIP file", args.clip)]
     if data is not None:
-        given += [("a test label file", f) for f in data.files.values()] + [("a test image", p) for p in data.test_paths]
+        given += [("a test label file", f) for f in data.files.values()]
+        given += [("a test image", p) for p in data.test_paths]
     check_paths([("--json", args.json), ("--figure", args.figure)], given)
 
 

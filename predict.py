@@ -37,7 +37,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from tqdm import tqdm
-from PIL import Image
 
 from support import checkpoints
 from tools import draw
@@ -46,51 +45,16 @@ from support import runs
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
-from data import DataError, build_transform, check_images, read_image, view_transform
+from data import DataError, build_transform, read_image, view_transform
+from support.image_folders import find_images
 from support.paths import FOLDER, check_outputs as check_paths
 from support.runs import UsageError
 from support.safe_io import WriteError, atomic_write
 
-IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.pt"), 6, 8
 
 
 # ----------------------------------------------------------------------------- inputs
-def find_images(inputs):
-    """Files named and files found in the folders named (walked in sorted order), kept when PIL can read them.
-    A path that does not exist is an error; other files and unreadable images are skipped, with a line each.
-    Only regular files are opened: a named pipe would block the read forever, a device never end."""
-    paths, skipped = [], []
-    for item in inputs:
-        if os.path.isdir(item):
-            for folder, dirs, files in os.walk(item):
-                dirs.sort()
-                for name in sorted(files):
-                    path = os.path.join(folder, name)
-                    is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-                    if not os.path.isfile(path):
-                        skipped.append((path, "not a regular file (a pipe, socket or device)"))
-                    elif not is_image:
-                        skipped.append((path, "not an image file (by its extension)"))
-                    else:
-                        paths.append(path)
-        elif os.path.isfile(item):
-            paths.append(item)  # named explicitly: tried whatever its extension
-        elif os.path.exists(item):
-            raise UsageError(f"{item}: not a regular file (a pipe, socket or device); expected images or folders")
-        else:
-            raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
-    for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    good, bad = check_images(paths) if paths else (np.zeros(0, bool), [])
-    for path in bad:
-        print(f"skipped {path}: cannot be read as an image", file=sys.stderr)
-    paths = [p for p, ok in zip(paths, good) if ok]
-    if not paths:
-        raise UsageError(f"no readable images in {', '.join(inputs)}")
-    return paths
-
-
 def read_labels(args):
     """The label list of --labels "a,b" or --labels-file (one name a line), or None for the checkpoint's own."""
     if args.labels is not None:
@@ -225,7 +189,9 @@ def check_outputs(args, images=()):
 
 
 def explain_targets(paths, out_dir):
-    return [os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(p))[0]}.png") for i, p in enumerate(paths)]
+    """The PNG --explain writes for each image: OUT_DIR/<index>_<file name without extension>.png."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return [os.path.join(out_dir, f"{i:04d}_{stem}.png") for i, stem in enumerate(stems)]
 
 
 # ----------------------------------------------------------------------------- --explain

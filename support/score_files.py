@@ -25,8 +25,9 @@ def _read_array(path, flag):
 
 def read_scores(args):
     """Saved scores and labels, refused where they would give wrong numbers: NaN / inf scores, labels outside the
-    protocol's alphabet. Any C >= 1 is scored: with C < k the top-k list holds all C classes, P@k = hits / k. Under --protocol nuswide 0 means
-    "unknown" and only -1 is a negative: 0/1 labels there leave no negative, and any scores get mAP 100."""
+    protocol's alphabet. Under --protocol nuswide 0 means "unknown" and only -1 is a negative: 0/1 labels there
+    leave no negative, and any scores get mAP 100. Any C >= 1 is scored: with C < k the top-k list holds all C
+    classes and P@k = hits / k."""
     scores, labels = _read_array(args.scores, "--scores"), _read_array(args.labels, "--labels")
     if scores.shape != labels.shape:
         raise UsageError(f"{args.scores} has shape {scores.shape} but {args.labels} has {labels.shape}; "

@@ -16,7 +16,7 @@ from PIL import Image
 import eval as eval_cli
 import fixtures_run
 import predict
-from support import paths, runs
+from support import image_folders, paths, runs
 from support.data_formats import read_names
 
 
@@ -150,9 +150,9 @@ def test_a_named_pipe_in_a_folder_is_skipped(tmp_path, capsys):
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("find_images opened the pipe and blocked"))
     signal.alarm(30)
     try:
-        found = predict.find_images([str(tmp_path)])
+        found = image_folders.find_images([str(tmp_path)])
         with pytest.raises(runs.UsageError, match="not a regular file"):
-            predict.find_images([str(tmp_path / "pipe.jpg")])
+            image_folders.find_images([str(tmp_path / "pipe.jpg")])
     finally:
         signal.alarm(0)
     assert found == [str(tmp_path / "red.png")]
