@@ -34,8 +34,8 @@ def _inside(path, folder):
 
 def _writable_parent(flag, path, folder_output):
     """A file's folder must exist (nothing makes it); a folder output is made, so its nearest existing
-    ancestor must be a folder. Either must be writable."""
-    folder = os.path.dirname(os.path.abspath(path))
+    ancestor must be a folder. Either must be writable (an existing folder output: itself)."""
+    folder = os.path.abspath(path) if folder_output and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     while folder_output and not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.exists(folder):
