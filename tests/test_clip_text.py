@@ -172,7 +172,7 @@ def test_cli(tiny, capsys):
     bad = _bad_file("truncated", folder, str(folder / "tiny.pt"))
     run = subprocess.run([sys.executable, "-m", "support.clip_files", bad], capture_output=True, text=True,
                          cwd=HERE)
-    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "Traceback" not in run.stderr  # the one-line rule: exit 2
     assert run.stderr.count("\n") == 1 and "truncated zip archive" in run.stderr
     main([str(folder / "tiny.pt"), "a photo of a dog."])  # the success path, in-process (a subprocess costs ~4 s)
     out = capsys.readouterr().out
