@@ -217,7 +217,8 @@ def eval_checkpoint(args):
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
         print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
         print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
-            f"{split.upper()} " + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
+            f"{zsl_groups.setting_name(split)} "
+            + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
             for split, per in results["branch_map"].items()))
     return results
 

@@ -93,7 +93,12 @@ def zsl_group_columns(cfg, data):
     """The unseen labels' two groups, {"twins": columns, "novel": columns} into the ZSL scores ({} when one is
     empty; protocol/zsl_groups.py). The toy world's twins are its definition's (toy/world.py TWINS: another word
     for a seen object); any other dataset's come from its label lists by the plural rule (NUS-WIDE: 30 of 81)."""
-    return zsl_groups.group_columns(list(data.unseen), zsl_groups.plural_twins(data.unseen, data.seen))
+    if cfg.data == "toy":
+        from toy import world as toyworld
+        twins = toyworld.TWINS
+    else:
+        twins = zsl_groups.plural_twins(data.unseen, data.seen)
+    return zsl_groups.group_columns(list(data.unseen), twins)
 
 
 def n_train_classes(cfg, data):

@@ -49,6 +49,17 @@ def test_no_groups_when_one_is_empty():
     assert zsl_groups.group_columns(["a", "b"], {"a": "x", "b": "y"}) == {}
 
 
+def test_toy_world_groups_are_its_definition(tmp_path):
+    cfg = runs.parse_args(["--data-root", str(tmp_path)])  # the default: ZSL on the toy world
+    data = type("Data", (), {"seen": toyworld.SEEN, "unseen": toyworld.UNSEEN})()
+    cols = tasks.zsl_group_columns(cfg, data)
+    assert sorted(toyworld.UNSEEN[i] for i in cols["twins"]) == ["auto", "mug", "mushrooms"]
+    assert sorted(toyworld.UNSEEN[i] for i in cols["novel"]) == sorted(toyworld.NOVEL)
+    # read as NUS-WIDE (no synonyms listed), only the plural twin is found
+    nus = runs.parse_args(["--data", "nuswide", "--data-root", str(tmp_path)])
+    assert [toyworld.UNSEEN[i] for i in tasks.zsl_group_columns(nus, data)["twins"]] == ["mushrooms"]
+
+
 def average_precision(score, truth):
     """AP of one class, written out: the mean over positives of the precision at each positive's rank."""
     order = np.argsort(-score, kind="stable")
