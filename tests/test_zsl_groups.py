@@ -106,3 +106,25 @@ def test_tables_print_the_groups():
     head = evaluation.format_comparison({"SigRL": results}).splitlines()[0]
     assert "ZSL twins mAP" in head and "ZSL novel F1@3" in head and "ZSL twins F1@5" not in head
     assert "ZSL twins local mAP" in head and "ZSL novel global mAP" in head
+
+
+def test_plot_draws_the_groups_apart(tmp_path, capsys):
+    """The training curves leave the groups out; --zsl-groups draws them, one panel per score."""
+    import json
+    from tools import plot
+    groups = ("zsl", "zsl_twins", "zsl_novel", "gzsl")
+    records = [{"epoch": e, "loss": {"local": 1.0} if e else {}, **{s: {"map": 50.0 + e + i} for i, s in
+                                                                    enumerate(groups)},
+                "branch_map": {s: {"local": 30.0 + e, "global": 60.0 + i} for i, s in enumerate(groups)}}
+               for e in range(3)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, maps = plot.series(records)
+    assert set(maps) == {"ZSL", "GZSL", "ZSL local (dashed)", "ZSL global (dashed)", "GZSL local (dashed)",
+                         "GZSL global (dashed)"}
+    panels = plot.group_series(records)
+    assert list(panels) == ["fused", "local", "global"] and list(panels["local"]) == \
+        ["ZSL", "ZSL twins", "ZSL novel", "GZSL"]
+    assert panels["fused"]["ZSL twins"] == [(0, 51.0), (1, 52.0), (2, 53.0)]
+    assert plot.main([str(tmp_path), "--zsl-groups"]) == 0 and (tmp_path / "zsl_groups.png").is_file()
+    (tmp_path / "log.jsonl").write_text(json.dumps({"epoch": 0, "zsl": {"map": 1.0}}) + "\n")
+    assert plot.main([str(tmp_path), "--zsl-groups"]) == 2 and "no ZSL groups" in capsys.readouterr().err
