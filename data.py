@@ -1,18 +1,18 @@
 """Datasets: NUS-WIDE for (generalised) zero-shot, COCO-2014 / PASCAL VOC for single-positive multi-label.
 
-Layouts on disk: README.md, 'Datasets'. N images, S seen / U unseen labels, C classes.
+Layouts on disk: docs/datasets.md. N images, S seen / U unseen labels, C classes.
   load_nuswide(root, out=None)  the prepared layout <out or root>/sigrl_nuswide/ (numpy + text), else BiAM's h5
       layout in root. `python data.py prepare nuswide --root DIR [--out DIR]` writes the prepared layout from the
       h5 layout or from the official release, derived as BiAM/LESA did. Images: <root>/Flickr/<folder>/<file>.
   load_spml(dataset, root, year="2012", out=None)  Cole et al.'s formatted_*.npy, written on first use into
       <out or root>/sigrl_spml/<coco|voc2012|voc2007>/ (a folder per dataset, so one --out serves all).
-Every bad input raises DataError: one line naming the file and what was expected. The readers of other
-projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) live in support/data_formats.py.
+Every bad input raises DataError: one line naming the file and what was expected. The files on disk are
+machinery a first reading may skip: support/prepared.py writes and reads the prepared layouts, from the readers
+of other projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) in support/data_formats.py.
 """
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,49 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from support.data_formats import (NUS_H5, NUS_RAW, DOWNLOADS, DataError, changed_source, format_coco, format_voc,
-                          observe_single_positive, read_h5_layout, read_lines, read_names, read_raw_release,
-                          record_sources, voc_dir)
+from support import cli, prepared
+from support.data_formats import DataError
+from support.prepared import prepare
 from support.parallel import seeded
+from support.paths import FOLDER, check_outputs
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
 # turns a file cut short into rows of grey without a word; here such a file fails the start-up check instead.
 Image.MAX_IMAGE_PIXELS = None
-NUS_DIR = "sigrl_nuswide"
-SPML_FILES = [f"formatted_{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels", "labels_obs")]
-
-
-def write_lines(path, names):
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(n + "\n" for n in names)
-
-
-def _load_npy(path):
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: missing or not a readable .npy file ({e})") from e
-
-
-@contextlib.contextmanager
-def _new_folder(folder):
-    """Write into folder + ".tmp", then swap it in: an interrupted run never leaves half a layout behind."""
-    tmp = folder + ".tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        yield tmp
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except OSError as e:
-        raise DataError(f"cannot write {folder} ({e.strerror}): pass --data-out DIR (data.py prepare: --out DIR) "
-                        f"to write the prepared files elsewhere") from e
-    print(f"wrote {folder}")
 
 
 # ------------------------------------------------------------------------------------------ NUS-WIDE
@@ -88,64 +59,11 @@ def nus_path(root, name):
 
 
 def load_nuswide(root, out=None):
-    """Read NUS-WIDE. `out` is the folder given to `prepare --out`: its sigrl_nuswide/ is used before root's.
-    When only the h5 layout exists and `out` is given, the labels read from h5 are also saved there in the
-    prepared layout, so the slow h5 read happens once. Nothing is written into root unless out is root."""
-    prepared = [os.path.join(d, NUS_DIR) for d in (out, root) if d is not None]
-    found = [d for d in prepared if os.path.isfile(os.path.join(d, "seen.txt"))]
-    changed = found and changed_source(found[0], root)
-    if changed:  # prepared from sources that have changed since: rebuilt from them where it was written
-        print(f"{os.path.join(root, changed[1])} changed since {found[0]} was prepared from it: rebuilding it",
-              file=sys.stderr)
-        read = read_h5_layout if changed[0] == "h5" else read_raw_release
-        _write_prepared(found[0], *read(root), root=root, kind=changed[0])
-    if found:
-        seen, unseen, train, test = _read_prepared(found[0])
-        files = {s: os.path.join(found[0], f"{s}_labels.npy") for s in ("train", "test")}
-    elif all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
-        seen, unseen, train, test = read_h5_layout(root)
-        files = {"train": os.path.join(root, NUS_H5[0]), "test": os.path.join(root, NUS_H5[1])}
-        if out is not None:
-            _write_prepared(os.path.join(out, NUS_DIR), seen, unseen, train, test, root=root, kind="h5")
-    elif os.path.isfile(os.path.join(root, NUS_RAW)):
-        raise DataError(f"{root} holds the official NUS-WIDE release: convert it once with "
-                        f"`python data.py prepare nuswide --root {root}` (add --out DIR if root is read-only)")
-    else:
-        raise DataError(f"no NUS-WIDE in {root}: looked for {' and '.join(d + '/seen.txt' for d in prepared)}, "
-                        f"for {', '.join(NUS_H5)} (BiAM layout) and for {NUS_RAW} (official release); "
-                        f"get {DOWNLOADS['biam']}")
+    """Read NUS-WIDE: its prepared layout (<out or root>/sigrl_nuswide/, support/prepared.py), else BiAM's h5
+    layout in root (saved into out's prepared layout when out is given, so the slow h5 read happens once)."""
+    seen, unseen, train, test, layout, files = prepared.nuswide_labels(root, out)
     return NusWide(seen, unseen, [nus_path(root, n) for n in train[0]], train[1],
-                   [nus_path(root, n) for n in test[0]], test[1], "prepared" if found else "h5", files)
-
-
-def _check_labels(labels, path, rows, cols):
-    """(rows, cols) with values in {-1, 0, 1} -> int8."""
-    if labels.ndim != 2 or labels.shape != (rows, cols):
-        raise DataError(f"{path}: labels of shape {labels.shape}, expected ({rows}, {cols}) = (names, labels)")
-    if not np.isin(labels, (-1, 0, 1)).all():
-        raise DataError(f"{path}: label values outside {{-1, 0, 1}}")
-    return labels.astype(np.int8)
-
-
-def _read_prepared(folder):
-    seen, unseen = read_names(os.path.join(folder, "seen.txt")), read_names(os.path.join(folder, "unseen.txt"))
-    splits = []
-    for split, cols in (("train", len(seen)), ("test", len(seen) + len(unseen))):
-        names = read_lines(os.path.join(folder, f"{split}_names.txt"))
-        path = os.path.join(folder, f"{split}_labels.npy")
-        splits.append((names, _check_labels(_load_npy(path), path, len(names), cols)))
-    return seen, unseen, *splits
-
-
-def _write_prepared(folder, seen, unseen, train, test, root, kind):
-    with _new_folder(folder) as tmp:
-        record_sources(tmp, root, kind)
-        write_lines(os.path.join(tmp, "seen.txt"), seen)
-        write_lines(os.path.join(tmp, "unseen.txt"), unseen)
-        for split, (names, labels) in (("train", train), ("test", test)):
-            write_lines(os.path.join(tmp, f"{split}_names.txt"), names)
-            np.save(os.path.join(tmp, f"{split}_labels.npy"), labels.astype(np.int8))
-    return folder
+                   [nus_path(root, n) for n in test[0]], test[1], layout, files)
 
 
 # ------------------------------------------------------------------------------------------ COCO / VOC (SPML)
@@ -163,45 +81,9 @@ class Spml:
     files: dict = field(default_factory=dict)  # split -> the file its labels came from (for messages)
 
 
-def _spml_folder(dataset, root, year, out):
-    return os.path.join(out or root, "sigrl_spml", "coco" if dataset == "coco" else f"voc{year}")
-
-
-def prepare(dataset, root, out=None, year="2012"):
-    """Write the formatted files of "nuswide" | "coco" | "voc" (year 2012 | 2007) under <out or root>; return
-    the folder written (sigrl_nuswide/ or sigrl_spml/<coco|voc2012|voc2007>/)."""
-    year = str(year)
-    if dataset == "nuswide":
-        if all(os.path.isfile(os.path.join(root, f)) for f in NUS_H5):
-            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_h5_layout(root), root=root, kind="h5")
-        if os.path.isfile(os.path.join(root, NUS_RAW)):
-            return _write_prepared(os.path.join(out or root, NUS_DIR), *read_raw_release(root), root=root, kind="raw")
-        raise DataError(f"nothing to prepare in {root}: looked for {', '.join(NUS_H5)} (BiAM layout) "
-                        f"and {NUS_RAW} (official release); get {DOWNLOADS['nuswide']}")
-    if dataset not in ("coco", "voc") or year not in ("2012", "2007"):
-        raise DataError(f"unknown dataset {dataset!r} / year {year!r}: expected nuswide, coco or voc (2012 | 2007)")
-    classes, splits = format_coco(root) if dataset == "coco" else format_voc(root, year)
-    folder = _spml_folder(dataset, root, year, out)
-    with _new_folder(folder) as tmp:
-        record_sources(tmp, root, dataset, year)
-        write_lines(os.path.join(tmp, "classes.txt"), classes)
-        for split, (images, labels) in splits.items():
-            np.save(os.path.join(tmp, f"formatted_{split}_images.npy"), np.array(images, dtype=str))  # <U..
-            np.save(os.path.join(tmp, f"formatted_{split}_labels.npy"), labels)
-            np.save(os.path.join(tmp, f"formatted_{split}_labels_obs.npy"), observe_single_positive(labels))
-    return folder
-
-
 def load_spml(dataset, root, year="2012", out=None):
     """COCO-2014 or VOC (2012 default, 2007 option); formats on first use, then reuses the saved files."""
-    year, folder = str(year), _spml_folder(dataset, root, str(year), out)
-    changed = os.path.isdir(folder) and changed_source(folder, root)
-    if changed:
-        print(f"{os.path.join(root, changed[1])} changed since {folder} was prepared from it: rebuilding it",
-              file=sys.stderr)
-    if changed or not all(os.path.isfile(os.path.join(folder, f)) for f in SPML_FILES + ["classes.txt"]):
-        prepare(dataset, root, out=out, year=year)
-    return read_spml_folder(folder, root if dataset == "coco" else os.path.join(voc_dir(root, year), "JPEGImages"))
+    return read_spml_folder(*prepared.spml_folder(dataset, root, str(year), out))
 
 
 def read_spml_folder(folder, image_root, classes=None):
@@ -209,16 +91,7 @@ def read_spml_folder(folder, image_root, classes=None):
     SigRL's SPML/datasets.py (Cole et al.'s generate_split) does: a RandomState(1200) permutation sends 80 % of
     the train file to train (observed labels) and 20 % to val (clean labels); test = the val file (clean).
     Image paths are relative to image_root."""
-    classes = classes or read_names(os.path.join(folder, "classes.txt"))
-    a = {f[10:-4]: _load_npy(os.path.join(folder, f)) for f in SPML_FILES}  # "formatted_train_labels.npy"
-    for key in ("train_labels", "train_labels_obs", "val_labels", "val_labels_obs"):  # -> "train_labels"
-        want, path = (len(a[key.split("_")[0] + "_images"]), len(classes)), os.path.join(folder, f"formatted_{key}.npy")
-        if a[key].shape != want:
-            raise DataError(f"{path}: shape {a[key].shape}, expected {want}")
-        if not np.isin(a[key], (0, 1)).all():  # NaN included: it is neither
-            bad = np.asarray(a[key], np.float64)[~np.isin(a[key], (0, 1))]
-            raise DataError(f"{path}: {bad.size} values that are not 0/1 labels (first: {bad[0]}"
-                            f"{', NaN' if np.isnan(bad).any() else ''})")
+    classes, a = prepared.read_spml_arrays(folder, classes)
     paths = [os.path.join(image_root, p) for p in a["train_images"]]
     n_train = len(paths) - int(np.round(0.2 * len(paths)))
     perm = np.random.RandomState(1200).permutation(len(paths))
@@ -298,9 +171,13 @@ class ImageList(torch.utils.data.Dataset):
 
 
 def read_image(path):
-    """The image as 8-bit RGB. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips
-    every value above 255, so a 16-bit photograph would come out nearly white."""
+    """The image as people see it, as 8-bit RGB: every reader (training, evaluation, predict.py, its explain
+    pictures, Fig. 3) goes through here, so a picture always shows the pixels that were scored.
+    EXIF orientation is applied (a phone stores a portrait photo sideways with Orientation = 6; every viewer
+    turns it upright). 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips every value
+    above 255, so a 16-bit photograph would come out nearly white."""
     with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)  # a copy turned upright, or `im` itself when there is nothing to turn
         if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # "I" is how some Pillow versions open 16-bit PNGs
             wide = np.asarray(im, dtype=np.float64)  # (H, W) in 0 .. 65535
             return Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)).convert("RGB")
@@ -351,9 +228,10 @@ def _show(a):
         print(f"{len(bad)} of {len(paths)} images missing or unreadable" + (": " + ", ".join(bad[:5]) if bad else ""))
 
 
+@cli.command
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Prepare or inspect the SigRL datasets (layouts: README.md, 'Datasets').",
+    p = cli.parser(
+        description="Prepare or inspect the SigRL datasets (layouts: docs/datasets.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
   python data.py prepare nuswide --root data/NUS_WIDE       # BiAM h5 layout or official release -> sigrl_nuswide/
   python data.py prepare nuswide --root /ro/NUS_WIDE --out ~/nus   # read-only root; then load_nuswide(root, out)
@@ -366,12 +244,8 @@ def main(argv=None):
     p.add_argument("--year", default="2012", choices=["2012", "2007"], help="VOC release (default 2012, as the code)")
     p.add_argument("--check-images", action="store_true", help="show: also open every image, list unreadable ones")
     a = p.parse_args(argv)
-    try:
-        prepare(a.dataset, a.root, out=a.out, year=a.year) if a.command == "prepare" else _show(a)
-    except DataError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    return 0
+    check_outputs([("--out", a.out, FOLDER)])
+    prepare(a.dataset, a.root, out=a.out, year=a.year) if a.command == "prepare" else _show(a)
 
 
 if __name__ == "__main__":

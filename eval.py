@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from support import checkpoints
@@ -28,10 +27,11 @@ from support import safe_io
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
-from data import DataError, ImageList, build_transform, spml_resize, view_transform
+from data import DataError, ImageList, build_transform, read_image, spml_resize, view_transform
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
 from support.runs import UsageError
+from support.paths import check_outputs as check_paths
 from support.score_files import read_scores
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -183,13 +183,14 @@ def format_epoch(record):
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
-def check_output_path(flag, path):
-    """An output file's folder must exist and be writable before any work (not: the table printed, then a
-    traceback). `flag` names the option in the message (json, figure, csv, ...)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise UsageError(f"--{flag} {path}: {folder} is not a writable folder" if not os.path.isdir(path) else
-                         f"--{flag} {path}: a folder; expected a file name")
+def check_outputs(args, data=None):
+    """support/paths.py's rule for --json / --figure, before any work (with `data`: its test images too)."""
+    given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
+             ("the CLIP file", args.clip)]
+    if data is not None:
+        given += [("a test label file", f) for f in data.files.values()]
+        given += [("a test image", p) for p in data.test_paths]
+    check_paths([("--json", args.json), ("--figure", args.figure)], given)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -202,8 +203,11 @@ def checkpoint_and_data(args):
     cfg.workers = args.workers if args.workers is not None else cfg.workers
     device = runs.pick_device(args.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
     parallel.start(device)
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # a toy run's world, written again if it was removed
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
+    tasks.report_changed_test(ckpt, cfg, data, args.ckpt)
+    check_outputs(args, data)
     return ckpt, cfg, data, device
 
 
@@ -261,8 +265,7 @@ def draw_figure(args):
     scores = scores["fig"]  # (n, C)
     view, cells = view_transform(cfg.task, R), []
     for i, path, row in zip(chosen, paths, scores):
-        with Image.open(path) as im:
-            image = view(im.convert("RGB"))
+        image = view(read_image(path))  # as it was scored: upright, 16-bit scaled
         top = np.argsort(-row, kind="stable")[:args.figure_k]
         cells.append((image, os.path.basename(path), [names[c] for c in np.flatnonzero(truth[i])],
                       [names[c] for c in top]))
@@ -323,6 +326,7 @@ def eval_baseline(args):
     device = runs.pick_device(args.device)
     parallel.start(device)
     clip = load_clip(cfg.clip)
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy only
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))
     parallel.ready()
     results = clip_baseline(clip, cfg, data, device)
@@ -385,11 +389,9 @@ def main(argv=None):
         if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
             raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
                              "--figure-n and --figure-k must be >= 1")
+        check_outputs(args)
         if args.figure:
-            check_output_path("figure", args.figure)
             return draw_figure(args) or 0
-        if args.json:
-            check_output_path("json", args.json)
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)

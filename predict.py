@@ -12,7 +12,9 @@ L2 norms over the labels being scored, GMC builds its graph over the list, and V
 Adding or removing a label changes every other label's score and can change their order: compare scores
 within one list, and do not carry a --threshold from one list to another (with C labels a score is of the
 order of 1/sqrt(C)). This is why the paper scores its 81 unseen labels as one list (ZSL) and all 1006 as
-another (GZSL). Zero-shot CLIP's cosine scores (--clip) do not depend on the list.
+another (GZSL). Zero-shot CLIP's cosine scores (--clip) do not depend on the list. A single label is scored,
+with a warning rather than refused (its sign still says whether both branches call it present), but each
+branch's norm over one label is its own size: every score is +1, 0 or -1.
 
 --explain: per image, the image as the model saw it and, for each of its top labels, two maps on the patch
 grid (8 x 8 for the toy CLIP, 14 x 14 for ViT-B/16): (1) the similarity <M_hat[p], H[c]> of each reconstructed
@@ -35,7 +37,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from tqdm import tqdm
-from PIL import Image
 
 from support import checkpoints
 from tools import draw
@@ -44,49 +45,23 @@ from support import runs
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
-from data import DataError, build_transform, check_images, view_transform
+from data import DataError, build_transform, read_image, view_transform
+from support.image_folders import find_images
+from support.paths import FOLDER, check_outputs as check_paths
 from support.runs import UsageError
 from support.safe_io import WriteError, atomic_write
 
-IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.pt"), 6, 8
 
 
 # ----------------------------------------------------------------------------- inputs
-def find_images(inputs):
-    """Files named and files found in the folders named (walked in sorted order), kept when PIL can read them.
-    A path that does not exist is an error; other files and unreadable images are skipped, with a line each."""
-    paths, not_images = [], []
-    for item in inputs:
-        if os.path.isdir(item):
-            for folder, dirs, files in os.walk(item):
-                dirs.sort()
-                for name in sorted(files):
-                    path = os.path.join(folder, name)
-                    is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-                    (paths if is_image else not_images).append(path)
-        elif os.path.isfile(item):
-            paths.append(item)  # named explicitly: tried whatever its extension
-        else:
-            raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
-    for path in not_images:
-        print(f"skipped {path}: not an image file (by its extension)", file=sys.stderr)
-    good, bad = check_images(paths) if paths else (np.zeros(0, bool), [])
-    for path in bad:
-        print(f"skipped {path}: cannot be read as an image", file=sys.stderr)
-    paths = [p for p, ok in zip(paths, good) if ok]
-    if not paths:
-        raise UsageError(f"no readable images in {', '.join(inputs)}")
-    return paths
-
-
 def read_labels(args):
     """The label list of --labels "a,b" or --labels-file (one name a line), or None for the checkpoint's own."""
     if args.labels is not None:
         names, source = [n.strip() for n in args.labels.split(",")], "--labels"
     elif args.labels_file is not None:
         try:
-            with open(args.labels_file, encoding="utf-8") as f:
+            with open(args.labels_file, encoding="utf-8-sig") as f:  # -sig: drops the BOM Notepad writes
                 names = [line.strip() for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"{args.labels_file}: cannot read as a UTF-8 text file of label names ({e})") from None
@@ -186,21 +161,37 @@ def write_outputs(args, paths, names, scores, picks):
             [p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick)])
         atomic_write(args.csv, lambda f: f.write(text.getvalue().encode("utf-8")))
     if args.save_scores:
-        stem = args.save_scores[:-4] if args.save_scores.endswith(".npy") else args.save_scores
+        rows, columns = side_files(args.save_scores)
         atomic_write(args.save_scores, lambda f: np.save(f, scores.astype(np.float32)))
-        for suffix, lines in ((".images.txt", paths), (".label_names.txt", names)):
-            atomic_write(stem + suffix, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
+        for path, lines in ((rows, paths), (columns, names)):
+            atomic_write(path, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
         print(f"scores ({len(paths)} images x {len(names)} labels) -> {args.save_scores}, rows in "
-              f"{stem}.images.txt, columns in {stem}.label_names.txt", file=sys.stderr)
+              f"{rows}, columns in {columns}", file=sys.stderr)
 
 
-def check_outputs(args):
-    """Every output's folder must be writable before the first image is scored."""
-    for flag in ("json", "csv", "save_scores"):
-        if getattr(args, flag):
-            evaluation.check_output_path(flag.replace("_", "-"), getattr(args, flag))
-    if args.explain:
-        os.makedirs(args.explain, exist_ok=True)
+def side_files(save_scores):
+    """--save-scores S.npy: the files naming its rows and its columns, S.images.txt and S.label_names.txt."""
+    stem = save_scores[:-4] if save_scores.endswith(".npy") else save_scores
+    return stem + ".images.txt", stem + ".label_names.txt"
+
+
+def check_outputs(args, images=()):
+    """support/paths.py's rule, before the first image is scored: no output replaces an input (the checkpoint,
+    CLIP file, labels file, an image; --explain not among the folders of images) or another output. With
+    `images`, the images found and the PNGs --explain will write are checked too."""
+    outputs = [("--json", args.json), ("--csv", args.csv), ("--save-scores", args.save_scores),
+               ("--explain", args.explain, FOLDER)]
+    outputs += [("--save-scores", side) for side in side_files(args.save_scores)] if args.save_scores else []
+    outputs += [("--explain", target) for target in explain_targets(images, args.explain)] if args.explain else []
+    given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file)]
+    given += [("images" if os.path.isdir(i) else "an image", i) for i in args.inputs]
+    check_paths(outputs, given + [("an image", i) for i in images])
+
+
+def explain_targets(paths, out_dir):
+    """The PNG --explain writes for each image: OUT_DIR/<index>_<file name without extension>.png."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return [os.path.join(out_dir, f"{i:04d}_{stem}.png") for i, stem in enumerate(stems)]
 
 
 # ----------------------------------------------------------------------------- --explain
@@ -212,10 +203,10 @@ def explain(tagger, paths, picks, out_dir, device):
     v = model.student.config
     grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
     view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}
-    written = []
+    os.makedirs(out_dir, exist_ok=True)
+    targets = explain_targets(paths, out_dir)
     for i, (path, pick) in enumerate(tqdm(list(zip(paths, picks)), desc="explain", leave=False, disable=None)):
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = read_image(path)  # what predict scored: upright, 16-bit scaled (not clipped to white)
         x = tagger.transform(image)[None].to(device)  # (1, 3, R', R')
         with autocast:
             g, patch = tagger.encode(x)  # (1, D), (1, P, D)
@@ -233,10 +224,8 @@ def explain(tagger, paths, picks, out_dir, device):
                   "row 2: SDA attention over patches, mean over channels" if maps.attention is not None else
                   "(no SDA in this model)", "each map scaled to its own range"]
         panel = draw.explain_panel(view(image), grid, columns, os.path.basename(path), legend)
-        target = os.path.join(out_dir, f"{i:04d}_{os.path.splitext(os.path.basename(path))[0]}.png")
-        draw.save(panel, target)
-        written.append(target)
-    return written
+        draw.save(panel, targets[i])
+    return targets
 
 
 # ----------------------------------------------------------------------------- the offline demo
@@ -250,6 +239,7 @@ def demo(args):
             return 2
     ckpt = checkpoints.load_run_checkpoint(DEMO_CKPT)
     cfg = runs.Config(**ckpt["config"])
+    tasks.make_toy_world(cfg)  # written again if it was removed since the run
     data = tasks.load_dataset(cfg)
     names, n_train = tasks.label_names(cfg, data)
     chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
@@ -270,7 +260,12 @@ def tag(args):
         raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip; not a "
                          "--global-only run)")
     paths = find_images(args.inputs)
-    if tagger.model is not None:
+    check_outputs(args, paths)
+    if tagger.model is not None and len(tagger.names) < 2:
+        print(f"warning: {tagger.kind}: one label: Eq. 13 divides each branch's score by its norm over the labels, "
+              f"here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
+              f"or more to rank them, or --clip for cosine scores (see --help)", file=sys.stderr)
+    elif tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
               f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,

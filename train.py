@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from support import checkpoints
 import eval as evaluation
@@ -37,6 +36,7 @@ from protocol.spml_losses import apl_update, spml_loss
 from support.rundir import RunDir
 from support.runs import UsageError
 from support.divergence import Diverged, check_step
+from support.progress import progress
 from support.safe_io import WriteError
 from sigrl import SigRL, l1_distill, ranking_loss
 
@@ -96,7 +96,7 @@ def epoch_loader(train_set, plan, cfg, epoch):
                                        pin_memory=torch.cuda.is_available())
 
 
-# ----------------------------------------------------------------------------- the run, one epoch, one step
+# ----------------------------------------------------------------------------- the run: build, then fit
 @dataclass
 class Run:
     """What a training run holds between steps: build() makes it, fit() trains it."""
@@ -114,29 +114,139 @@ class Run:
     steps_per_epoch: int
 
 
-def train_one_epoch(run):
-    """One pass over the training images; returns the mean of each loss term over the steps."""
-    cfg, state = run.cfg, run.state
-    run.net.train()
-    train_set = run.train_set
+def build(cfg, resume, run_dir, device):
+    """The run, ready for its first step (or, resuming, for the step after the last saved one). Everything (CLIP
+    file, dataset, labels, prompts, checkpoint) is validated before the run directory is touched."""
+    runs.check_batch_split(cfg, parallel.size())
+    checkpoints.seed_everything(cfg.seed)
+    clip = load_clip(cfg.clip)
+    if resume is not None and resume["clip_sha256"] != clip.sha256:
+        raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
+                              f"the frozen teacher must be the same")
+    parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy: the offline world, written once, then reused
+    data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
+    names, n_train = tasks.label_names(cfg, data)
+    tasks.check_prompts(clip.tokenizer, names, cfg)
+    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
+                            topk=cfg.topk, class_chunk=cfg.class_chunk)
+    freeze_early_layers(model.student, cfg.fix_layer)
+    if cfg.compile:
+        model.compile_heads()
+    if cfg.prompt == "coop":  # learned context, frozen text tower; a submodule so it is saved and optimised
+        model.prompt = PromptLearner(clip, tasks.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
+        label_emb_fn = model.prompt
+    else:
+        fixed = encode_labels(clip, tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
+        label_emb_fn = lambda: fixed  # noqa: E731
+    train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
+                          build_transform(cfg.task, True, model.student.resolution))
+    record = runs.run_record(cfg, clip, names, n_train, len(train_set), device)
+    record["processes"] = parallel.size()  # torchrun's; the device above is rank 0's
+    clip_sha256 = clip.sha256
+    del clip
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+    data_record = tasks.data_fingerprint(cfg, data) if resume is None else tasks.check_resumed_data(resume, cfg, data)
+    state = {"step": 0, "epoch": 0, "best": None, "first_loss": None, "clip_sha256": clip_sha256, "data": data_record}
+    if cfg.task == "spml":
+        state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
+        state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
+    if resume is not None:
+        model.load_state_dict_trainable(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        state.update({**resume["state"], "data": data_record})  # the data as it is now (checked above)
+        checkpoints.set_rng_state(resume["rng"])
+        print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
+    parallel.ready()  # every process checked everything; from here on they exchange gradients
+    net = parallel.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
+    if parallel.is_main():
+        run_dir.start(resume, cfg.overwrite)  # everything is checked: from here on the run directory changes
+        if resume is not None and cfg.task == "spml":
+            state["best"] = run_dir.best_on_disk(state["best"])
+        runs.write_run_record(record, cfg.out, resuming=resume is not None)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    split = parallel.size() * cfg.accum
+    print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "
+          f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}"
+          f"{', SDA/VFR compiled' if any(m is not None and m.fused for m in (model.sda, model.vfr)) else ''}"
+          + (f", batch {cfg.batch_size} = {parallel.size()} process(es) x {cfg.accum} micro-batch(es) of "
+             f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")
+    return Run(cfg, model, net, opt, label_emb_fn, data, train_set, names, n_train, device, state, steps_per_epoch)
+
+
+def fit(run, run_dir, resume, baseline):
+    """Epoch 0 (the model as built), then train epoch after epoch, each scored and checkpointed; returns the
+    rows a trained number is read against (see `run`)."""
+    cfg, model, state, data, device, names = run.cfg, run.model, run.state, run.data, run.device, run.names
+    if resume is None:  # epoch 0: the model as built, before any step, scored like the trained one
+        t0 = time.time()
+        with torch.no_grad():
+            label_emb = run.label_emb().detach()  # (C_all, D)
+        state["epoch0"] = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device,
+                                                    branch_metrics=True)  # None on torchrun's other processes
+        if parallel.is_main():
+            record = {"epoch": 0, "step": 0, "seconds": round(time.time() - t0, 1), "loss": {},
+                      **{k: v for k, v in state["epoch0"].items() if k != "branches"}}
+            print(evaluation.format_epoch(record))
+            run_dir.log(record)
+    end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
+    metrics = resume["metrics"] if resume is not None else None
     # the reference drops the images without a seen positive from each batch (ZSL); SPML keeps every image
-    usable = (train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(train_set), dtype=bool)
-    plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
-    batches = iter(epoch_loader(train_set, plan, cfg, state["epoch"]))
-    totals = {}
-    # disable=None: no bar when stderr is not a terminal (a redirected log gets the one line per epoch
-    # that run() prints, not thousands of carriage-return updates)
-    bar = tqdm(plan, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-               disable=None)
-    for n_steps, step in enumerate(bar, 1):
-        lr = lr_at(state["step"], run.steps_per_epoch, cfg)
-        for group in run.opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        terms = train_step(run, [(next(batches), share) for _, share in step])
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v
-        bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
-    return {k: v / max(len(plan), 1) for k, v in totals.items()}
+    usable = (run.train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(run.train_set), bool)
+    while state["epoch"] < end:
+        run_dir.phase = f"during epoch {state['epoch'] + 1}"
+        t0 = time.time()
+        run.net.train()
+        # each step: one global batch, as this process's micro-batches (index, share of the batch's images)
+        plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
+        batches = iter(epoch_loader(run.train_set, plan, cfg, state["epoch"]))
+        totals = {}
+        bar = progress(plan, f"epoch {state['epoch'] + 1}/{cfg.epochs}", unit="step")
+        for n_steps, step in enumerate(bar, 1):
+            lr = lr_at(state["step"], run.steps_per_epoch, cfg)
+            for group in run.opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            terms = train_step(run, [(next(batches), share) for _, share in step])
+            totals = {k: totals.get(k, 0.0) + v for k, v in terms.items()}
+            bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
+        losses = {k: v / max(len(plan), 1) for k, v in totals.items()}  # each term's mean over the epoch
+        state["epoch"] += 1
+        with torch.no_grad():
+            label_emb = run.label_emb().detach()  # (C_all, D)
+        if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
+            apl_round(model, label_emb, data, state, cfg, device)
+        metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
+        if not parallel.is_main():
+            continue  # the other processes scored their share of the images; rank 0 keeps the books
+        improved = cfg.task == "spml" and (state["best"] is None or metrics["val"]["map"] > state["best"]["val_map"])
+        if improved:  # protocol: the first epoch with the highest clean-validation mAP; report its test mAP
+            state["best"] = {"epoch": state["epoch"], "val_map": metrics["val"]["map"],
+                             "test_map": metrics["test"]["map"]}
+        record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
+                  "loss": losses, **metrics}
+        print(evaluation.format_epoch(record))
+        ckpt = checkpoints.make_checkpoint(cfg, model, run.opt, state, checkpoints.rng_state(), metrics, names,
+                                           run.n_train, label_emb)
+        run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
+    run_dir.phase = "after the last epoch"
+    zero_shot = None
+    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs > 0:
+        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
+    if metrics is None or not parallel.is_main():
+        return None
+    print(f"curves -> {plot.write_curves(cfg.out)}")
+    print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
+                                            f"({os.path.join(cfg.out, 'last.pt')})"))
+    if cfg.task == "spml" and state["best"]:
+        print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
+              f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
+    rows = evaluation.like_for_like(state, metrics)
+    if zero_shot is not None:
+        rows = {evaluation.COSINE: zero_shot, **rows}
+    if baseline and len(rows) > 1:
+        print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
+    return rows
 
 
 def train_step(run, micro_batches):
@@ -180,6 +290,7 @@ def train_step(run, micro_batches):
     return {name: v.item() for name, v in step_terms.items()}
 
 
+
 APL_FLIPS = 1  # a key of its own for the flips of the APL pass (the training epochs use (seed, epoch, image))
 
 
@@ -204,7 +315,7 @@ def apl_round(model, label_emb, data, state, cfg, device):
     model.train()
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the command
 def main(argv=None):
     parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
     try:
@@ -231,7 +342,7 @@ def run(cfg, baseline=True):
     parallel.start(device)
     run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun
     if parallel.is_main():
-        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite)
+        run_dir.check(resuming=resume is not None, overwrite=cfg.overwrite, inputs=[("the CLIP file", cfg.clip)])
     with run_dir.locked() if parallel.is_main() else contextlib.nullcontext():  # a second train.py stops here
         try:
             return fit(build(cfg, resume, run_dir, device), run_dir, resume, baseline)
@@ -242,125 +353,6 @@ def run(cfg, baseline=True):
                 raise  # found while validating: the run directory was not touched
             what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else runs.error_line(err)
             raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
-
-
-def build(cfg, resume, run_dir, device):
-    """The run, ready for its first step (or, resuming, for the step after the last saved one). Everything (CLIP
-    file, dataset, labels, prompts, checkpoint) is validated before the run directory is touched."""
-    runs.check_batch_split(cfg, parallel.size())
-    checkpoints.seed_everything(cfg.seed)
-    clip = load_clip(cfg.clip)
-    if resume is not None and resume["clip_sha256"] != clip.sha256:
-        raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
-                              f"the frozen teacher must be the same")
-    data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
-    names, n_train = tasks.label_names(cfg, data)
-    tasks.check_prompts(clip.tokenizer, names, cfg)
-    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
-                            topk=cfg.topk, class_chunk=cfg.class_chunk)
-    freeze_early_layers(model.student, cfg.fix_layer)
-    if cfg.compile:
-        model.compile_heads()
-    if cfg.prompt == "coop":  # learned context, frozen text tower; a submodule so it is saved and optimised
-        model.prompt = PromptLearner(clip, tasks.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
-        label_emb_fn = model.prompt
-    else:
-        fixed = encode_labels(clip, tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
-        label_emb_fn = lambda: fixed  # noqa: E731
-    train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
-                          build_transform(cfg.task, True, model.student.resolution))
-    record = runs.run_record(cfg, clip, names, n_train, len(train_set), device)
-    record["processes"] = parallel.size()  # torchrun's; the device above is rank 0's
-    clip_sha256 = clip.sha256
-    del clip
-    model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-    state = {"step": 0, "epoch": 0, "best": None, "first_loss": None, "clip_sha256": clip_sha256}
-    if cfg.task == "spml":
-        state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
-        state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
-    if resume is not None:
-        tasks.check_labels_match(resume, cfg, data, cfg.resume)
-        model.load_state_dict_trainable(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        state.update(resume["state"])
-        checkpoints.set_rng_state(resume["rng"])
-        print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
-    parallel.ready()  # every process checked everything; from here on they exchange gradients
-    net = parallel.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
-    if parallel.is_main():
-        run_dir.start(resume, cfg.overwrite)  # everything is checked: from here on the run directory changes
-        if resume is not None and cfg.task == "spml":
-            state["best"] = run_dir.best_on_disk(state["best"])
-        runs.write_run_record(record, cfg.out, resuming=resume is not None)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    split = parallel.size() * cfg.accum
-    print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "
-          f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}"
-          f"{', SDA/VFR compiled' if any(m is not None and m.fused for m in (model.sda, model.vfr)) else ''}"
-          + (f", batch {cfg.batch_size} = {parallel.size()} process(es) x {cfg.accum} micro-batch(es) of "
-             f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")
-    return Run(cfg, model, net, opt, label_emb_fn, data, train_set, names, n_train, device, state, steps_per_epoch)
-
-
-def fit(run, run_dir, resume, baseline):
-    """Epoch 0 (the model as built), then train epoch after epoch, each scored and checkpointed; returns the
-    rows a trained number is read against (see `run`)."""
-    cfg, model, state, data, device, names = run.cfg, run.model, run.state, run.data, run.device, run.names
-    if resume is None:  # epoch 0: the model as built, before any step, scored like the trained one
-        t0 = time.time()
-        with torch.no_grad():
-            label_emb = run.label_emb().detach()  # (C_all, D)
-        state["epoch0"] = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device,
-                                                    branch_metrics=True)  # None on torchrun's other processes
-        if parallel.is_main():
-            record = {"epoch": 0, "step": 0, "seconds": round(time.time() - t0, 1), "loss": {},
-                      **{k: v for k, v in state["epoch0"].items() if k != "branches"}}
-            print(evaluation.format_epoch(record))
-            run_dir.log(record)
-    end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
-    metrics = resume["metrics"] if resume is not None else None
-    while state["epoch"] < end:
-        run_dir.phase = f"during epoch {state['epoch'] + 1}"
-        t0 = time.time()
-        losses = train_one_epoch(run)
-        state["epoch"] += 1
-        with torch.no_grad():
-            label_emb = run.label_emb().detach()  # (C_all, D)
-        if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
-            apl_round(model, label_emb, data, state, cfg, device)
-        metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
-        if not parallel.is_main():
-            continue  # the other processes scored their share of the images; rank 0 keeps the books
-        improved = cfg.task == "spml" and (state["best"] is None or metrics["val"]["map"] > state["best"]["val_map"])
-        if improved:  # protocol: the first epoch with the highest clean-validation mAP; report its test mAP
-            state["best"] = {"epoch": state["epoch"], "val_map": metrics["val"]["map"],
-                             "test_map": metrics["test"]["map"]}
-        record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
-                  "loss": losses, **metrics}
-        print(evaluation.format_epoch(record))
-        ckpt = checkpoints.make_checkpoint(cfg, model, run.opt, state, checkpoints.rng_state(), metrics, names,
-                                           run.n_train, label_emb)
-        run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
-    run_dir.phase = "after the last epoch"
-    zero_shot = None
-    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs > 0:
-        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
-    if metrics is None or not parallel.is_main():
-        return None
-    print(f"curves -> {plot.write_curves(cfg.out)}")
-    print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
-                                            f"({os.path.join(cfg.out, 'last.pt')})"))
-    if cfg.task == "spml" and state["best"]:
-        print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
-              f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
-    rows = evaluation.like_for_like(state, metrics)
-    if zero_shot is not None:
-        rows = {evaluation.COSINE: zero_shot, **rows}
-    if baseline and len(rows) > 1:
-        print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
-    return rows
 
 
 if __name__ == "__main__":

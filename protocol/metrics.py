@@ -23,6 +23,8 @@ Where the reference code differs from the paper or is arbitrary:
   * The reference sorts with a non-stable sort; we use a stable one, so ties are reproducible.
   * The SPML code computes no F1; ``f1@k`` here is DERIVED as 2PR/(P+R) of the averaged P and R.
   * The code logs fractions; the paper's tables (and the ``*_metrics`` dicts here) are in percent.
+  * MKT's top-K needs K <= C; for C < K the top-K list here holds all C classes and P = TP / (N K),
+    as SPML's P@k is defined for k > C, so any C >= 1 can be evaluated.
 """
 
 import numpy as np
@@ -110,6 +112,8 @@ def nus_topk(scores, labels, k):
 
     Every image contributes exactly k predictions; TP counts labels exactly +1 among them.
     P = TP / (N k), R = TP / #(+1 labels), F1 = 2PR / (P + R); a 0/0 stays NaN as in the reference.
+    The reference requires k <= C; for C < k the list holds all C classes and P still divides by N k, the
+    convention the SPML reference uses for its P@k (so a 4-label dataset has a P@5, at most 80 %).
     Which of several classes tied at the k-th place is taken is implementation-defined (as there).
     """
     return _nus_topk(*_check(scores, labels, (-1, 0, 1), np.float32, "nus_topk"), k)
@@ -117,11 +121,12 @@ def nus_topk(scores, labels, k):
 
 def _nus_topk(scores, labels, k):
     n, c = scores.shape
-    if not 1 <= k <= c:
-        raise ValueError(f"nus_topk: need 1 <= k <= C = {c}, got k = {k}")
+    if k < 1:
+        raise ValueError(f"nus_topk: need k >= 1, got k = {k}")
+    kept = min(k, c)  # with C < k the list holds all C classes; precision still divides by k (as SPML's P@k)
     tp = 0
     for rows in _chunks(n, c):
-        top = np.argpartition(scores[rows], c - k, axis=1)[:, c - k:]    # (n', k) unordered top-k
+        top = np.argpartition(scores[rows], c - kept, axis=1)[:, c - kept:]  # (n', min(k, C)) unordered top-k
         tp += int((np.take_along_axis(labels[rows], top, axis=1) == 1).sum())
     tp, n_pred, n_pos = np.float32(tp), np.float32(n * k), np.float32((labels == 1).sum())
     with np.errstate(divide="ignore", invalid="ignore"):

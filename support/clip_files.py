@@ -17,7 +17,6 @@ Each ends as {OpenAI key: fp32 tensor} plus what shapes cannot tell (activation,
 infers the rest of the configuration from the shapes and checks the keys strictly. A path that is none of
 these gets ONE line naming it and saying what it is instead (empty, truncated zip, a ResNet CLIP, ...).
 """
-import argparse
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import zipfile
 
 import torch
 
+from support import cli
 from support.clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
 from clip_text import CLIP, OFFICIAL_VOCAB, CLIPConfig
 from support.tokenizer import find_bpe
@@ -241,17 +241,14 @@ def load_clip(path, bpe=None):
     return model.eval()
 
 
+@cli.command
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m support.clip_files", description="Load a CLIP checkpoint; print its config and text embedding norms.")
+    parser = cli.parser(prog="python -m support.clip_files", description="Load a CLIP checkpoint; print its config and text embedding norms.")
     parser.add_argument("checkpoint")
     parser.add_argument("texts", nargs="*", help='e.g. "a photo of a dog."')
     parser.add_argument("--bpe", default=None, help="BPE vocabulary file for a non-official vocabulary")
     args = parser.parse_args(argv)
-    try:
-        clip = load_clip(args.checkpoint, bpe=args.bpe)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    clip = load_clip(args.checkpoint, bpe=args.bpe)
     n_params = sum(p.numel() for p in clip.parameters())
     print(f"{clip.source}  sha256 {clip.sha256[:16]}...  {n_params:,} parameters")
     print(clip.config)
@@ -263,4 +260,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

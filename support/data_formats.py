@@ -1,11 +1,11 @@
-"""Readers for the dataset formats other projects ship; data.py turns their output into the project's files.
+"""Readers for the dataset formats other projects ship; support/prepared.py turns their output into the project's files.
 
   read_h5_layout(root)      BiAM/MKT NUS-WIDE: features/nus_wide_{train,test}.h5 + img_names pickles (h5py lazily)
   read_raw_release(root)    the official NUS-WIDE release, labels derived exactly as BiAM/LESA did
   format_coco(root), format_voc(root, year), observe_single_positive(labels)   Cole et al.'s SPML formatting
   record_sources(folder, root, kind), changed_source(folder, root)   the sources a prepared folder came from
 Both NUS-WIDE readers return (seen, unseen, (train_names, train_labels), (test_names, test_labels)) with int8
-+1 / -1 labels, test columns seen then unseen. The layouts each reader expects: README.md, 'Datasets'.
++1 / -1 labels, test columns seen then unseen. The layouts each reader expects: docs/datasets.md.
 """
 import glob
 import json
@@ -18,7 +18,7 @@ from tqdm import tqdm
 LABELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
 NUS_H5 = ("features/nus_wide_train.h5", "features/nus_wide_test.h5", "img_names.pkl", "test_img_names.pkl")
 NUS_RAW = "ImageList/Imagelist.txt"
-# Where each dataset's files come from (README, 'Getting the files'); the "not found" errors name them.
+# Where each dataset's files come from (docs/files.md); the "not found" errors name them.
 NUS_WIDE_PAGE = "https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html"
 DOWNLOADS = {
     "nuswide": f"the official NUS-WIDE release: {NUS_WIDE_PAGE}",
@@ -44,7 +44,7 @@ def read_lines(path, source=None):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found" + (f" (from {source})" if source else ""))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM (Windows Notepad's "UTF-8") is not a name
             return [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
@@ -75,9 +75,9 @@ def _read_pickled_names(path):
     try:
         with open(path, "rb") as f:
             names = _NoGlobals(f).load()["img_names"]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: expected a pickled dict {{'img_names': [str, ...]}} ({e})") from e
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _read_h5_labels(path, names, cols):
@@ -189,9 +189,9 @@ def format_coco(root):
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
-            these = [(c["id"], c["name"]) for c in d["categories"]]
-            pairs = [(str(a["image_id"]), a["category_id"]) for a in d["annotations"]]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            these = [(int(c["id"]), str(c["name"])) for c in d["categories"]]
+            pairs = [(str(int(a["image_id"])), int(a["category_id"])) for a in d["annotations"]]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON, a non-integer id
             raise DataError(f"{path}: expected COCO instances json with categories and annotations ({e})") from e
         if cats is not None and these != cats:
             raise DataError(f"{path}: category list differs from instances_train2014.json")
@@ -237,7 +237,7 @@ def format_voc(root, year):
 # ------------------------------------------------------------------------------------------ sources
 def source_files(kind, root, year="2012"):
     """The files (relative to root) that each reader reads labels from: kind = "h5" | "raw" | "coco" | "voc".
-    Prepared label files record their sizes and times, so a changed source is noticed (data.py)."""
+    Prepared label files record their sizes and times, so a changed source is noticed (support/prepared.py)."""
     if kind == "voc":
         main = os.path.relpath(os.path.join(voc_dir(root, year), "ImageSets", "Main"), root)
         patterns = [os.path.join(main, "*.txt")]
@@ -274,11 +274,16 @@ def changed_source(folder, root):
     path = os.path.join(folder, SOURCES)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        record = json.load(f)
-    now = fingerprint(root, list(record["files"]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        files, kind = list(record["files"]), record["kind"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not the record of sources this project writes ({e}); delete {folder} to have "
+                        f"it prepared again") from None
+    now = fingerprint(root, files)
     changed = [f for f in record["files"] if f in now and now[f] != record["files"][f]]
-    return (record["kind"], changed[0]) if changed else None
+    return (kind, changed[0]) if changed else None
 
 
 def observe_single_positive(labels):

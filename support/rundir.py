@@ -16,6 +16,7 @@ import os
 
 from support import safe_io
 from support.checkpoints import load_run_checkpoint
+from support.paths import FOLDER, check_outputs
 from support.runs import UsageError
 
 FILES = ("last.pt", "best.pt", "log.jsonl", "config.json")  # last.pt first: without it there is no run to resume
@@ -32,16 +33,11 @@ class RunDir:
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def check(self, resuming, overwrite):
-        """Before anything is loaded: --out is (or can become) a writable folder, and a new run does not
-        silently replace an old one."""
-        folder = os.path.abspath(self.path)
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder):
-            raise UsageError(f"--out {self.path}: {folder} is a file, expected a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UsageError(f"--out {self.path}: {folder} is not writable")
+    def check(self, resuming, overwrite, inputs=()):
+        """Before anything is loaded: --out is (or can become) a writable folder, none of the files written into
+        it is one of `inputs` ((what, path): the CLIP file), and a new run does not silently replace an old one."""
+        check_outputs([("--out", self.path, FOLDER)] + [("--out", self.file(name)) for name in FILES + ("curves.png",)],
+                      inputs)
         last = self.file("last.pt")
         if not resuming and os.path.exists(last) and not overwrite:
             raise UsageError(f"{last} exists: pass --resume {last} to continue it, --out NEW_DIR, or --overwrite")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision
 
-from support.clip_files import OFFICIAL_SHA256, WHERE
+from support.clip_files import OFFICIAL_SHA256
 from protocol.spml_losses import SPML_DEFAULTS
 from support import safe_io
 
@@ -39,16 +39,18 @@ class Config:
                           "(COCO / VOC, Tables II-III)", choices=["zsl", "spml"])
     data: str = _f("toy", "toy (offline synthetic world), nuswide, coco or voc",
                    choices=["toy", "nuswide", "coco", "voc"])
-    data_root: str = _f("", "dataset folder (README: 'Datasets'); the toy world is generated here")
+    data_root: str = _f("", "dataset folder (docs/datasets.md); the toy world is generated here")
     data_out: str = _f("", "where prepared label files are written / read (default: --data-root; use it when "
                            "the dataset folder is read-only)")
     voc_year: str = _f("2012", "VOC release: 2012 (as the reference code) or 2007 (the paper's counts)",
                        choices=["2012", "2007"])
     clip: str = _f("", "CLIP checkpoint: OpenAI's ViT-B-16.pt, a transformers CLIPModel folder or an open_clip "
-                       "checkpoint (README: 'Getting the files')")
+                       "checkpoint (docs/files.md)")
     out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
     overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
+    allow_changed_data: bool = _f(False, "--resume: continue although the data differs from what the run "
+                                         "trained on (its images, their sizes and times, or its labels)")
     stop_after: int = _f(0, "stop after this many epochs of this invocation (resume later); 0 = run to the end",
                          low=0)
     epochs: int = _f(20, "training epochs", low=1)
@@ -107,7 +109,8 @@ PRESETS = {
     ("spml", "toy"): dict(epochs=2, batch_size=32, lr=2e-4, warmup_epochs=1.0, fix_layer=2, workers=0,
                           eval_batch_size=128, apl_warmup=1, topk=5),
 }
-RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile", "accum"}
+RESUME_OVERRIDABLE = {"device", "workers", "stop_after", "eval_batch_size", "overwrite", "compile", "accum",
+                      "allow_changed_data"}
 
 
 def _shown(value):
@@ -139,8 +142,8 @@ def parser():
                     "world with its tiny CLIP (a few minutes on a laptop CPU).",
         epilog="Defaults that depend on the preset (--task/--data pick the paper's recipe for that table; any\n"
                "flag overrides it; --workers: min(8, CPU count) on this machine):\n\n" + presets_table() +
-               "\n\n--clip and --data-root are needed for nuswide, coco and voc (README: 'Reproducing the paper',\n"
-               "'Datasets'); --data toy reads toy/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
+               "\n\n--clip and --data-root are needed for nuswide, coco and voc (README: 'Reproducing the paper';\n"
+               "docs/datasets.md); --data toy reads toy/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     varies = {k for preset in PRESETS.values() for k in preset}
     for f in fields(Config):

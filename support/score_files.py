@@ -1,6 +1,6 @@
 """A saved score matrix and its labels (eval.py --scores S.npy --labels Y.npy), read and refused where they would
 give wrong numbers rather than scored: a file that is not a numeric 2-D .npy array, shapes that differ, NaN or
-infinite scores, too few columns for the top-5 metrics, labels outside the protocol's alphabet.
+infinite scores, labels outside the protocol's alphabet.
 """
 import os
 
@@ -24,9 +24,10 @@ def _read_array(path, flag):
 
 
 def read_scores(args):
-    """Saved scores and labels, refused where they would give wrong numbers: NaN / inf scores, fewer than the 5
-    columns the top-5 metrics need, labels outside the protocol's alphabet. Under --protocol nuswide 0 means
-    "unknown" and only -1 is a negative: 0/1 labels there leave no negative, and any scores get mAP 100."""
+    """Saved scores and labels, refused where they would give wrong numbers: NaN / inf scores, labels outside the
+    protocol's alphabet. Under --protocol nuswide 0 means "unknown" and only -1 is a negative: 0/1 labels there
+    leave no negative, and any scores get mAP 100. Any C >= 1 is scored: with C < k the top-k list holds all C
+    classes and P@k = hits / k."""
     scores, labels = _read_array(args.scores, "--scores"), _read_array(args.labels, "--labels")
     if scores.shape != labels.shape:
         raise UsageError(f"{args.scores} has shape {scores.shape} but {args.labels} has {labels.shape}; "
@@ -35,8 +36,6 @@ def read_scores(args):
         r, c = np.argwhere(~np.isfinite(scores))[0]
         raise UsageError(f"{args.scores}: {int((~np.isfinite(scores)).sum())} NaN or infinite scores (first at row "
                          f"{r}, column {c})")
-    if scores.shape[1] < 5:
-        raise UsageError(f"{args.scores}: {scores.shape[1]} columns; the top-3 and top-5 metrics need at least 5")
     values = set(np.unique(labels).tolist())
     if args.protocol == "nuswide" and not values <= {-1, 0, 1}:
         raise UsageError(f"{args.labels}: values {sorted(values)[:5]}; --protocol nuswide expects +1 / -1 (0 = unknown)")

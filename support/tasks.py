@@ -6,6 +6,7 @@ label columns it trains on and scores, and the names the text encoder reads.
     spml  COCO / VOC (or the toy world's SPML view): one observed positive per training image; train and score
           on all C classes; the best epoch is chosen by clean-validation mAP. Splits: train, val, test.
 """
+import hashlib
 import os
 import sys
 from dataclasses import fields
@@ -14,27 +15,34 @@ import numpy as np
 
 from data import DataError, check_images, load_nuswide, load_spml
 from protocol import zsl_groups
-from support.runs import UsageError
+from support import cli
+from support.runs import UsageError, parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
-# VOC's class identifiers are not words; the text encoder gets readable names (listed in the README).
+# VOC's class identifiers are not words; the text encoder gets readable names (listed in docs/reference_differences.md).
 READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 
-def load_dataset(cfg):
-    """The dataset of the run, with missing or unreadable images excluded once, at the start, in one report
-    (never a crash hours into an epoch, never a silent black image)."""
+def make_toy_world(cfg):
+    """--data toy only: write the offline default's synthetic world into --data-root, or reuse the one already
+    there (toy/world.py). Every other dataset is read as it is on disk, so this does nothing for them."""
     if cfg.data == "toy":
         from toy import world as toyworld  # only --data toy needs the synthetic world
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
+
+
+def load_dataset(cfg):
+    """The dataset of the run, read from --data-root, with missing or unreadable images excluded once, at the
+    start, in one report (never a crash hours into an epoch, never a silent black image)."""
     if not cfg.data_root:
-        raise UsageError(f"--data {cfg.data} needs --data-root DIR (README: 'Datasets')")
+        raise UsageError(f"--data {cfg.data} needs --data-root DIR (docs/datasets.md)")
     if not os.path.isdir(cfg.data_root):
         raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
     if cfg.task == "zsl":
         data = load_nuswide(cfg.data_root, out=cfg.data_out or None)
     elif cfg.data == "toy":
+        from toy import world as toyworld  # the toy world's SPML view (its ZSL view is in NUS-WIDE's layout)
         data = toyworld.load_spml_view(cfg.data_root)
     else:
         data = load_spml(cfg.data, cfg.data_root, year=cfg.voc_year, out=cfg.data_out or None)
@@ -119,11 +127,86 @@ def check_labels_match(ckpt, cfg, data, path):
                          f"{len(names)} of {cfg.data_root} (first difference at column {first})")
 
 
-if __name__ == "__main__":
-    from support import runs
-    cfg = runs.parse_args(sys.argv[1:])  # the same flags as train.py; default: the toy world
+# ----------------------------------------------------------------------------- the data a run used
+def data_fingerprint(cfg, data):
+    """{split: {"images": N, "files": sha256, "labels": sha256}}: the ordered image list with each file's size and
+    modification time (paths relative to --data-root, so a moved dataset is the same one), and the label
+    matrices of the split. Cheap (one stat per image); any re-made, added, removed or relabelled image changes it
+    (a copy that does not keep the times does too)."""
+    out = {}
+    for split in SPLITS[cfg.task]:
+        paths, files, labels = getattr(data, f"{split}_paths"), hashlib.sha256(), hashlib.sha256()
+        for path in paths:
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+            files.update(f"{os.path.relpath(path, cfg.data_root)}\t{size}\t{mtime}\n".encode())
+        for f in fields(data):  # zsl: the label matrix; spml: the observed and the clean labels
+            if f.name.startswith(f"{split}_") and f.name != f"{split}_paths":
+                a = np.ascontiguousarray(getattr(data, f.name))  # (N, C)
+                labels.update(f"{f.name}{a.dtype}{a.shape}".encode())
+                labels.update(a.tobytes())
+        out[split] = {"images": len(paths), "files": files.hexdigest(), "labels": labels.hexdigest()}
+    return out
+
+
+def data_changes(recorded, now, splits=None):
+    """What differs between two data fingerprints, as one phrase ('' when nothing does)."""
+    changes = []
+    for split in splits or now:
+        old, new = recorded.get(split), now.get(split)
+        if old is None or new is None:
+            continue
+        if old["images"] != new["images"]:
+            changes.append(f"{split}: {new['images']} images instead of {old['images']}")
+        elif old["files"] != new["files"]:
+            changes.append(f"{split}: the image files differ (names, sizes or modification times)")
+        if old["labels"] != new["labels"]:
+            changes.append(f"{split}: the label matrix differs")
+    return "; ".join(changes)
+
+
+def check_resumed_data(resume, cfg, data):
+    """--resume: the dataset must be the run's (its labels, then its fingerprint, which the run checkpoint records
+    in state["data"]); --allow-changed-data continues anyway, with a warning. Returns the fingerprint to record.
+    A checkpoint from before fingerprints has none: it loads, and the data cannot be checked (a note says so)."""
+    check_labels_match(resume, cfg, data, cfg.resume)
+    now, recorded = data_fingerprint(cfg, data), resume["state"].get("data")
+    changed = data_changes(recorded, now) if recorded else ""
+    if recorded is None:
+        print(f"note: {cfg.resume} records no fingerprint of its data (written before they were recorded): "
+              f"the data it trained on cannot be checked", file=sys.stderr)
+    elif changed and not cfg.allow_changed_data:
+        raise UsageError(f"{cfg.resume}: the data in {cfg.data_root} is not what this run trained on ({changed}); "
+                         f"restore it, train a new run, or pass --allow-changed-data to continue on it")
+    elif changed:
+        print(f"warning: {cfg.resume}: continuing on changed data ({changed}), as --allow-changed-data asks",
+              file=sys.stderr)
+    return now
+
+
+def report_changed_test(ckpt, cfg, data, path):
+    """eval.py --ckpt: say (do not refuse) when the test set is not the one the run was scored on."""
+    recorded = ckpt["state"].get("data")
+    changed = data_changes(recorded, data_fingerprint(cfg, data), ["test"]) if recorded else ""
+    if changed:
+        print(f"warning: {path}: the test set in {cfg.data_root} is not the one this run was scored on while it "
+              f"trained ({changed}); the figures below are for the data as it is now", file=sys.stderr)
+
+
+@cli.command
+def main(argv=None):
+    """The dataset a train.py command line would use: its labels and split sizes."""
+    cfg = parse_args(argv)  # the same flags as train.py; default: the toy world
+    make_toy_world(cfg)
     data = load_dataset(cfg)
     names, n_train = label_names(cfg, data)
     print(f"{cfg.task} / {cfg.data}: {len(names)} labels, the first {n_train} trained on; "
           + ", ".join(f"{s} {len(getattr(data, s + '_paths'))} images" for s in SPLITS[cfg.task]))
     print("text encoder reads:", prompt_names(names)[:8], "...")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """A researcher's first run: a CLIP file with the official 49,408-token vocabulary, in an environment that
 holds only requirements.txt (no open_clip, ftfy, transformers, h5py, ... and no $SIGRL_BPE), trains a step
-and scores the zero-shot baseline, and the README's Python example runs on that run; the run folder says what
+and scores the zero-shot baseline, and docs/using.md's Python example runs on that run; the run folder says what
 it used (config.json); --help shows every default; a forgotten --clip is named."""
 import hashlib
 import json
@@ -35,7 +35,7 @@ sys.meta_path = [WithoutDevOnly if f is importlib.machinery.PathFinder else f fo
 sys.path.insert(0, {repo!r})
 import train, eval
 codes = [train.main({train_args!r}), eval.main({eval_args!r})]
-# the README's Python example, on this run, this CLIP file and a photo, under the names it uses
+# docs/using.md's Python example, on this run, this CLIP file and a photo, under the names it uses
 import os, shutil
 from PIL import Image
 os.makedirs("example/runs/zsl-nuswide")
@@ -43,7 +43,7 @@ shutil.copy("run/last.pt", "example/runs/zsl-nuswide/last.pt")
 os.symlink(os.path.abspath("ViT-tiny.pt"), "example/ViT-B-16.pt")
 Image.new("RGB", (90, 60), (200, 120, 40)).save("example/photo.jpg")
 os.chdir("example")
-readme = open(os.path.join({repo!r}, "README.md")).read()
+readme = open(os.path.join({repo!r}, "docs", "using.md")).read()
 start = readme.index("```python", readme.index("Scoring your own images with a trained run"))
 exec(readme[start + len("```python"):readme.index("```", start + 3)])
 print("exit codes", codes, "dev-only modules loaded:", sorted(m for m in sys.modules if m.split(".")[0] in DEV_ONLY))
@@ -67,7 +67,7 @@ def test_full_vocabulary_clip_trains_with_requirements_txt_only(tmp_path):
     # output captured = not a terminal: no progress bars, one line per epoch
     assert "\r" not in proc.stderr + proc.stdout and "it/s" not in proc.stderr, proc.stderr[-2000:]
     assert sum(line.startswith("epoch 1:") for line in proc.stdout.splitlines()) == 1
-    printed = re.findall(r"^[+-][01]\.\d{3}  (cat|dog|sofa)$", proc.stdout, re.M)  # the README example's output
+    printed = re.findall(r"^[+-][01]\.\d{3}  (cat|dog|sofa)$", proc.stdout, re.M)  # the example's output
     assert sorted(printed) == ["cat", "dog", "sofa"], proc.stdout[-1500:]
 
     record = json.loads((tmp_path / "run" / "config.json").read_text())

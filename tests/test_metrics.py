@@ -136,13 +136,16 @@ def test_topk_nan_and_k_beyond_c():
     p, r, hit = spml_topk(np.array([[0.9, 0.1, 0.2]]), np.array([[0, 1, 1]]), 5)
     assert (p, r, hit) == (pytest.approx(2 / 5), 1.0, 1.0)            # all 3 taken, divisor 5
     assert spml_topk(np.array([[0.9, 0.1]]), np.array([[0, 0]]), 1) == (0.0, 0.0, 0.0)
+    # NUS-WIDE's micro top-K for K > C: all C classes of each image, P = TP / (N K) (2 images x 3 classes)
+    p, r, f1 = nus_topk(np.array([[0.9, 0.1, 0.2], [0.3, 0.2, 0.1]]), np.array([[1, -1, 1], [0, 1, -1]]), 5)
+    assert (p, r) == (pytest.approx(3 / 10), pytest.approx(1.0)) and f1 == pytest.approx(2 * 0.3 / 1.3)
 
 
 @pytest.mark.parametrize("call", [
     lambda: nus_ap(np.zeros((3, 4)), np.zeros((4, 3))),               # shapes differ
     lambda: nus_ap(np.zeros((3, 4)), np.full((3, 4), 2)),             # label 2
     lambda: nus_metrics(np.zeros(4), np.zeros(4)),                    # not 2-D
-    lambda: nus_topk(np.zeros((3, 4)), np.ones((3, 4)), 5),           # K > C
+    lambda: nus_topk(np.zeros((3, 4)), np.ones((3, 4)), 0),           # K = 0
     lambda: nus_ap(np.full((3, 4), np.nan), np.ones((3, 4))),         # NaN scores
     lambda: spml_ap(np.zeros((3, 4)), -np.ones((3, 4))),              # SPML labels are 0/1
     lambda: spml_metrics(np.zeros((3, 4)), np.zeros((3, 5))),

@@ -15,15 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+import fixtures_run
+
 from support import checkpoints
 from tools import draw
 import eval as evaluation
 from tools import plot
 import predict
 from support import runs
-from support import tasks
 from toy import world as toyworld
-from support.clip_files import load_clip
 from clip_text import encode_labels
 from data import build_transform
 from protocol.metrics import nus_metrics
@@ -41,20 +41,8 @@ def setup(tmp_path_factory):
 
 
 def _setup(d):
-    root = toyworld.make_world(d / "world", seed=0, n_train=8, n_test=16)
-    cfg = runs.parse_args(["--task", "zsl", "--data", "nuswide", "--data-root", str(root), "--clip",
-                           toyworld.TOYCLIP, "--workers", "0", "--out", str(d / "run")])
-    data = tasks.load_dataset(cfg)
-    names, n_train = tasks.label_names(cfg, data)
-    clip = load_clip(cfg.clip)
-    torch.manual_seed(0)
-    model = SigRL.from_clip(clip)
-    H = encode_labels(clip, names, template=cfg.template)  # (C, D)
-    state = {"step": 0, "epoch": 0, "best": None, "clip_sha256": clip.sha256}
-    os.makedirs(cfg.out)
-    ckpt = d / "run" / "last.pt"
-    checkpoints.save_checkpoint(checkpoints.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
-                                              checkpoints.rng_state(), None, names, n_train, H), ckpt)
+    ckpt, cfg, data, clip, names = fixtures_run.untrained_run(d)
+    root = cfg.data_root
     # the folder a user points predict.py at: nested folders, a PNG, a text file and a damaged JPEG
     photos, truth, created = d / "photos", {}, []
     for k, (path, row) in enumerate(zip(data.test_paths[:6], data.test_labels[:6])):

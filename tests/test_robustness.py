@@ -358,8 +358,8 @@ def test_damaged_checkpoint_is_refused(world, reference, tmp_path, capsys):
 
 
 def test_eval_scores_refuses_what_would_be_wrong(tmp_path, capsys):
-    """Case 12: 0/1 labels under --protocol nuswide (0 = unknown there), NaN scores, empty arrays, fewer
-    columns than the top-5 metrics need, a file that is not .npy, --json into a missing folder."""
+    """Case 12: 0/1 labels under --protocol nuswide (0 = unknown there), NaN scores, empty arrays, a file that
+    is not .npy, --json into a missing folder. (Fewer than 5 columns are scored: test_outputs_and_inputs.py.)"""
     rng = np.random.default_rng(0)
     files = {"s": rng.standard_normal((40, 12)).astype(np.float32),
              "y01": (rng.random((40, 12)) < 0.3).astype(np.int8)}
@@ -367,14 +367,13 @@ def test_eval_scores_refuses_what_would_be_wrong(tmp_path, capsys):
     files["nan"] = files["s"].copy()
     files["nan"][3, 4] = np.nan
     files["empty"], files["yempty"] = np.zeros((0, 12), np.float32), np.zeros((0, 12), np.int8)
-    files["s3"], files["y3"] = files["s"][:, :3], files["ypm"][:, :3]
     for name, array in files.items():
         np.save(tmp_path / f"{name}.npy", array)
     (tmp_path / "text.npy").write_text("not numpy")
     p = lambda name: str(tmp_path / f"{name}.npy")  # noqa: E731
     for scores, labels, protocol, needle in [
             ("s", "y01", "nuswide", "--protocol spml"), ("nan", "ypm", "nuswide", "NaN"),
-            ("empty", "yempty", "nuswide", "empty"), ("s3", "y3", "nuswide", "5"),
+            ("empty", "yempty", "nuswide", "empty"),
             ("text", "ypm", "nuswide", "text.npy"), ("s", "ypm", "spml", "-1")]:
         rc, out, err = call(eval_cli.main, capsys, ["--scores", p(scores), "--labels", p(labels),
                                                     "--protocol", protocol])
@@ -496,3 +495,28 @@ def test_hand_edited_checkpoints_are_one_line(world, reference, tmp_path, capsys
         path = edit(f"{name}.pt", change, resign=True)
         one_line(*call(eval_cli.main, capsys, ["--ckpt", path])[::2], path, needle)
         one_line(*call(train_cli.main, capsys, ["--resume", path])[::2], path, needle)
+
+
+def test_resume_on_changed_data_is_refused(world, tmp_path, capsys):
+    """A run stopped after epoch 1 whose --data-root is re-made in place (another seed, 24 training images for
+    16): the resume is refused naming what changed, --allow-changed-data continues with a warning, eval.py --ckpt
+    warns (and scores); a checkpoint from before fingerprints still resumes, with a note."""
+    root, run = tmp_path / "world", tmp_path / "run"
+    toyworld.make_world(root, seed=0, n_train=16, n_test=8)
+    assert call(train_cli.main, capsys, zsl(world, run, **{"data-root": root, "epochs": 2, "stop-after": 1}))[0] == 0
+    before = (run / "last.pt").read_bytes()
+    toyworld.make_world(root, seed=1, n_train=24, n_test=8)
+    rc, _, err = call(train_cli.main, capsys, ["--resume", run / "last.pt"])
+    one_line(rc, err, run / "last.pt", "train: 24 images instead of 16", "--allow-changed-data")
+    assert (run / "last.pt").read_bytes() == before and [r["epoch"] for r in log_of(run)] == [0, 1]
+    rc, out, err = call(eval_cli.main, capsys, ["--ckpt", run / "last.pt", "--workers", 0])
+    assert rc == 0 and "warning:" in err and "test set" in err and "the image files differ" in err, err
+    old = ckpt(run / "last.pt")  # epoch 1, as a version without fingerprints wrote it
+    del old["state"]["data"]
+    (tmp_path / "old").mkdir()
+    checkpoints.save_checkpoint(old, tmp_path / "old" / "last.pt")
+    rc, _, err = call(train_cli.main, capsys, ["--resume", run / "last.pt", "--allow-changed-data"])
+    assert rc == 0 and "warning:" in err and "continuing on changed data" in err, err
+    assert ckpt(run / "last.pt")["state"]["data"]["train"]["images"] == 24  # the data it went on with
+    rc, _, err = call(train_cli.main, capsys, ["--resume", tmp_path / "old" / "last.pt"])
+    assert rc == 0 and "records no fingerprint" in err, err

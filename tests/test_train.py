@@ -59,8 +59,10 @@ def read_log(run):
 
 def test_zsl_train_then_eval(world, tmp_path):
     run = tmp_path / "zsl"
-    cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", world["nus"], *common(world, run),
-        env=world["env"])
+    proc = cli("train.py", "--task", "zsl", "--data", "nuswide", "--data-root", world["nus"], *common(world, run),
+               env=world["env"])
+    # stdout is a pipe here, as in `python train.py > log.txt`: the epoch's progress comes as plain lines
+    assert "epoch 1/1: 1/1 steps (100%), local " in proc.stdout and " step/s" in proc.stdout, proc.stdout
     log = read_log(run)
     assert [r["epoch"] for r in log] == [0, 1] and log[0]["step"] == 0 and log[0]["loss"] == {}  # before any step
     assert set(log[1]["loss"]) == {"local", "global"}

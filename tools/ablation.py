@@ -2,7 +2,7 @@
 
     python -m tools.ablation                       # the toy world (offline), 3 seeds per setting
     python -m tools.ablation --seeds 42 43 44 --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt
-    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs (README: "More than one GPU")
+    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs (docs/parallel.md)
 
 Every setting trains a fresh run with train.run (any train.py flag after the ablation's own flags is passed
 through) and reports, as mean ± std over the seeds, its ZSL / GZSL (or SPML test) figures before the first
@@ -12,19 +12,20 @@ What "off" means (sigrl.py): without GMC the label embeddings H stand in for the
 H stands in for the decoupled features T; without VFR the local score is MKT's top-k over the raw patch
 tokens (then GMC and SDA have nothing to act on, so that row is the baseline).
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
 import eval as evaluation
-from support import parallel
+from support import cli, parallel
 from support import runs
 from support import tasks
 import train
 from support.clip_files import CheckpointError, load_clip
 from data import DataError
+from support.paths import FOLDER, check_outputs
+from support.safe_io import WriteError
 
 SETTINGS = {  # Table IV rows: name -> flags
     "baseline (no GMC, SDA, VFR)": ["--no-gmc", "--no-sda", "--no-vfr"],
@@ -48,16 +49,18 @@ def mean_std(results):
 
 def main(argv=None):
     parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
-    p = argparse.ArgumentParser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds per setting")
+    p = cli.parser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
+    p.add_argument("--seeds", type=cli.at_least(0), nargs="+", default=[1, 2, 3], help="training seeds per setting")
     p.add_argument("--out", default=os.path.join("runs", "ablation"), help="one run directory per setting/seed")
     p.add_argument("--only", nargs="+", choices=range(len(SETTINGS)), type=int, help="row indices to run")
-    args, train_flags = p.parse_known_args(argv)
     means, stds = {}, {}
     try:
+        args, train_flags = p.parse_known_args(argv)
+        check_outputs([("--out", args.out, FOLDER)])
         cfg = runs.parse_args(train_flags)
         device = runs.pick_device(cfg.device)
         parallel.start(device)
+        parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy (the default) only
         clip, data = load_clip(cfg.clip), parallel.in_turn(lambda: tasks.load_dataset(cfg))
         means[evaluation.COSINE] = evaluation.clip_baseline(clip, cfg, data, device)  # None on other processes
         for i, (name, flags) in enumerate(SETTINGS.items()):
@@ -74,8 +77,8 @@ def main(argv=None):
                 means.setdefault(evaluation.GLOBAL_SCORING, results[0][0])  # the untrained backbone: the same in every run
                 means[f"{name}, epoch 0"], stds[f"{name}, epoch 0"] = mean_std([r[1] for r in results])
                 means[f"{name}, trained"], stds[f"{name}, trained"] = mean_std([r[2] for r in results])
-    except (CheckpointError, DataError, runs.UsageError, parallel.Stopped) as err:
-        parallel.report(err)
+    except (CheckpointError, DataError, runs.UsageError, WriteError, parallel.Stopped) as err:
+        parallel.report(err, runs.error_line(err))
         return 2
     finally:
         parallel.finish()

@@ -37,6 +37,8 @@ from PIL import Image
 
 from clip_text import encode_labels
 from data import ImageList, build_transform
+from support import cli, runs
+from support.paths import check_outputs
 from tools.bench_parallel import bench_parallel
 from tools.measure import compare, in_fresh_process, peak_rss, proc_bytes
 from sigrl import SigRL, SigRLConfig, l1_distill, ranking_loss
@@ -357,14 +359,15 @@ def markdown(result):
                       "interleaved repeats; memory: peak above the inputs and weights (train: in all)"] + lines)
 
 
+@cli.command
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
+    parser = cli.parser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="all sizes, more repeats (default: --quick)")
     parser.add_argument("--quick", action="store_true", help="the small preset (the default)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"],
                         help="head precisions (default: bf16 on CUDA, fp32 on CPU); the other sections use the first")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads, the same for ours and the baselines")
+    parser.add_argument("--threads", type=cli.at_least(1), default=1, help="CPU threads, the same for ours and the baselines")
     parser.add_argument("--only", nargs="+", default=SECTIONS, choices=SECTIONS, help="run these sections only")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with SDA/VFR's chunk bodies through torch.compile (head and train step)")
@@ -373,7 +376,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    check_outputs([("--json", args.json)])
+    device = runs.pick_device(args.device)
     preset = PRESETS["full" if args.full else "quick", device.type]
     dtypes, start = args.dtypes or ["bf16" if device.type == "cuda" else "fp32"], time.time()
     torch.set_num_threads(args.threads if device.type == "cpu" else torch.get_num_threads())
@@ -397,9 +401,8 @@ def main(argv=None):
     result["targets"] = [dict(target=what, value=v, op=op, limit=limit) for what, v, op, limit in targets(result)]
     print(markdown(result) + f"\n\nwall time {result['meta']['wall_s']} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        runs.write_json(result, args.json)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,6 @@ and labels (ZSL losses, AdamW); rank 0 reports the median seconds of a step afte
                           the largest difference from the first row's weights after the steps (the same model: ~0)
 On the CPU every process gets one thread, as torchrun gives it, so N processes use N cores.
 """
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import types
 import numpy as np
 import torch
 
-from support import parallel
+from support import cli, parallel
 from support import runs
 import train
 from sigrl import SigRL, SigRLConfig
@@ -113,7 +112,20 @@ def bench_parallel(preset, device, dtypes, progress, compile=False):
     return rows
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+@cli.command
+def main(argv=None):
+    parser = cli.parser(prog="python -m tools.bench_parallel", description=__doc__.split("\n")[0])
     parser.add_argument("--worker", required=True, help="a job's JSON spec (bench.py starts these)")
-    worker(json.loads(parser.parse_args().worker))
+    text = parser.parse_args(argv).worker
+    try:
+        spec = json.loads(text)
+        spec = spec if {"device", "batch", "classes", "vision", "steps", "weights"} <= set(spec) else None
+    except (ValueError, TypeError):
+        spec = None
+    if spec is None:
+        raise runs.UsageError(f"--worker {text[:40]!r}: expected the JSON spec of a job, as tools.bench writes it")
+    worker(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw
 
 from protocol import zsl_groups
 from tools import draw
-from support import runs
+from support import cli
+from support.paths import check_outputs
 from support.runs import UsageError
-from support.safe_io import WriteError
 
 # distinct, colour-blind-safe enough line colours (the first of the usual "tab10" palette)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -37,15 +37,21 @@ def read_log(run_dir):
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file (expected the log.jsonl that train.py writes in its run folder)")
     by_epoch = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                by_epoch[int(record["epoch"])] = record
-            except (ValueError, KeyError, TypeError):
-                raise UsageError(f"{path}:{n}: not a train.py log record (JSON with an 'epoch')") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read as a UTF-8 text file ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            by_epoch[int(record["epoch"])] = record
+            series([record])  # every figure a number, every group a dict: drawing it cannot fail later
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{path}:{n}: not a train.py log record (JSON with an 'epoch', numeric losses "
+                             f"and figures)") from None
     if not by_epoch:
         raise UsageError(f"{path}: empty (no epoch has finished yet)")
     return [by_epoch[e] for e in sorted(by_epoch)]
@@ -55,15 +61,21 @@ def series(records):
     """(losses, maps): {name: [(epoch, value), ...]} for the two panels; names ending in ' (dashed)' are the
     per-branch figures."""
     losses, maps = {}, {}
+
+    def add(where, name, epoch, value):  # a branch without a figure (None) or a NaN figure is not drawn
+        points = where.setdefault(name, [])
+        if value is not None and math.isfinite(float(value)):
+            points.append((int(epoch), float(value)))
+
     for r in records:
         for term, value in (r.get("loss") or {}).items():
-            losses.setdefault(term, []).append((r["epoch"], value))
+            add(losses, term, r["epoch"], value)
         for split, m in r.items():
             if isinstance(m, dict) and "map" in m and not split.startswith("zsl_"):  # groups: --zsl-groups
-                maps.setdefault(split.upper(), []).append((r["epoch"], m["map"]))
+                add(maps, split.upper(), r["epoch"], m["map"])
         for split, branches in (r.get("branch_map") or {}).items():
             for branch, value in branches.items() if not split.startswith("zsl_") else ():
-                maps.setdefault(f"{split.upper()} {branch} (dashed)", []).append((r["epoch"], value))
+                add(maps, f"{split.upper()} {branch} (dashed)", r["epoch"], value)
     return losses, maps
 
 
@@ -170,23 +182,20 @@ def write_curves(run_dir, out=None):
     return out
 
 
+@cli.command
 def main(argv=None):
-    p = runs.Parser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    p = cli.parser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder written by train.py (holds log.jsonl)")
     p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png, or zsl_groups.png)")
     p.add_argument("--zsl-groups", action="store_true", help="ZSL mAP on the unseen set, its twins and its novel "
                    "labels, for the fused score and each branch, instead of the training curves")
-    try:
-        args = p.parse_args(argv)
-        if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-            raise UsageError(f"--out {args.out}: its folder does not exist")
-        write = write_group_curves if args.zsl_groups else write_curves
-        print(f"curves -> {write(args.run_dir, args.out)}")
-    except (UsageError, WriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    args = p.parse_args(argv)
+    read_log(args.run_dir)  # the input first: a missing run folder is named as such
+    out = args.out or os.path.join(args.run_dir, "zsl_groups.png" if args.zsl_groups else "curves.png")
+    check_outputs([("--out", out)], [("the log", os.path.join(args.run_dir, "log.jsonl"))])
+    write = write_group_curves if args.zsl_groups else write_curves
+    print(f"curves -> {write(args.run_dir, args.out)}")
 
 
 if __name__ == "__main__":

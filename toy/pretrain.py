@@ -19,6 +19,7 @@ vocabulary sits next to it as <stem>.bpe.txt.gz, where clip_files.load_clip look
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from support import cli
+from support.runs import UsageError
 from toy import world as toyworld
 from support.clip_files import INT_ENTRIES
 from clip_text import CLIP, CLIPConfig
@@ -156,18 +159,27 @@ def pretrain(out_dir, cfg=PretrainConfig()):
     return path
 
 
+@cli.command
 def main(argv=None):
-    import argparse
     from dataclasses import fields
-    p = argparse.ArgumentParser(prog="python -m toy.pretrain", description="Pre-train the toy world's tiny CLIP (contrastive, as OpenAI's CLIP) "
-                                            "and write toyclip.pt, toyclip.bpe.txt.gz and toyclip.json into --out.")
+    from support.paths import FOLDER, check_outputs
+    p = cli.parser(prog="python -m toy.pretrain", description="Pre-train the toy world's tiny CLIP (contrastive, as OpenAI's CLIP) "
+                                    "and write toyclip.pt, toyclip.bpe.txt.gz and toyclip.json into --out.")
     p.add_argument("--out", default=os.path.dirname(toyworld.TOYCLIP), help="folder (default: toy/, the committed one)")
-    for f in fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help="(default: %(default)s)")
+    for f in fields(PretrainConfig):  # every integer >= 1 but the seed; the rates finite and >= 0
+        kind = type(f.default) if f.type in (float, "float") else cli.at_least(0 if f.name == "seed" else 1)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help="(default: %(default)s)")
     args = p.parse_args(argv)
-    print(pretrain(args.out, PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})))
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    if not (0 <= cfg.lr < float("inf") and 0 <= cfg.weight_decay < float("inf")):
+        raise UsageError("--lr and --weight-decay: expected finite numbers >= 0")
+    if cfg.vision_width % 64 or cfg.text_width % 64 or 64 % cfg.patch:
+        raise UsageError("--vision-width and --text-width must be multiples of 64 (heads = width // 64), "
+                         "--patch a divisor of the 64 px images")
+    check_outputs([("--out", args.out, FOLDER)] + [("--out", os.path.join(args.out, name)) for name in
+                                                  ("toyclip.pt", "toyclip.bpe.txt.gz", "toyclip.json")])
+    print(pretrain(args.out, cfg))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw
 
+from support import cli
+
 
 # ----------------------------------------------------------------------------------------- objects
 def _circle(x, y, r):
@@ -170,5 +172,16 @@ def contact_sheet(path, sizes=(24, 6), side=64):
     sheet.save(path)
 
 
+@cli.command
+def main(argv=None):
+    from support.paths import check_outputs
+    p = cli.parser(prog="python -m toy.shapes", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", default="sheet.png", help="the PNG to write (default sheet.png)")
+    out = p.parse_args(argv).out
+    check_outputs([("out", out)])
+    contact_sheet(out)
+    print(f"contact sheet -> {out}")
+
+
 if __name__ == "__main__":
-    contact_sheet(sys.argv[1] if len(sys.argv) > 1 else "sheet.png")
+    sys.exit(main())

@@ -35,7 +35,7 @@ Each choice copies a property of the real setting:
   desert) name things no seen label names: the hardest case, and on NUS-WIDE the commoner one (51 of 81).
 One property it does not copy: NUS-WIDE's seen labels outnumber the unseen 11 to 1 and include looser relatives
 of them (airplane for plane, night for nighttime); here 27 seen labels face 8 unseen ones, and a novel label
-has no relative among them (README: what a 64-label variant measured).
+has no relative among them (docs/toy_results.md: what a 64-label variant measured).
 
 Images: 64 x 64 RGB, drawn at 2x with PIL and box-downsampled, objects at random places inside a 4 px margin
 (the evaluation centre crop cuts about 4 px per side). Everything derives from numpy Generators seeded with
@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning. On a CPU shared with other jobs, spinning threads wait at every
@@ -58,8 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from clip_text import CLIP_MEAN, CLIP_STD  # noqa: E402
-from support import safe_io  # noqa: E402
-from data import DataError, nus_path, observe_single_positive, read_spml_folder  # noqa: E402
+from support import cli, safe_io  # noqa: E402
+from data import DataError, nus_path, read_spml_folder  # noqa: E402
+from support.data_formats import observe_single_positive  # noqa: E402
 from toy.shapes import background, draw_object  # noqa: E402
 
 RES = 64                 # image side in pixels (the tiny CLIP's input resolution)
@@ -266,21 +268,23 @@ def zeroshot(clip=TOYCLIP, n=1000, seed=0, template="There is a {} in the scene"
             "chance": {"zsl": float(freq[S:].mean()), "gzsl": float(freq.mean())}}
 
 
+@cli.command
 def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m toy.world", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from support.paths import FOLDER, check_outputs
+    p = cli.parser(prog="python -m toy.world", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=type(p))
     make = sub.add_parser("make", help="write the world (NUS-WIDE and SPML views) into --root")
     make.add_argument("--root", required=True)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--n-train", type=int, default=3000)
-    make.add_argument("--n-test", type=int, default=1000)
+    make.add_argument("--seed", type=cli.at_least(0), default=0)
+    make.add_argument("--n-train", type=cli.at_least(1), default=3000)
+    make.add_argument("--n-test", type=cli.at_least(1), default=1000)
     zs = sub.add_parser("zeroshot", help="zero-shot mAP of a CLIP file on freshly drawn test images")
     zs.add_argument("--clip", default=TOYCLIP)
-    zs.add_argument("--n", type=int, default=1000)
-    zs.add_argument("--seed", type=int, default=0)
+    zs.add_argument("--n", type=cli.at_least(1), default=1000)
+    zs.add_argument("--seed", type=cli.at_least(0), default=0)
     args = p.parse_args(argv)
     if args.command == "make":
+        check_outputs([("--root", args.root, FOLDER)])
         make_world(args.root, args.seed, args.n_train, args.n_test)
         print(f"world in {args.root}: {len(SEEN)} seen + {len(UNSEEN)} unseen labels")
     else:
@@ -291,4 +295,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The one-line rule for the helper commands (python -m tools.*, toy.*, support.*, data.py): a bad command line
+or a bad file is one line on stderr naming the file and what was expected, exit code 2, no traceback.
+
+    @cli.command                 main(argv) -> exit code; the project's errors become that one line
+    cli.at_least(n)              an argparse type: an integer >= n (a flag out of range is refused before work)
+train.py, eval.py and predict.py catch the same errors in their own main (they also stop torchrun's processes).
+"""
+import argparse
+import functools
+import sys
+
+
+def errors():
+    """The exceptions whose message is already the one line (imported here, not at the top: clip_files and
+    data_formats use this module too)."""
+    from support.clip_files import CheckpointError
+    from support.data_formats import DataError
+    from support.runs import UsageError
+    from support.safe_io import WriteError
+    return CheckpointError, DataError, UsageError, WriteError
+
+
+def command(main):
+    """Wrap main(argv): a project error (and a file the system refuses: OSError) is one line and exit 2."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv) or 0
+        except errors() as err:
+            line = " ".join(str(err).split())
+        except OSError as err:  # a file that cannot be opened or written, found before the command's own checks
+            line = f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")
+        except KeyboardInterrupt:
+            line = "interrupted (files already written are whole; the others were not written)"
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    return wrapped
+
+
+def parser(**kw):
+    """argparse whose errors are one UsageError line (runs.Parser), for the helpers."""
+    from support.runs import Parser
+    return Parser(**kw)
+
+
+def at_least(low):
+    def check(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {low}")
+        return value
+    return check

@@ -1,0 +1,127 @@
+"""Every command-line entry point follows the one-line rule: a missing file, a folder where a file is expected, a
+corrupt file or a flag out of range is one line on stderr starting "error:", exit code 2, no traceback.
+
+The cases call each command's main(argv) in this process (as its `python -m` line does), so the whole walk costs
+about one torch import; a few run as real processes, to see the exit code the shell sees."""
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.bench", "tools.ablation", "tools.bench_parallel",
+            "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files", "support.tasks"]
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """missing: a path with nothing there; folder: an empty folder; corrupt.*: bytes of no format; image: a PNG."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "folder").mkdir()
+    for ext in ("pt", "json", "npy", "png"):
+        (d / f"corrupt.{ext}").write_bytes(b"\x00\x13 nothing of the kind \xff" * 7)
+    (d / "corrupt.txt").write_bytes(b"\xff\xfe\x00 not UTF-8")
+    for name in ("coco/annotations/instances_train2014.json", "coco/annotations/instances_val2014.json",
+                 "run/log.jsonl"):
+        os.makedirs(d / os.path.dirname(name), exist_ok=True)
+        (d / name).write_text("{not json")
+    os.makedirs(d / "goodrun")
+    (d / "goodrun" / "log.jsonl").write_text(json.dumps({"epoch": 1, "loss": {"local": 1.0}, "test": {"map": 5}}) + "\n")
+    (d / "nanrun").mkdir()
+    (d / "nanrun" / "log.jsonl").write_text(json.dumps({"epoch": 1, "loss": {"local": "high"}}) + "\n")
+    os.makedirs(d / "coco2" / "annotations")
+    for split in ("train", "val"):  # JSON, but an id that is no integer
+        (d / "coco2" / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(
+            {"categories": [{"id": [1], "name": "cat"}], "annotations": [{"image_id": "x1", "category_id": 1}]}))
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(d / "image.png")
+    np.save(d / "s.npy", np.zeros((3, 4), np.float32))
+    return d
+
+
+def cases(d):
+    m, f, c = str(d / "missing"), str(d / "folder"), lambda ext: str(d / f"corrupt.{ext}")  # noqa: E731
+    img = str(d / "image.png")
+    return [
+        ("train", ["--clip", m]), ("train", ["--clip", f]), ("train", ["--clip", c("pt")]), ("train", ["--epochs", "0"]),
+        ("train", ["--resume", c("pt")]), ("train", ["--resume", f]),
+        ("eval", ["--ckpt", m]), ("eval", ["--ckpt", f]), ("eval", ["--ckpt", c("pt")]),
+        ("eval", ["--scores", c("npy"), "--labels", c("npy"), "--protocol", "spml"]),
+        ("eval", ["--scores", str(d / "s.npy"), "--labels", f, "--protocol", "spml"]),
+        ("eval", ["--ckpt", c("pt"), "--figure", str(d / "f.png"), "--figure-n", "0"]),
+        ("eval", ["--baseline", "clip", "--clip", c("pt")]),
+        ("predict", ["--ckpt", m, img]), ("predict", ["--ckpt", f, img]), ("predict", ["--ckpt", c("pt"), img]),
+        ("predict", ["--clip", c("pt"), "--labels", "a,b", img]), ("predict", ["--clip", f, "--labels", "a,b", img]),
+        ("predict", ["--ckpt", c("pt"), img, "--top-k", "0"]), ("predict", ["--ckpt", c("pt"), m]),
+        ("predict", ["--clip", c("pt"), "--labels-file", f, img]), ("predict", ["--clip", c("pt"), "--labels-file", c("txt"), img]),
+        ("data", ["show", "coco", "--root", m]), ("data", ["show", "coco", "--root", c("json")]),
+        ("data", ["show", "coco", "--root", str(d / "coco")]),
+        ("data", ["show", "coco", "--root", str(d / "coco2")]), ("data", ["show", "voc", "--root", f]),
+        ("data", ["show", "nuswide", "--root", f]), ("data", ["prepare", "coco", "--root", f, "--out", c("json")]),
+        ("data", ["show", "coco"]), ("data", ["prepare", "voc", "--root", f, "--year", "1999"]),
+        ("tools.plot", [m]), ("tools.plot", [c("json")]), ("tools.plot", [str(d / "run")]),
+        ("tools.plot", [str(d / "goodrun"), "--out", f]), ("tools.plot", [str(d / "goodrun"), "--out", str(d / "goodrun" / "log.jsonl")]),
+        ("tools.plot", [str(d / "nanrun")]),
+        ("tools.bench", ["--threads", "0"]), ("tools.bench", ["--json", f]), ("tools.bench", ["--json", str(d / "missing" / "b.json")]),
+        ("tools.bench", ["--device", "gpu"]),
+        ("tools.ablation", ["--out", c("json")]), ("tools.ablation", ["--seeds", "-1"]), ("tools.ablation", ["--clip", m]),
+        ("tools.bench_parallel", ["--worker", "{not json"]), ("tools.bench_parallel", ["--worker", "[1, 2]"]),
+        ("toy.pretrain", ["--out", c("json")]), ("toy.pretrain", ["--steps", "0"]), ("toy.pretrain", ["--vision-width", "100"]),
+        ("toy.pretrain", ["--lr", "nan"]),
+        ("toy.world", ["make", "--root", c("json")]), ("toy.world", ["make", "--root", m, "--n-train", "0"]),
+        ("toy.world", ["zeroshot", "--clip", m]), ("toy.world", ["zeroshot", "--clip", c("pt")]),
+        ("toy.world", ["zeroshot", "--clip", f]), ("toy.world", ["zeroshot", "--n", "0"]), ("toy.world", []),
+        ("toy.shapes", [str(d / "missing" / "sheet.png")]), ("toy.shapes", [f]),
+        ("support.clip_files", [m]), ("support.clip_files", [f]), ("support.clip_files", [c("pt")]),
+        ("support.clip_files", [c("pt"), "--bpe", m]),
+        ("support.tasks", ["--task", "spml", "--data", "coco", "--data-root", m]), ("support.tasks", ["--epochs", "0"]),
+        ("support.tasks", ["--task", "spml", "--data", "coco", "--data-root", str(d / "coco")]),
+    ]
+
+
+def test_every_entry_point_is_walked():
+    """Every file with a main() run under `if __name__ == "__main__"` is in COMMANDS (a new command is walked too)."""
+    found = set()
+    for folder in ("", "tools", "toy", "support", "protocol"):
+        for name in os.listdir(os.path.join(REPO, folder)):
+            path = os.path.join(REPO, folder, name)
+            if name.endswith(".py") and re.search(r"__main__.*\n(.*\n)*.*\bmain\(", open(path).read()):
+                found.add(".".join(filter(None, (folder, name[:-3]))))
+    assert found == set(COMMANDS), found ^ set(COMMANDS)
+
+
+def test_bad_inputs_are_one_line_in_process(bad, capsys, monkeypatch):
+    monkeypatch.setenv("SIGRL_CACHE", str(bad / "cache"))
+    monkeypatch.chdir(bad)  # a default output (runs/..., sheet.png) lands here, not in the repository
+    failures = []
+    for module, argv in cases(bad):
+        main = importlib.import_module(module).main
+        try:
+            rc = main(argv)
+        except SystemExit as exit:  # what argparse does when it is not the project's parser
+            rc = exit.code
+        except Exception as err:  # noqa: BLE001, a traceback on the command line
+            failures.append(f"{module} {argv}: raised {type(err).__name__}: {err}")
+            capsys.readouterr()
+            continue
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip() and "%|" not in line and
+                 not line.startswith(("warning:", "checking images"))]
+        if rc != 2 or len(lines) != 1 or not lines[0].startswith("error:"):
+            failures.append(f"{module} {argv}: exit {rc}, stderr {err!r}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("argv", [["-m", "support.clip_files", "missing.pt"], ["-m", "tools.plot", "missing_run"],
+                                  ["data.py", "show", "coco", "--root", "missing_root"]])
+def test_bad_inputs_are_one_line_as_processes(argv, tmp_path):
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and "missing" in lines[0], lines

@@ -1,0 +1,40 @@
+"""support/progress.py: what a redirected log shows of a long loop (a line each 10% and at least once a minute)."""
+import io
+
+from support.progress import Lines
+
+
+class FakeClock:
+    def __init__(self, step):
+        self.t, self.step = 0.0, step
+
+    def __call__(self):
+        self.t += self.step
+        return self.t
+
+
+def test_a_line_each_tenth_with_rate_and_eta():
+    out = io.StringIO()
+    bar = Lines(range(20), "epoch 1/2", unit="step", out=out, clock=FakeClock(0.5))  # 2 steps/s
+    for i in bar:
+        bar.set_postfix({"loss": f"{1 / (i + 1):.2f}"})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10  # after steps 2, 4, ..., 20
+    assert lines[0] == "epoch 1/2: 2/20 steps (10%), loss 0.50, 2.00 step/s, ETA 0:09"
+    assert lines[-1].startswith("epoch 1/2: 20/20 steps (100%), loss 0.05, 2.00 step/s, ETA 0:00")
+
+
+def test_a_slow_loop_still_reports_every_minute():
+    out = io.StringIO()
+    for _ in Lines(range(1000), "eval", unit="batch", out=out, clock=FakeClock(30.0)):  # 30 s a batch
+        pass
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("eval: 2/1000 batches (0%), 0.03 batch/s, ETA 8:19:00")
+    assert len(lines) == 500  # every second batch: a minute has passed
+
+
+def test_no_length_no_percent():
+    out = io.StringIO()
+    for _ in Lines(iter(range(3)), "images", out=out, clock=FakeClock(61.0)):
+        pass
+    assert out.getvalue().splitlines()[0].startswith("images: 1 its, 0.02 it/s")
