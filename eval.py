@@ -28,6 +28,7 @@ from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import DataError, ImageList, build_transform, read_image, spml_resize, view_transform
+from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
 from support.runs import UsageError
 from support.paths import check_outputs as check_paths
@@ -115,6 +116,9 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
     results = {split: metric(s[..., 0], labels[split]) for split, s in scores.items()}
     branches = {split: {b: None if np.isnan(s[..., i]).any() else metric(s[..., i], labels[split])
                         for i, b in enumerate(BRANCHES, start=1)} for split, s in scores.items()}
+    if cfg.task == "zsl":  # and on the unseen set's two groups: twins of seen labels, novel labels
+        results, branches = zsl_groups.add_groups(results, branches, scores["zsl"], labels["zsl"],
+                                                  tasks.zsl_group_columns(cfg, data))
     results["branch_map"] = {split: {b: None if m is None else m["map"] for b, m in per.items()}
                              for split, per in branches.items()}
     if branch_metrics:
@@ -140,19 +144,21 @@ def format_table(results, title=""):
     lines = [title] if title else []
     lines += [head, "|" + "---|" * (len(columns) + 1)]
     for name in splits:
-        lines.append(f"| {name.upper()} | " + " | ".join(f"{results[name][c]:.2f}" for c in columns) + " |")
+        lines.append(f"| {zsl_groups.setting_name(name)} | "
+                     + " | ".join(f"{results[name][c]:.2f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
 def format_comparison(rows, title="", spread=None):
     """Methods side by side on the headline figures, plus the mAP of each branch (Eq. 13's local and global
     scores alone) for the rows that have them; `spread` (same shape as rows) adds '± std'."""
-    settings = [s for s in ("zsl", "gzsl", "test") if any(s in r for r in rows.values())]
-    columns = [(s, c) for s in settings for c in ("map", "f1@3", "f1@5")]
+    settings = [s for s in ("zsl", *map(zsl_groups.split_name, zsl_groups.GROUPS), "gzsl", "test")
+                if any(s in r for r in rows.values())]
+    columns = [(s, c) for s in settings for c in ("map", "f1@3", "f1@5") if c != "f1@5" or not s.startswith("zsl_")]
     if any("branch_map" in r for r in rows.values()):
         columns += [(s, b) for s in settings for b in BRANCHES]
     names = {c: c.replace("map", "mAP").replace("f1", "F1") for _, c in columns} | {b: f"{b} mAP" for b in BRANCHES}
-    head = "| method | " + " | ".join(f"{s.upper()} {names[c]}" for s, c in columns) + " |"
+    head = "| method | " + " | ".join(f"{zsl_groups.setting_name(s)} {names[c]}" for s, c in columns) + " |"
     lines = ([title] if title else []) + [head, "|" + "---|" * (len(columns) + 1)]
 
     def cell(r, s, c):
@@ -215,7 +221,8 @@ def eval_checkpoint(args):
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
         print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
         print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
-            f"{split.upper()} " + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
+            f"{zsl_groups.setting_name(split)} "
+            + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
             for split, per in results["branch_map"].items()))
     return results
 
@@ -304,8 +311,9 @@ def clip_baseline(clip, cfg, data, device):
     s = s["all"]  # (N, C) cosine similarities
     if cfg.task == "zsl":
         # cosine scores do not depend on the label set, so ZSL is the unseen columns of the same pass
-        return {"zsl": nus_metrics(s[:, n_train:], data.test_labels[:, n_train:]),
-                "gzsl": nus_metrics(s, data.test_labels)}
+        unseen, truth = s[:, n_train:], data.test_labels[:, n_train:]  # (N, U)
+        results = {"zsl": nus_metrics(unseen, truth), "gzsl": nus_metrics(s, data.test_labels)}
+        return zsl_groups.add_groups(results, None, unseen[..., None], truth, tasks.zsl_group_columns(cfg, data))[0]
     return {"test": spml_metrics(sigmoid(s), data.test_labels)}
 
 

@@ -14,6 +14,7 @@ from dataclasses import fields
 import numpy as np
 
 from data import DataError, check_images, load_nuswide, load_spml
+from protocol import zsl_groups
 from support import cli
 from support.runs import UsageError, parse_args
 from support.tokenizer import CONTEXT_LENGTH
@@ -94,6 +95,18 @@ def label_names(cfg, data):
     if cfg.task == "zsl":
         return list(data.seen) + list(data.unseen), len(data.seen)
     return list(data.classes), len(data.classes)
+
+
+def zsl_group_columns(cfg, data):
+    """The unseen labels' two groups, {"twins": columns, "novel": columns} into the ZSL scores ({} when one is
+    empty; protocol/zsl_groups.py). The toy world's twins are its definition's (toy/world.py TWINS: another word
+    for a seen object); any other dataset's come from its label lists by the plural rule (NUS-WIDE: 30 of 81)."""
+    if cfg.data == "toy":
+        from toy import world as toyworld
+        twins = toyworld.TWINS
+    else:
+        twins = zsl_groups.plural_twins(data.unseen, data.seen)
+    return zsl_groups.group_columns(list(data.unseen), twins)
 
 
 def n_train_classes(cfg, data):

@@ -1,9 +1,9 @@
 """SigRL learns: a short run of the toy preset on a small fixed world (the committed tiny CLIP) must raise the
 fused score over all labels (GZSL) above its own epoch-0 value, and the local branch above its own on all labels
-and on the unseen ones alone (ZSL: what it learned on the seen labels transfers). These fail when training stops
-teaching anything: gradients that no longer reach the heads or the backbone, a zero learning rate, a broken
-schedule or loss. (The fused ZSL score is not asserted: at this budget it moves by about 1 mAP either way; the
-docs/toy_results.md's 3-seed runs at the default budget say how it moves.) The epoch-0 record they are read against is itself
+and on the unseen twins (ZSL twins: what it learned on a seen label transfers to another word for it). These
+fail when training stops teaching anything: gradients that no longer reach the heads or the backbone, a zero
+learning rate, a broken schedule or loss. (The novel unseen labels are not asserted: there the local branch
+falls, see docs/zsl_groups.md.) The epoch-0 record they are read against is itself
 checked against the CLIP computed directly, outside SigRL."""
 import json
 
@@ -22,8 +22,8 @@ from clip_text import encode_labels
 from data import ImageList, build_transform
 from protocol.metrics import nus_metrics
 
-# 1,280 training images at batch 32: 40 steps per epoch; 240 test images. Measured (torch 2.14.1, CPU): GZSL
-# fused 47.9 -> 50.7, local 37.6 -> 44.7; ZSL local 32.2 -> 33.7 (fused 42.6 -> 43.5).
+# 1,280 training images at batch 32: 40 steps per epoch; 240 test images. Measured (torch 2.14.1, CPU, 2 threads):
+# GZSL fused 65.9 -> 70.7, local 55.1 -> 65.8; ZSL twins local 44.9 -> 64.7 (novel local 49.3 -> 40.6).
 FLAGS = ["--world-train", "1280", "--world-test", "240", "--epochs", "2", "--eval-batch-size", "240"]
 
 
@@ -41,7 +41,7 @@ def test_training_raises_the_fused_score_and_the_local_branch(run):
     first, last = log[0], log[-1]
     assert (first["epoch"], last["epoch"], first["loss"]) == (0, 2, {})
     assert last["gzsl"]["map"] > first["gzsl"]["map"] + 1, (first["gzsl"]["map"], last["gzsl"]["map"])
-    for split, gain in (("gzsl", 3), ("zsl", 0.5)):
+    for split, gain in (("gzsl", 3), ("zsl_twins", 5)):
         local0, local = first["branch_map"][split]["local"], last["branch_map"][split]["local"]
         assert local > local0 + gain, (split, local0, local)
 

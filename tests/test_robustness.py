@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     w = {"dir": d, "clip": d / "clip.pt",
          "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc", n_train=30),
          "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
-         # a NUS-WIDE-layout world with 24 seen / 8 unseen labels: ZSL steps cost little (925 labels do)
+         # a NUS-WIDE-layout world with 27 seen / 8 unseen labels: ZSL steps cost little (925 labels do)
          "toynus": str(toyworld.make_world(d / "toynus", n_train=16, n_test=8))}
     yield w
     env.undo()

@@ -54,8 +54,11 @@ def test_cached_world_is_reused_and_foreign_data_refused(world, tmp_path):
 
 
 def test_label_sets():
-    assert len(tw.LABELS) == len(set(tw.LABELS)) == 32 and len(tw.UNSEEN) == 8
+    assert len(tw.LABELS) == len(set(tw.LABELS)) == 35 and len(tw.UNSEEN) == 8 and len(tw.SEEN) == 27
     assert set(tw.SEEN) | set(tw.UNSEEN) == set(tw.LABELS) and not set(tw.SEEN) & set(tw.UNSEEN)
+    # 3 of the 8 unseen labels are twins (another word for a seen object), as 30 of NUS-WIDE's 81; 5 are novel
+    assert set(tw.UNSEEN) == set(tw.TWINS) | set(tw.NOVEL) and len(tw.TWINS) == 3 and len(tw.NOVEL) == 5
+    assert set(tw.TWINS.values()) <= set(tw.SEEN) & set(tw.OBJECTS) and not set(tw.NOVEL) & set(tw.SEEN)
     assert set(toydraw.SHAPES) == set(tw.OBJECTS)
     for scene, (_, phrase, pool) in tw.SCENES.items():
         assert scene in phrase and set(pool) <= set(tw.OBJECTS)
@@ -80,6 +83,9 @@ def test_captions_name_every_label_somewhere():
     captions = [tw.draw_example(0, tw.PRETRAIN, i)[3] for i in range(300)]
     words = set(" ".join(captions).replace(",", " ").replace(".", " ").split())
     assert set(tw.LABELS) <= words and "scene" in words
+    for twin, seen in tw.TWINS.items():  # both words name the same object, about equally often
+        n_twin, n_seen = (sum(f" {w} " in f" {c[:-1]} " for c in captions) for w in (twin, seen))
+        assert 0.5 < n_twin / n_seen < 2, (twin, n_twin, seen, n_seen)
     image, scene, objects, caption = tw.draw_example(0, tw.PRETRAIN, 7)
     assert image.size == (tw.RES, tw.RES) and image.mode == "RGB"
     assert any(o in caption for o in objects)
@@ -88,7 +94,7 @@ def test_captions_name_every_label_somewhere():
 def test_nuswide_view_loads_with_data_py(world):
     nus = load_nuswide(world)
     assert (nus.seen, nus.unseen, nus.layout) == (tw.SEEN, tw.UNSEEN, "prepared")
-    assert nus.train_labels.shape == (240, 24) and nus.test_labels.shape == (160, 32)
+    assert nus.train_labels.shape == (240, 27) and nus.test_labels.shape == (160, 35)
     assert nus.train_labels.dtype == np.int8 and set(np.unique(nus.test_labels)) == {-1, 1}
     assert (nus.train_labels == 1).any(0).all() and (nus.test_labels == 1).any(0).all()  # every label occurs
     good, bad = check_images(nus.train_paths + nus.test_paths)
@@ -98,7 +104,11 @@ def test_nuswide_view_loads_with_data_py(world):
     assert len(set(names)) == 160 and all(n.count("_") >= 2 for n in names)
     # the test rows' labels are the drawn scene + objects, seen columns then unseen
     _, scene, objects, _ = tw.draw_example(0, tw.TEST, 5)
-    assert sorted(np.array(tw.SEEN + tw.UNSEEN)[nus.test_labels[5] == 1]) == sorted([scene] + objects)
+    twins = [t for t, o in tw.TWINS.items() if o in objects]
+    assert sorted(np.array(tw.SEEN + tw.UNSEEN)[nus.test_labels[5] == 1]) == sorted([scene] + objects + twins)
+    columns = tw.SEEN + tw.UNSEEN
+    for twin, seen in tw.TWINS.items():  # a twin label is true exactly where its seen object is
+        assert (nus.test_labels[:, columns.index(twin)] == nus.test_labels[:, columns.index(seen)]).all()
 
 
 def test_spml_view(world):
@@ -168,8 +178,19 @@ print(json.dumps([clip.bpe, list(emb.shape), ids, clip.resolution, outside, sort
     bpe, shape, ids, resolution, outside, opened = json.loads(out.stdout.strip().splitlines()[-1])
     assert os.path.realpath(bpe) == os.path.realpath(os.path.join(REPO, "toy", "toyclip.bpe.txt.gz"))
     assert bpe in opened and tw.TOYCLIP in opened                       # the hook does see the files read
-    assert shape[0] == 32 and len(ids) == 1 and resolution == tw.RES  # "snowman" is one learned token
+    assert shape[0] == 35 and len(ids) == 1 and resolution == tw.RES  # "snowman" is one learned token
     assert outside == []
+
+
+def test_toyclip_text_tower_knows_each_twin_as_its_seen_word():
+    """Pre-training used the two words interchangeably: each twin's prompt embedding is nearer its seen twin's
+    than any other label's."""
+    from support.clip_files import load_clip
+    from clip_text import encode_labels
+    emb = torch.nn.functional.normalize(encode_labels(load_clip(tw.TOYCLIP), tw.LABELS), dim=-1)  # (C, D)
+    cos = (emb @ emb.T).fill_diagonal_(-2)                                                        # (C, C)
+    nearest = {name: tw.LABELS[int(cos[i].argmax())] for i, name in enumerate(tw.LABELS)}
+    assert {t: nearest[t] for t in tw.TWINS} == tw.TWINS
 
 
 def test_toyclip_recognises_unseen_labels_zero_shot():

@@ -2,11 +2,14 @@
 
     python -m tools.plot runs/zsl-toy                 # -> runs/zsl-toy/curves.png (train.py also writes it)
     python -m tools.plot RUN_DIR --out curves.png
+    python -m tools.plot RUN_DIR --zsl-groups --out zsl_groups.png    # ZSL by group, each branch
 
 One panel per loss term, averaged over each epoch's steps (ZSL: "local", the ranking loss on the fused score,
 Eq. 15, and "global", the L1 distillation of the class token, Eq. 16; SPML: the chosen loss); then the
 mAP of every evaluated setting (ZSL and GZSL, or SPML val and test), in percent, and, where the log holds
-them, the mAP of the local and global scores alone (dashed). Drawn with Pillow only.
+them, the mAP of the local and global scores alone (dashed). With --zsl-groups: one panel per score (fused,
+local branch, global branch), each with the ZSL mAP of the whole unseen set, of its twins and of its novel
+labels (protocol/zsl_groups.py), and GZSL for reference. Drawn with Pillow only.
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ import sys
 
 from PIL import Image, ImageDraw
 
+from protocol import zsl_groups
 from tools import draw
 from support import cli
 from support.paths import check_outputs
@@ -67,10 +71,10 @@ def series(records):
         for term, value in (r.get("loss") or {}).items():
             add(losses, term, r["epoch"], value)
         for split, m in r.items():
-            if isinstance(m, dict) and "map" in m:
+            if isinstance(m, dict) and "map" in m and not split.startswith("zsl_"):  # groups: --zsl-groups
                 add(maps, split.upper(), r["epoch"], m["map"])
         for split, branches in (r.get("branch_map") or {}).items():
-            for branch, value in branches.items():
+            for branch, value in branches.items() if not split.startswith("zsl_") else ():
                 add(maps, f"{split.upper()} {branch} (dashed)", r["epoch"], value)
     return losses, maps
 
@@ -131,17 +135,50 @@ def chart(lines, title, size=(460, 300)):
     return img
 
 
+def group_series(records):
+    """{score: {setting: [(epoch, mAP), ...]}} for score in fused, local, global and setting in ZSL, its
+    groups and GZSL (--zsl-groups)."""
+    panels = {"fused": {}, "local": {}, "global": {}}
+    for r in records:
+        for split in ("zsl", "zsl_twins", "zsl_novel", "gzsl"):
+            if split not in r:
+                continue
+            name = zsl_groups.setting_name(split)
+            panels["fused"].setdefault(name, []).append((r["epoch"], r[split]["map"]))
+            for branch, value in (r.get("branch_map") or {}).get(split, {}).items():
+                if value is not None:
+                    panels[branch].setdefault(name, []).append((r["epoch"], value))
+    return panels
+
+
+def write_group_curves(run_dir, out=None):
+    """Draw the ZSL groups' curves into `out` (default RUN_DIR/zsl_groups.png); returns the path."""
+    records = read_log(run_dir)
+    if not any("zsl_twins" in r for r in records):
+        raise UsageError(f"{os.path.join(run_dir, 'log.jsonl')}: no ZSL groups logged (a ZSL run whose unseen "
+                         f"labels have both twins and novel labels writes zsl_twins and zsl_novel)")
+    panels = [chart(lines, f"{score} {'score' if score == 'fused' else 'branch'} mAP (%)")
+              for score, lines in group_series(records).items() if lines]
+    out = out or os.path.join(run_dir, "zsl_groups.png")
+    draw.save(side_by_side(panels), out)
+    return out
+
+
+def side_by_side(panels):
+    picture = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), draw.WHITE)
+    for i, panel in enumerate(panels):
+        picture.paste(panel, (sum(p.width for p in panels[:i]), 0))
+    return picture
+
+
 def write_curves(run_dir, out=None):
     """Draw the run's curves into `out` (default RUN_DIR/curves.png); returns the path."""
     losses, maps = series(read_log(run_dir))
     # a panel per loss term: their scales differ by orders of magnitude (ranking loss ~1, L1 distillation ~0.01)
     panels = [chart({term: pts}, f"loss {term} (mean over the epoch)") for term, pts in losses.items()]
     panels.append(chart(maps, "mAP (%)"))
-    picture = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), draw.WHITE)
-    for i, panel in enumerate(panels):
-        picture.paste(panel, (sum(p.width for p in panels[:i]), 0))
     out = out or os.path.join(run_dir, "curves.png")
-    draw.save(picture, out)
+    draw.save(side_by_side(panels), out)
     return out
 
 
@@ -150,12 +187,15 @@ def main(argv=None):
     p = cli.parser(prog="python -m tools.plot", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder written by train.py (holds log.jsonl)")
-    p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png)")
+    p.add_argument("--out", help="the PNG to write (default RUN_DIR/curves.png, or zsl_groups.png)")
+    p.add_argument("--zsl-groups", action="store_true", help="ZSL mAP on the unseen set, its twins and its novel "
+                   "labels, for the fused score and each branch, instead of the training curves")
     args = p.parse_args(argv)
     read_log(args.run_dir)  # the input first: a missing run folder is named as such
-    out = args.out or os.path.join(args.run_dir, "curves.png")
+    out = args.out or os.path.join(args.run_dir, "zsl_groups.png" if args.zsl_groups else "curves.png")
     check_outputs([("--out", out)], [("the log", os.path.join(args.run_dir, "log.jsonl"))])
-    print(f"curves -> {write_curves(args.run_dir, args.out)}")
+    write = write_group_curves if args.zsl_groups else write_curves
+    print(f"curves -> {write(args.run_dir, args.out)}")
 
 
 if __name__ == "__main__":
