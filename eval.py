@@ -26,6 +26,7 @@ from support import parallel
 from support import runs
 from support import safe_io
 from support import tasks
+from support import thresholds
 from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import DataError, ImageList, build_transform, spml_resize, view_transform
@@ -81,14 +82,16 @@ def sigrl_scorers(model, label_sets, resolution, spml, branches=False):
 BRANCHES = ("local", "global")
 
 
-def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None, branch_metrics=False):
+def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None, branch_metrics=False,
+                   keep_scores=False):
     """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
     label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows.
     Under torchrun every process scores its share; rank 0 returns the metrics, the others None.
 
     Returns {split: metrics of the fused score, "branch_map": {split: {"local": mAP, "global": mAP}}}, the
     mAP of each branch of Eq. 13 scored alone (local is None for --global-only). `branch_metrics` adds
-    "branches": {split: {"local": metrics, "global": metrics}}, every figure of each branch."""
+    "branches": {split: {"local": metrics, "global": metrics}}, every figure of each branch; `keep_scores`
+    adds "scores": {split: (N, C) fused scores}."""
     model.eval()
     n_train = tasks.n_train_classes(cfg, data)
     transform = build_transform(cfg.task, False, resolution)
@@ -119,6 +122,8 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
                              for split, per in branches.items()}
     if branch_metrics:
         results["branches"] = branches
+    if keep_scores:
+        results["scores"] = {split: s[..., 0] for split, s in scores.items()}
     return results
 
 
@@ -206,13 +211,29 @@ def eval_checkpoint(args):
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
     parallel.ready()
+    names, n_train = tasks.label_names(cfg, data)
+    if args.calibrate:  # per-class thresholds on a split that is not the test split (support/thresholds.py)
+        R = ckpt["resolution"]
+        encode, scorers = sigrl_scorers(model, {"all": ckpt["label_emb"].to(device)}, R, spml=cfg.task == "spml")
+
+        def score(paths):
+            s = predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size,
+                        cfg.workers, "calibrate")
+            return None if s is None else s["all"]  # (N, C)
+        thresholds.calibrate(args.calibrate, cfg, data, names, score,
+                             thresholds.checkpoint_entry(args.ckpt, ckpt["state"]["epoch"]), args.calibrate_n, args.seed)
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
-                             splits=("test",) if cfg.task == "spml" else None)
+                             splits=("test",) if cfg.task == "spml" else None, keep_scores=True)
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
+        scores = results.pop("scores")
         print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
         print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
             f"{split.upper()} " + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
             for split, per in results["branch_map"].items()))
+        if args.calibrate or args.thresholds:  # the label set the thresholds are for: GZSL's (ZSL), all (SPML)
+            results["thresholds"] = thresholds.report(args.calibrate or args.thresholds, cfg.task,
+                                                      scores["gzsl" if cfg.task == "zsl" else "test"],
+                                                      data.test_labels, names, n_train)
     return results
 
 
@@ -364,7 +385,13 @@ def parser():
     p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed)")
     p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
     p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image")
-    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn")
+    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn; --calibrate (ZSL): which "
+                                                       "training images")
+    p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "
+                   "maximiser) on SPML's validation split or, for ZSL, a slice of the training images; write them "
+                   "here for predict.py --thresholds, and report them on the test split")
+    p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used")
+    p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
     return p
 
 
@@ -380,11 +407,18 @@ def main(argv=None):
         if args.figure:
             check_output_path("figure", args.figure)
             return draw_figure(args) or 0
-        if args.json:
-            check_output_path("json", args.json)
+        if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
+                                                         and args.calibrate_n >= 1):
+            raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
+        if args.thresholds:
+            thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
+        for flag in ("json", "calibrate"):
+            if getattr(args, flag):
+                check_output_path(flag, getattr(args, flag))
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)
+            print(f"figures written to {args.json}")
     except (CheckpointError, DataError, UsageError, safe_io.WriteError, parallel.Stopped) as err:
         parallel.report(err, runs.error_line(err))
         return 2

@@ -42,6 +42,7 @@ from tools import draw
 import eval as evaluation
 from support import runs
 from support import tasks
+from support import thresholds
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
 from data import DataError, build_transform, check_images, view_transform
@@ -167,12 +168,25 @@ def clip_tagger(args, labels, device):
     return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine")
 
 
+def per_label_thresholds(path, tagger, ckpt_path):
+    """--thresholds: (C,) in the tagger's label order; another label set is refused (support/thresholds.py)."""
+    if tagger.model is None:
+        raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
+    cut, rec = thresholds.for_labels(path, tagger.names)
+    if rec["checkpoint"]["sha256"] != thresholds.file_sha256(ckpt_path):
+        print(f"warning: {path} was fitted for {rec['checkpoint']['path']} (epoch {rec['checkpoint']['epoch']}), "
+              f"not {ckpt_path}: another model's scores may need other thresholds", file=sys.stderr)
+    return cut
+
+
 # ----------------------------------------------------------------------------- outputs
 def ranked(row, names, top_k, threshold):
-    """[(name, score)] best first: the top_k, or with a threshold every score >= it (at most top_k if given)."""
+    """[(name, score)] best first: the top_k, or with a threshold (one, or one per label (C,)) every score >= it
+    (at most top_k if given)."""
     order = np.argsort(-row, kind="stable")
     if threshold is not None:
-        order = [i for i in order if row[i] >= threshold]
+        keep = row >= threshold  # (C,)
+        order = [i for i in order if keep[i]]
     return [(names[i], float(row[i])) for i in order[:top_k]]
 
 
@@ -180,11 +194,13 @@ def write_outputs(args, paths, names, scores, picks):
     if args.json:
         rows = [{"image": p, "labels": [[n, s] for n, s in pick]} for p, pick in zip(paths, picks)]
         runs.write_json(rows, args.json)
+        print(f"tags written to {args.json}", file=sys.stderr)
     if args.csv:
         text = io.StringIO(newline="")
         csv.writer(text).writerows([["image", "rank", "label", "score"]] + [
             [p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick)])
         atomic_write(args.csv, lambda f: f.write(text.getvalue().encode("utf-8")))
+        print(f"tags written to {args.csv}", file=sys.stderr)
     if args.save_scores:
         stem = args.save_scores[:-4] if args.save_scores.endswith(".npy") else args.save_scores
         atomic_write(args.save_scores, lambda f: np.save(f, scores.astype(np.float32)))
@@ -199,6 +215,8 @@ def check_outputs(args):
     for flag in ("json", "csv", "save_scores"):
         if getattr(args, flag):
             evaluation.check_output_path(flag.replace("_", "-"), getattr(args, flag))
+    if args.thresholds:
+        thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
     if args.explain:
         os.makedirs(args.explain, exist_ok=True)
 
@@ -269,6 +287,8 @@ def tag(args):
     if args.explain and (tagger.model is None or tagger.model.config.global_only):
         raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip; not a "
                          "--global-only run)")
+    if args.thresholds:
+        args.threshold = per_label_thresholds(args.thresholds, tagger, args.ckpt)
     paths = find_images(args.inputs)
     if tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
@@ -277,7 +297,7 @@ def tag(args):
                                 args.batch_size, args.workers, "tagging")["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
     for path, pick in zip(paths, picks):
-        print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or f"(no score >= {args.threshold})"))
+        print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or "(no label at or above its threshold)"))
     write_outputs(args, paths, tagger.names, scores, picks)
     if args.explain:
         written = explain(tagger, paths, picks, args.explain, device)
@@ -295,8 +315,10 @@ def parser():
     p.add_argument("--labels", help='comma-separated label names, e.g. "cat,dog,lake" (default: the checkpoint\'s)')
     p.add_argument("--labels-file", help="a UTF-8 text file, one label name a line")
     p.add_argument("--template", default="There is a {} in the scene", help="--clip alone: the prompt")
-    p.add_argument("--top-k", type=int, default=None, help="labels shown per image (default 5; with --threshold: all)")
+    p.add_argument("--top-k", type=int, default=None, help="labels shown per image (default 5; with --threshold(s): all)")
     p.add_argument("--threshold", type=float, default=None, help="keep every label scoring at least this")
+    p.add_argument("--thresholds", metavar="FILE", help="keep every label scoring at least its own threshold, from "
+                                                       "eval.py --calibrate (for the label set it was fitted on)")
     p.add_argument("--json", help='write [{"image": PATH, "labels": [[NAME, SCORE], ...]}, ...] (best first)')
     p.add_argument("--csv", help="write the same as rows: image, rank, label, score")
     p.add_argument("--save-scores", help="write the (N, C) score matrix (.npy, for eval.py --scores) with the "
@@ -316,7 +338,9 @@ def main(argv=None):
             raise UsageError("give --labels or --labels-file, not both")
         if args.top_k is not None and args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
             raise UsageError("--top-k and --batch-size must be >= 1, --workers >= 0")
-        args.top_k = args.top_k or (5 if args.threshold is None else None)
+        if args.threshold is not None and args.thresholds:
+            raise UsageError("give --threshold (one for all labels) or --thresholds FILE (one per label), not both")
+        args.top_k = args.top_k or (5 if args.threshold is None and not args.thresholds else None)
         offline_demo = not (args.inputs or args.ckpt or args.clip)
         if not offline_demo and not args.inputs:
             raise UsageError("no images given (image files or folders after the flags; see --help)")
