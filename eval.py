@@ -284,7 +284,7 @@ def draw_figure(args):
     picture, _ = draw.figure_grid(cells, f"{args.ckpt} (epoch {ckpt['state']['epoch']}): top-{args.figure_k} "
                                          f"predictions, {setting}")
     draw.save(picture, args.figure)
-    print(f"figure: {len(cells)} test images -> {args.figure}")
+    print(f"figure: {len(cells)} test images written to {args.figure}")
 
 
 def eval_scores(args):

@@ -21,8 +21,9 @@ normalisation, and (2) SDA's attention over the patches for that label (its soft
 averaged over the D channels. Both come from SigRL.explain, which runs the same code as the scores.
 
 With no arguments: tags 6 toy-world test images with the default run runs/zsl-toy/last.pt (trained first with
-`python train.py` when absent, a few minutes), writes runs/zsl-toy/explain/*.png and draws the paper's Fig. 3
-for it in runs/zsl-toy/figure.png.
+`python train.py` when absent, a few minutes), each tag marked right or wrong against their ground truth,
+writes runs/zsl-toy/explain/*.png and the gallery runs/zsl-toy/gallery/index.html, and draws the paper's
+Fig. 3 for it in runs/zsl-toy/figure.png.
 """
 import argparse
 import csv
@@ -39,6 +40,7 @@ from PIL import Image
 
 from support import checkpoints
 from tools import draw
+from tools import gallery
 import eval as evaluation
 from support import runs
 from support import tasks
@@ -168,17 +170,6 @@ def clip_tagger(args, labels, device):
     return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine")
 
 
-def per_label_thresholds(path, tagger, ckpt_path):
-    """--thresholds: (C,) in the tagger's label order; another label set is refused (support/thresholds.py)."""
-    if tagger.model is None:
-        raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
-    cut, rec = thresholds.for_labels(path, tagger.names)
-    if rec["checkpoint"]["sha256"] != thresholds.file_sha256(ckpt_path):
-        print(f"warning: {path} was fitted for {rec['checkpoint']['path']} (epoch {rec['checkpoint']['epoch']}), "
-              f"not {ckpt_path}: another model's scores may need other thresholds", file=sys.stderr)
-    return cut
-
-
 # ----------------------------------------------------------------------------- outputs
 def ranked(row, names, top_k, threshold):
     """[(name, score)] best first: the top_k, or with a threshold (one, or one per label (C,)) every score >= it
@@ -206,7 +197,7 @@ def write_outputs(args, paths, names, scores, picks):
         atomic_write(args.save_scores, lambda f: np.save(f, scores.astype(np.float32)))
         for suffix, lines in ((".images.txt", paths), (".label_names.txt", names)):
             atomic_write(stem + suffix, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
-        print(f"scores ({len(paths)} images x {len(names)} labels) -> {args.save_scores}, rows in "
+        print(f"scores ({len(paths)} images x {len(names)} labels) written to {args.save_scores}, rows in "
               f"{stem}.images.txt, columns in {stem}.label_names.txt", file=sys.stderr)
 
 
@@ -217,8 +208,9 @@ def check_outputs(args):
             evaluation.check_output_path(flag.replace("_", "-"), getattr(args, flag))
     if args.thresholds:
         thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
-    if args.explain:
-        os.makedirs(args.explain, exist_ok=True)
+    for folder in (args.explain, args.html and os.path.join(args.html, "explain")):
+        if folder:
+            os.makedirs(folder, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- --explain
@@ -272,14 +264,40 @@ def demo(args):
     names, n_train = tasks.label_names(cfg, data)
     chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
     run_dir = os.path.dirname(DEMO_CKPT)
-    args.ckpt, args.explain = DEMO_CKPT, os.path.join(run_dir, "explain")
+    args.ckpt, args.explain, args.html = DEMO_CKPT, os.path.join(run_dir, "explain"), os.path.join(run_dir, "gallery")
     args.inputs = [data.test_paths[i] for i in chosen]
-    return tag(args) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
+    truth = {data.test_paths[i]: {names[c] for c in np.flatnonzero(data.test_labels[i] == 1)} for i in chosen}
+    print(f"note: toy-world test images, so each tag is marked [right] or [wrong] against their ground truth",
+          file=sys.stderr)
+    return tag(args, truth) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
                                          "--workers", "0"])
 
 
+def write_gallery(args, tagger, paths, scores, picks, known, device):
+    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch."""
+    local = tagger.model is not None and not tagger.model.config.global_only
+    maps = explain(tagger, paths, picks, os.path.join(args.html, "explain"), device) if local else None
+    rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
+            f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
+    notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
+             f"label list per image (Eq. 13): compare them within this page."]
+    index = gallery.write(args.html, tagger.kind, notes, paths, tagger.names, scores,
+                          [{n for n, _ in p} for p in picks], known, maps)
+    print(f"gallery: {len(paths)} images written to {index}", file=sys.stderr)
+
+
+def tag_line(path, pick, truth):
+    """An image's printed tags; with ground truth (the demo), each says right or wrong, then what was missed."""
+    if truth is None:
+        return f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or "(no label at or above its threshold)")
+    missed = [n for n in sorted(truth) if n not in {m for m, _ in pick}]
+    return (f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
+            + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
+
+
 # ----------------------------------------------------------------------------- command line
-def tag(args):
+def tag(args, truth=None):
+    """Tag args.inputs; truth (the demo): {path: set of ground-truth labels} marks each tag right or wrong."""
     check_outputs(args)
     labels = read_labels(args)
     device = runs.pick_device(args.device)
@@ -287,8 +305,10 @@ def tag(args):
     if args.explain and (tagger.model is None or tagger.model.config.global_only):
         raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip; not a "
                          "--global-only run)")
-    if args.thresholds:
-        args.threshold = per_label_thresholds(args.thresholds, tagger, args.ckpt)
+    if args.thresholds and tagger.model is None:
+        raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
+    if args.thresholds:  # (C,) in the tagger's label order; another label set is refused
+        args.threshold = thresholds.for_checkpoint(args.thresholds, tagger.names, args.ckpt)
     paths = find_images(args.inputs)
     if tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
@@ -296,12 +316,15 @@ def tag(args):
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
                                 args.batch_size, args.workers, "tagging")["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
-    for path, pick in zip(paths, picks):
-        print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or "(no label at or above its threshold)"))
+    known = [truth[p] for p in paths] if truth else None
+    for path, pick, t in zip(paths, picks, known or [None] * len(paths)):
+        print(tag_line(path, pick, t))
     write_outputs(args, paths, tagger.names, scores, picks)
     if args.explain:
         written = explain(tagger, paths, picks, args.explain, device)
-        print(f"explain: {len(written)} PNGs -> {args.explain}", file=sys.stderr)
+        print(f"explain: {len(written)} PNGs written to {args.explain}", file=sys.stderr)
+    if args.html:
+        write_gallery(args, tagger, paths, scores, picks, known, device)
     return 0
 
 
@@ -325,6 +348,8 @@ def parser():
                                          "row order in <stem>.images.txt and the columns in <stem>.label_names.txt")
     p.add_argument("--explain", metavar="OUT_DIR", help="one PNG per image: where each top label's local score "
                                                         f"comes from (at most {EXPLAIN_COLUMNS} labels)")
+    p.add_argument("--html", metavar="OUT_DIR", help="a static page OUT_DIR/index.html of the images with their "
+                                                     "ranked labels, score bars and explain maps (tools/gallery.py)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")

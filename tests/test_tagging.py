@@ -1,17 +1,32 @@
-"""Per-class thresholds (support/thresholds.py, eval.py --calibrate, predict.py --thresholds): each threshold is
-its label's F1 maximiser (checked by hand and by brute force over every possible cut), the fallback is the
-pooled maximiser, the figures do not depend on the order of the images, and a file fitted for one label set
-is refused for another. The end-to-end tests use test_predict's untrained run on a small toy world."""
+"""Tagging that people use: per-class thresholds (support/thresholds.py, eval.py --calibrate, predict.py
+--thresholds) and the HTML gallery (tools/gallery.py, predict.py --html).
+
+Thresholds: each is its label's F1 maximiser (checked by hand and by brute force over every possible cut), the
+fallback is the pooled maximiser, the figures do not depend on the order of the images, and a file fitted for
+one label set is refused for another. Gallery: read back with the standard library's HTML parser (every picture
+it references exists, every ranked label and mark is there) and drawn by headless Chromium (Debian's
+`chromium`; skipped where it is not installed), which must draw every card's photo. The end-to-end tests use
+test_predict's untrained run on a small toy world."""
+import contextlib
+import html.parser
+import io
 import json
 import math
+import os
+import shutil
+import subprocess
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
 import eval as evaluation
 import predict
 from support import thresholds
+from tools import gallery
 from test_predict import _setup, forward_scores, one_line_error
 
 
@@ -179,3 +194,104 @@ def test_calibrate_then_tag(setup, tmp_path, capsys):
 def forward_scores_all(setup, paths):
     H = torch.load(setup["ckpt"], weights_only=True)["label_emb"]
     return forward_scores(setup["model"], paths, H)
+
+
+# ----------------------------------------------------------------------------- the gallery
+class Page(html.parser.HTMLParser):
+    """The parts of index.html the tests check: every src, each card's text, and the classes of its <li>."""
+    def __init__(self):
+        super().__init__()
+        self.srcs, self.cards, self.body = [], [], {}
+        self.in_card = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "body":
+            self.body = attrs
+        if "src" in attrs:
+            self.srcs.append(attrs["src"])
+        if tag == "section" and "card" in attrs.get("class", "").split():
+            self.cards.append({"text": "", "li": [], "struck": []})
+        if self.cards and tag == "li":
+            self.cards[-1]["li"].append([attrs.get("class", ""), ""])
+        self.tag = tag
+
+    def handle_endtag(self, tag):
+        self.tag = None
+
+    def handle_data(self, data):
+        if self.cards:
+            self.cards[-1]["text"] += data
+            if self.tag == "span" and self.cards[-1]["li"] and not self.cards[-1]["li"][-1][1]:
+                self.cards[-1]["li"][-1][1] = data  # the first span of an <li> is the label's name
+            if self.tag == "s":
+                self.cards[-1]["struck"].append(data)
+
+
+def read_page(index):
+    page = Page()
+    page.feed(open(index, encoding="utf-8").read())
+    return page
+
+
+@pytest.fixture(scope="module")
+def folder_gallery(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gallery")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert predict.main(["--ckpt", str(setup["ckpt"]), str(setup["photos"]), "--html", str(out), "--top-k",
+                             "3", "--workers", "0"]) == 0
+    assert f"written to {out / 'index.html'}" in err.getvalue()
+    return out
+
+
+def test_gallery_of_a_folder(setup, folder_gallery):
+    out = folder_gallery
+    page = read_page(out / "index.html")
+    assert page.srcs and all((out / unquote(src)).is_file() for src in page.srcs)  # every picture is there
+    assert not any(src.startswith(("http:", "https:", "//", "/")) for src in page.srcs)  # nothing from outside
+    assert len(page.cards) == len(setup["created"]) == 6
+    images = sorted(setup["created"], key=lambda r: (os.path.dirname(r), os.path.basename(r)))  # the walk order
+    names = setup["names"]
+    scores = forward_scores_all(setup, [str(setup["photos"] / r) for r in images])
+    for card, row in zip(page.cards, scores):
+        top = [names[c] for c in np.argsort(-row, kind="stable")[:gallery.RANKED]]
+        assert [name for _, name in card["li"]] == top  # every ranked label, best first
+        assert [("tagged" in cls.split()) for cls, _ in card["li"]] == [True] * 3 + [False] * (len(top) - 3)
+        assert "explain maps" in card["text"]  # the toy run has a local branch
+    assert sum("explain/" in src for src in page.srcs) == 6
+
+
+def test_gallery_marks_right_and_wrong(tmp_path):
+    """Known case: truth {cat, dog, sky}, tagged {dog, car}: dog right, car wrong, cat and sky struck."""
+    Image.new("RGB", (40, 30), (10, 120, 40)).save(tmp_path / "x.png")
+    index = gallery.write(str(tmp_path / "g"), "title <&>", ["a note"], [str(tmp_path / "x.png")],
+                          ["cat", "dog", "car", "sky"], np.array([[0.1, 0.4, 0.3, 0.2]]), [{"dog", "car"}],
+                          [{"cat", "dog", "sky"}])
+    page = read_page(index)
+    (card,) = page.cards
+    assert card["li"] == [["tagged right", "dog"], ["tagged wrong", "car"], ["ranked", "sky"], ["ranked", "cat"]]
+    assert card["struck"] == ["cat", "sky"]
+    text = open(index, encoding="utf-8").read()
+    assert "title &lt;&amp;&gt;" in text and "title <&>" not in text  # text is escaped
+    assert Image.open(tmp_path / "g" / "images" / "0000.png").size == (40, 30)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_gallery_in_a_browser(folder_gallery, tmp_path):
+    """Chromium loads the page from disk, runs its one script after every photo has loaded, and draws it."""
+    url = (folder_gallery / "index.html").as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    page = Page()
+    page.feed(dom)
+    assert page.body.get("data-photos-drawn") == "6" and len(page.cards) == 6, dom[:500]
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + ["--window-size=1000,800", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=120)
+    picture = np.asarray(Image.open(shot).convert("RGB"))
+    assert picture.shape == (800, 1000, 3)
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50  # photos and text, not a blank page
