@@ -1,6 +1,7 @@
 """Evaluation under the paper's protocols, from a run checkpoint, from saved scores, or for zero-shot CLIP.
 
     python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # needs nothing else
+    python eval.py --ckpt RUN_DIR/best.pt --calibrate T.json     # + per-class thresholds for predict.py
     python eval.py --scores S.npy --labels Y.npy --protocol nuswide|spml [--json PATH]
     python eval.py --baseline clip --clip ViT-B-16.pt --data nuswide --data-root DIR
 
