@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -149,6 +150,15 @@ def for_labels(path, names):
                          f"{rec['labels_sha256'][:12]}; these {len(names)} lack {missing[:3]} and add {extra[:3]}): "
                          f"scores depend on the label set (Eq. 13), so its thresholds do not apply")
     return np.array([table[n] for n in names]), rec
+
+
+def for_checkpoint(path, names, ckpt_path):
+    """for_labels, with a warning when the thresholds were fitted for another checkpoint than `ckpt_path`."""
+    cut, rec = for_labels(path, names)
+    if rec["checkpoint"]["sha256"] != file_sha256(ckpt_path):
+        print(f"warning: {path} was fitted for {rec['checkpoint']['path']} (epoch {rec['checkpoint']['epoch']}), "
+              f"not {ckpt_path}: another model's scores may need other thresholds", file=sys.stderr)
+    return cut
 
 
 def checkpoint_entry(path, epoch):
