@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from support import checkpoints
 from tools import draw
+from tools import gallery
 from support import parallel
 from support import runs
 from support import safe_io
@@ -286,6 +287,10 @@ def draw_figure(args):
                                          f"predictions, {setting}")
     draw.save(picture, args.figure)
     print(f"figure: {len(cells)} test images written to {args.figure}")
+    if args.figure_html:  # the same images, ranked labels and marks as a page (tools/gallery.py)
+        index = gallery.write(args.figure_html, f"{args.ckpt}: {setting}", [f"tagged: the top {args.figure_k}"],
+                              paths, names, scores, [set(c[3]) for c in cells], [set(c[2]) for c in cells])
+        print(f"gallery: {len(cells)} test images written to {index}")
 
 
 def eval_scores(args):
@@ -386,6 +391,7 @@ def parser():
     p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed)")
     p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
     p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image")
+    p.add_argument("--figure-html", metavar="OUT_DIR", help="--figure: also an HTML gallery of the same images")
     p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn; --calibrate (ZSL): which "
                                                        "training images")
     p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "

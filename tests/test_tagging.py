@@ -198,7 +198,8 @@ def forward_scores_all(setup, paths):
 
 # ----------------------------------------------------------------------------- the gallery
 class Page(html.parser.HTMLParser):
-    """The parts of index.html the tests check: every src, each card's text, and the classes of its <li>."""
+    """The parts of index.html the tests check: every src, and per card its text, its name (<h2>), its struck
+    labels (<s>) and the [class, label name] of each <li>."""
     def __init__(self):
         super().__init__()
         self.srcs, self.cards, self.body = [], [], {}
@@ -226,6 +227,8 @@ class Page(html.parser.HTMLParser):
                 self.cards[-1]["li"][-1][1] = data  # the first span of an <li> is the label's name
             if self.tag == "s":
                 self.cards[-1]["struck"].append(data)
+            if self.tag == "h2":
+                self.cards[-1]["name"] = data
 
 
 def read_page(index):
@@ -295,3 +298,19 @@ def test_gallery_in_a_browser(folder_gallery, tmp_path):
     picture = np.asarray(Image.open(shot).convert("RGB"))
     assert picture.shape == (800, 1000, 3)
     assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50  # photos and text, not a blank page
+
+
+def test_figure_gallery_marks_against_the_test_labels(setup, tmp_path):
+    out = tmp_path / "fig"
+    assert evaluation.main(["--ckpt", str(setup["ckpt"]), "--figure", str(tmp_path / "f.png"), "--figure-n", "3",
+                            "--figure-html", str(out), "--workers", "0"]) == 0
+    page, data = read_page(out / "index.html"), setup["data"]
+    unseen = list(data.unseen)  # the figure scores the unseen labels alone (the ZSL pass)
+    truth = {os.path.basename(p): {unseen[c] for c in np.flatnonzero(y[len(data.seen):] == 1)}
+             for p, y in zip(data.test_paths, data.test_labels)}
+    assert len(page.cards) == 3 and all((out / unquote(src)).is_file() for src in page.srcs)
+    for card in page.cards:
+        known = truth[card["name"]]
+        tagged = [(cls.split(), name) for cls, name in card["li"] if "tagged" in cls.split()]
+        assert len(tagged) == 3 and all(("right" in cls) == (name in known) for cls, name in tagged)
+        assert set(card["struck"]) == known - {name for _, name in tagged}
