@@ -264,7 +264,7 @@ def test_gallery_of_a_folder(setup, folder_gallery):
     assert sum("explain/" in src for src in page.srcs) == 6
 
 
-def test_gallery_marks_right_and_wrong(tmp_path):
+def test_gallery_marks_right_and_wrong(tmp_path, monkeypatch):
     """Known case: truth {cat, dog, sky}, tagged {dog, car}: dog right, car wrong, cat and sky struck."""
     Image.new("RGB", (40, 30), (10, 120, 40)).save(tmp_path / "x.png")
     index = gallery.write(str(tmp_path / "g"), "title <&>", ["a note"], [str(tmp_path / "x.png")],
@@ -274,6 +274,10 @@ def test_gallery_marks_right_and_wrong(tmp_path):
     (card,) = page.cards
     assert card["li"] == [["tagged right", "dog"], ["tagged wrong", "car"], ["ranked", "sky"], ["ranked", "cat"]]
     assert card["struck"] == ["cat", "sky"]
+    monkeypatch.setattr(gallery, "RANKED", 1)  # the top label, and every tag however low it ranks
+    index2 = gallery.write(str(tmp_path / "g2"), "t", [], [str(tmp_path / "x.png")], ["cat", "dog", "car", "sky"],
+                           np.array([[0.1, 0.4, 0.3, 0.2]]), [{"cat"}], None)
+    assert read_page(index2).cards[0]["li"] == [["ranked", "dog"], ["tagged", "cat"]]
     text = open(index, encoding="utf-8").read()
     assert "title &lt;&amp;&gt;" in text and "title <&>" not in text  # text is escaped
     assert Image.open(tmp_path / "g" / "images" / "0000.png").size == (40, 30)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from support.safe_io import atomic_write
 
-RANKED = 8  # labels listed per card at least (more when more are tagged)
+RANKED = 8  # labels listed per card at least, and every tag (a label's own threshold can tag a low score)
 THUMB = 320  # longest side of a card's picture, in pixels; smaller images are enlarged by the browser
 
 STYLE = """
@@ -84,8 +84,8 @@ def write(out_dir, title, notes, images, names, scores, tagged, truth=None, expl
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     ranked = []
     for row, tags in zip(scores, tagged):
-        order = np.argsort(-row, kind="stable")[:max(RANKED, len(tags))]  # best first; every tag is listed
-        ranked.append([(names[c], float(row[c])) for c in order])
+        order = np.argsort(-row, kind="stable")  # best first: the top RANKED, and every tag however low
+        ranked.append([(names[c], float(row[c])) for r, c in enumerate(order) if r < RANKED or names[c] in tags])
     shown = [s for r in ranked for _, s in r]
     lo, hi = (min(shown), max(shown)) if shown else (0.0, 1.0)
     cards = []
