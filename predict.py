@@ -267,10 +267,10 @@ def demo(args):
     args.ckpt, args.explain, args.html = DEMO_CKPT, os.path.join(run_dir, "explain"), os.path.join(run_dir, "gallery")
     args.inputs = [data.test_paths[i] for i in chosen]
     truth = {data.test_paths[i]: {names[c] for c in np.flatnonzero(data.test_labels[i] == 1)} for i in chosen}
-    print(f"note: toy-world test images, so each tag is marked [right] or [wrong] against their ground truth",
+    print("note: toy-world test images, so each tag is marked [right] or [wrong] against their ground truth",
           file=sys.stderr)
     return tag(args, truth) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
-                                         "--workers", "0"])
+                                                "--workers", "0"])
 
 
 def write_gallery(args, tagger, paths, scores, picks, known, device):
