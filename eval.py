@@ -1,6 +1,7 @@
 """Evaluation under the paper's protocols, from a run checkpoint, from saved scores, or for zero-shot CLIP.
 
     python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # needs nothing else
+    python eval.py --ckpt RUN_DIR/best.pt --calibrate T.json     # + per-class thresholds for predict.py
     python eval.py --scores S.npy --labels Y.npy --protocol nuswide|spml [--json PATH]
     python eval.py --baseline clip --clip ViT-B-16.pt --data nuswide --data-root DIR
 
@@ -21,17 +22,19 @@ from tqdm import tqdm
 
 from support import checkpoints
 from tools import draw
+from tools import gallery
 from support import parallel
 from support import runs
 from support import safe_io
 from support import tasks
+from support import thresholds
 from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import DataError, ImageList, build_transform, read_image, spml_resize, view_transform
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
 from support.runs import UsageError
-from support.paths import check_outputs as check_paths
+from support.paths import FOLDER, check_outputs as check_paths
 from support.score_files import read_scores
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -82,14 +85,16 @@ def sigrl_scorers(model, label_sets, resolution, spml, branches=False):
 BRANCHES = ("local", "global")
 
 
-def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None, branch_metrics=False):
+def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None, branch_metrics=False,
+                   keep_scores=False):
     """Run the model over the evaluation split(s) and compute the protocol's metrics (percent).
     label_emb (C_all, D) holds every label in score-column order; ZSL uses its last U rows.
     Under torchrun every process scores its share; rank 0 returns the metrics, the others None.
 
     Returns {split: metrics of the fused score, "branch_map": {split: {"local": mAP, "global": mAP}}}, the
     mAP of each branch of Eq. 13 scored alone (local is None for --global-only). `branch_metrics` adds
-    "branches": {split: {"local": metrics, "global": metrics}}, every figure of each branch."""
+    "branches": {split: {"local": metrics, "global": metrics}}, every figure of each branch; `keep_scores`
+    adds "scores": {split: (N, C) fused scores}."""
     model.eval()
     n_train = tasks.n_train_classes(cfg, data)
     transform = build_transform(cfg.task, False, resolution)
@@ -123,6 +128,8 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
                              for split, per in branches.items()}
     if branch_metrics:
         results["branches"] = branches
+    if keep_scores:
+        results["scores"] = {split: s[..., 0] for split, s in scores.items()}
     return results
 
 
@@ -184,13 +191,16 @@ def format_epoch(record):
 
 
 def check_outputs(args, data=None):
-    """support/paths.py's rule for --json / --figure, before any work (with `data`: its test images too)."""
+    """support/paths.py's rule for --json / --figure / --calibrate / --figure-html, before any work (with `data`:
+    its test images too)."""
     given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
              ("the CLIP file", args.clip)]
     if data is not None:
         given += [("a test label file", f) for f in data.files.values()]
         given += [("a test image", p) for p in data.test_paths]
-    check_paths([("--json", args.json), ("--figure", args.figure)], given)
+    given += [("the thresholds file", args.thresholds)]
+    check_paths([("--json", args.json), ("--figure", args.figure), ("--calibrate", args.calibrate),
+                 ("--figure-html", args.figure_html, FOLDER)], given)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -216,14 +226,30 @@ def eval_checkpoint(args):
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
     parallel.ready()
+    names, n_train = tasks.label_names(cfg, data)
+    if args.calibrate:  # per-class thresholds on a split that is not the test split (support/thresholds.py)
+        R = ckpt["resolution"]
+        encode, scorers = sigrl_scorers(model, {"all": ckpt["label_emb"].to(device)}, R, spml=cfg.task == "spml")
+
+        def score(paths):
+            s = predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size,
+                        cfg.workers, "calibrate")
+            return None if s is None else s["all"]  # (N, C)
+        thresholds.calibrate(args.calibrate, cfg, data, names, score,
+                             thresholds.checkpoint_entry(args.ckpt, ckpt["state"]["epoch"]), args.calibrate_n, args.seed)
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
-                             splits=("test",) if cfg.task == "spml" else None)
+                             splits=("test",) if cfg.task == "spml" else None, keep_scores=True)
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
+        scores = results.pop("scores")
         print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
         print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
             f"{zsl_groups.setting_name(split)} "
             + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
             for split, per in results["branch_map"].items()))
+        if args.calibrate or args.thresholds:  # the label set the thresholds are for: GZSL's (ZSL), all (SPML)
+            results["thresholds"] = thresholds.report(args.calibrate or args.thresholds, cfg.task,
+                                                      scores["gzsl" if cfg.task == "zsl" else "test"],
+                                                      data.test_labels, names, n_train)
     return results
 
 
@@ -273,7 +299,11 @@ def draw_figure(args):
     picture, _ = draw.figure_grid(cells, f"{args.ckpt} (epoch {ckpt['state']['epoch']}): top-{args.figure_k} "
                                          f"predictions, {setting}")
     draw.save(picture, args.figure)
-    print(f"figure: {len(cells)} test images -> {args.figure}")
+    print(f"figure: {len(cells)} test images written to {args.figure}")
+    if args.figure_html:  # the same images, ranked labels and marks as a page (tools/gallery.py)
+        index = gallery.write(args.figure_html, f"{args.ckpt}: {setting}", [f"tagged: the top {args.figure_k}"],
+                              paths, names, scores, [set(c[3]) for c in cells], [set(c[2]) for c in cells])
+        print(f"gallery: {len(cells)} test images written to {index}")
 
 
 def eval_scores(args):
@@ -376,7 +406,14 @@ def parser():
     p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed)")
     p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
     p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image")
-    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn")
+    p.add_argument("--figure-html", metavar="OUT_DIR", help="--figure: also an HTML gallery of the same images")
+    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn; --calibrate (ZSL): which "
+                                                       "training images")
+    p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "
+                   "maximiser) on SPML's validation split or, for ZSL, a slice of the training images; write them "
+                   "here for predict.py --thresholds, and report them on the test split")
+    p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used")
+    p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
     return p
 
 
@@ -389,12 +426,18 @@ def main(argv=None):
         if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
             raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
                              "--figure-n and --figure-k must be >= 1")
+        if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
+                                                         and args.calibrate_n >= 1):
+            raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
         check_outputs(args)
+        if args.thresholds:
+            thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
         if args.figure:
             return draw_figure(args) or 0
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)
+            print(f"figures written to {args.json}")
     except (CheckpointError, DataError, UsageError, safe_io.WriteError, parallel.Stopped) as err:
         parallel.report(err, runs.error_line(err))
         return 2

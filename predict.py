@@ -23,8 +23,9 @@ normalisation, and (2) SDA's attention over the patches for that label (its soft
 averaged over the D channels. Both come from SigRL.explain, which runs the same code as the scores.
 
 With no arguments: tags 6 toy-world test images with the default run runs/zsl-toy/last.pt (trained first with
-`python train.py` when absent, a few minutes), writes runs/zsl-toy/explain/*.png and draws the paper's Fig. 3
-for it in runs/zsl-toy/figure.png.
+`python train.py` when absent, a few minutes), each tag marked right or wrong against their ground truth,
+writes runs/zsl-toy/explain/*.png and the gallery runs/zsl-toy/gallery/index.html, and draws the paper's
+Fig. 3 for it in runs/zsl-toy/figure.png.
 """
 import argparse
 import csv
@@ -40,9 +41,11 @@ from tqdm import tqdm
 
 from support import checkpoints
 from tools import draw
+from tools import gallery
 import eval as evaluation
 from support import runs
 from support import tasks
+from support import thresholds
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
 from data import DataError, build_transform, read_image, view_transform
@@ -144,10 +147,12 @@ def clip_tagger(args, labels, device):
 
 # ----------------------------------------------------------------------------- outputs
 def ranked(row, names, top_k, threshold):
-    """[(name, score)] best first: the top_k, or with a threshold every score >= it (at most top_k if given)."""
+    """[(name, score)] best first: the top_k, or with a threshold (one, or one per label (C,)) every score >= it
+    (at most top_k if given)."""
     order = np.argsort(-row, kind="stable")
     if threshold is not None:
-        order = [i for i in order if row[i] >= threshold]
+        keep = row >= threshold  # (C,)
+        order = [i for i in order if keep[i]]
     return [(names[i], float(row[i])) for i in order[:top_k]]
 
 
@@ -155,17 +160,19 @@ def write_outputs(args, paths, names, scores, picks):
     if args.json:
         rows = [{"image": p, "labels": [[n, s] for n, s in pick]} for p, pick in zip(paths, picks)]
         runs.write_json(rows, args.json)
+        print(f"tags written to {args.json}", file=sys.stderr)
     if args.csv:
         text = io.StringIO(newline="")
         csv.writer(text).writerows([["image", "rank", "label", "score"]] + [
             [p, r + 1, n, repr(s)] for p, pick in zip(paths, picks) for r, (n, s) in enumerate(pick)])
         atomic_write(args.csv, lambda f: f.write(text.getvalue().encode("utf-8")))
+        print(f"tags written to {args.csv}", file=sys.stderr)
     if args.save_scores:
         rows, columns = side_files(args.save_scores)
         atomic_write(args.save_scores, lambda f: np.save(f, scores.astype(np.float32)))
         for path, lines in ((rows, paths), (columns, names)):
             atomic_write(path, lambda f, lines=lines: f.write("".join(x + "\n" for x in lines).encode("utf-8")))
-        print(f"scores ({len(paths)} images x {len(names)} labels) -> {args.save_scores}, rows in "
+        print(f"scores ({len(paths)} images x {len(names)} labels) written to {args.save_scores}, rows in "
               f"{rows}, columns in {columns}", file=sys.stderr)
 
 
@@ -183,9 +190,13 @@ def check_outputs(args, images=()):
                ("--explain", args.explain, FOLDER)]
     outputs += [("--save-scores", side) for side in side_files(args.save_scores)] if args.save_scores else []
     outputs += [("--explain", target) for target in explain_targets(images, args.explain)] if args.explain else []
-    given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file)]
+    outputs += [("--html", args.html, FOLDER)]
+    given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file),
+             ("the thresholds file", args.thresholds)]
     given += [("images" if os.path.isdir(i) else "an image", i) for i in args.inputs]
     check_paths(outputs, given + [("an image", i) for i in images])
+    if args.thresholds:
+        thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
 
 
 def explain_targets(paths, out_dir):
@@ -244,14 +255,40 @@ def demo(args):
     names, n_train = tasks.label_names(cfg, data)
     chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
     run_dir = os.path.dirname(DEMO_CKPT)
-    args.ckpt, args.explain = DEMO_CKPT, os.path.join(run_dir, "explain")
+    args.ckpt, args.explain, args.html = DEMO_CKPT, os.path.join(run_dir, "explain"), os.path.join(run_dir, "gallery")
     args.inputs = [data.test_paths[i] for i in chosen]
-    return tag(args) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
-                                         "--workers", "0"])
+    truth = {data.test_paths[i]: {names[c] for c in np.flatnonzero(data.test_labels[i] == 1)} for i in chosen}
+    print("note: toy-world test images, so each tag is marked [right] or [wrong] against their ground truth",
+          file=sys.stderr)
+    return tag(args, truth) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
+                                                "--workers", "0"])
+
+
+def write_gallery(args, tagger, paths, scores, picks, known, device):
+    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch."""
+    local = tagger.model is not None and not tagger.model.config.global_only
+    maps = explain(tagger, paths, picks, os.path.join(args.html, "explain"), device) if local else None
+    rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
+            f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
+    notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
+             f"label list per image (Eq. 13): compare them within this page."]
+    index = gallery.write(args.html, tagger.kind, notes, paths, tagger.names, scores,
+                          [{n for n, _ in p} for p in picks], known, maps)
+    print(f"gallery: {len(paths)} images written to {index}", file=sys.stderr)
+
+
+def tag_line(path, pick, truth):
+    """An image's printed tags; with ground truth (the demo), each says right or wrong, then what was missed."""
+    if truth is None:
+        return f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or "(no label at or above its threshold)")
+    missed = [n for n in sorted(truth) if n not in {m for m, _ in pick}]
+    return (f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
+            + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
 
 
 # ----------------------------------------------------------------------------- command line
-def tag(args):
+def tag(args, truth=None):
+    """Tag args.inputs; truth (the demo): {path: set of ground-truth labels} marks each tag right or wrong."""
     check_outputs(args)
     labels = read_labels(args)
     device = runs.pick_device(args.device)
@@ -259,6 +296,10 @@ def tag(args):
     if args.explain and (tagger.model is None or tagger.model.config.global_only):
         raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip; not a "
                          "--global-only run)")
+    if args.thresholds and tagger.model is None:
+        raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
+    if args.thresholds:  # (C,) in the tagger's label order; another label set is refused
+        args.threshold = thresholds.for_checkpoint(args.thresholds, tagger.names, args.ckpt)
     paths = find_images(args.inputs)
     check_outputs(args, paths)
     if tagger.model is not None and len(tagger.names) < 2:
@@ -271,12 +312,15 @@ def tag(args):
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
                                 args.batch_size, args.workers, "tagging")["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
-    for path, pick in zip(paths, picks):
-        print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or f"(no score >= {args.threshold})"))
+    known = [truth[p] for p in paths] if truth else None
+    for path, pick, t in zip(paths, picks, known or [None] * len(paths)):
+        print(tag_line(path, pick, t))
     write_outputs(args, paths, tagger.names, scores, picks)
     if args.explain:
         written = explain(tagger, paths, picks, args.explain, device)
-        print(f"explain: {len(written)} PNGs -> {args.explain}", file=sys.stderr)
+        print(f"explain: {len(written)} PNGs written to {args.explain}", file=sys.stderr)
+    if args.html:
+        write_gallery(args, tagger, paths, scores, picks, known, device)
     return 0
 
 
@@ -290,14 +334,18 @@ def parser():
     p.add_argument("--labels", help='comma-separated label names, e.g. "cat,dog,lake" (default: the checkpoint\'s)')
     p.add_argument("--labels-file", help="a UTF-8 text file, one label name a line")
     p.add_argument("--template", default="There is a {} in the scene", help="--clip alone: the prompt")
-    p.add_argument("--top-k", type=int, default=None, help="labels shown per image (default 5; with --threshold: all)")
+    p.add_argument("--top-k", type=int, default=None, help="labels shown per image (default 5; with --threshold(s): all)")
     p.add_argument("--threshold", type=float, default=None, help="keep every label scoring at least this")
+    p.add_argument("--thresholds", metavar="FILE", help="keep every label scoring at least its own threshold, from "
+                                                       "eval.py --calibrate (for the label set it was fitted on)")
     p.add_argument("--json", help='write [{"image": PATH, "labels": [[NAME, SCORE], ...]}, ...] (best first)')
     p.add_argument("--csv", help="write the same as rows: image, rank, label, score")
     p.add_argument("--save-scores", help="write the (N, C) score matrix (.npy, for eval.py --scores) with the "
                                          "row order in <stem>.images.txt and the columns in <stem>.label_names.txt")
     p.add_argument("--explain", metavar="OUT_DIR", help="one PNG per image: where each top label's local score "
                                                         f"comes from (at most {EXPLAIN_COLUMNS} labels)")
+    p.add_argument("--html", metavar="OUT_DIR", help="a static page OUT_DIR/index.html of the images with their "
+                                                     "ranked labels, score bars and explain maps (tools/gallery.py)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -311,7 +359,9 @@ def main(argv=None):
             raise UsageError("give --labels or --labels-file, not both")
         if args.top_k is not None and args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
             raise UsageError("--top-k and --batch-size must be >= 1, --workers >= 0")
-        args.top_k = args.top_k or (5 if args.threshold is None else None)
+        if args.threshold is not None and args.thresholds:
+            raise UsageError("give --threshold (one for all labels) or --thresholds FILE (one per label), not both")
+        args.top_k = args.top_k or (5 if args.threshold is None and not args.thresholds else None)
         offline_demo = not (args.inputs or args.ckpt or args.clip)
         if not offline_demo and not args.inputs:
             raise UsageError("no images given (image files or folders after the flags; see --help)")

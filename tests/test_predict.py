@@ -271,4 +271,6 @@ def test_offline_demo_writes_the_pictures(setup, monkeypatch, capsys):
     assert predict.main(["--workers", "0"]) == 0
     run = setup["ckpt"].parent
     assert len(os.listdir(run / "explain")) == predict.DEMO_IMAGES and (run / "figure.png").is_file()
-    assert capsys.readouterr().out.count(": ") >= predict.DEMO_IMAGES
+    out = capsys.readouterr().out
+    assert out.count(": ") >= predict.DEMO_IMAGES and (run / "gallery" / "index.html").is_file()
+    assert out.count(" [right]") + out.count(" [wrong]") == 5 * predict.DEMO_IMAGES  # each top-5 tag is marked

@@ -1,0 +1,125 @@
+"""A static HTML gallery of tagged images: OUT_DIR/index.html with its pictures beside it, nothing from outside.
+
+    python predict.py --ckpt RUN/last.pt photos/ --html OUT_DIR [--thresholds THRESHOLDS.json]
+    python predict.py                                  # the offline demo also writes runs/zsl-toy/gallery/
+
+One card per image: the image, its best-ranked labels with a bar for each score, the labels it is tagged with
+(the top-k, those above --threshold, or above their own --thresholds) in bold, and, where the checkpoint has a
+local branch, its explain picture (predict.py --explain) folded under a <details>. Where ground truth is known
+(the demo's toy-world test images) the tags are marked as in the paper's Fig. 3: blue when right, red when
+wrong, and the ground-truth labels that were not tagged are listed struck through.
+
+The bars are scaled to the page's range of shown scores, not to [0, 1]: SigRL's scores are Eq. 13's values,
+of the order of 1 / sqrt(C) for C labels, not probabilities. The page's one inline script counts the photos
+the browser has drawn into <body data-photos-drawn>, which the browser test reads.
+"""
+import html
+import os
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from support.safe_io import atomic_write
+
+RANKED = 8  # labels listed per card at least, and every tag (a label's own threshold can tag a low score)
+THUMB = 320  # longest side of a card's picture, in pixels; smaller images are enlarged by the browser
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { font-size: 1.3em; margin: 0 0 .3em; } p.note { color: #555; margin: .2em 0; max-width: 70em; }
+main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 1em; margin-top: 1em; }
+section.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .7em; }
+section.card h2 { font-size: .95em; margin: .4em 0; word-break: break-all; }
+img.photo { width: 100%; max-width: 320px; image-rendering: pixelated; display: block; margin: auto; }
+ol { list-style: none; padding: 0; margin: .3em 0; font-size: .9em; }
+li { display: grid; grid-template-columns: 9em 1fr 4.5em; gap: .4em; align-items: center; padding: 1px 0; }
+li .bar { background: #eee; height: .8em; border-radius: 2px; }
+li .bar span { display: block; height: 100%; background: #999; border-radius: 2px; }
+li.tagged { font-weight: bold; } li.tagged .bar span { background: #555; }
+li.right { color: rgb(20, 80, 200); } li.right .bar span { background: rgb(20, 80, 200); }
+li.wrong { color: rgb(200, 30, 30); } li.wrong .bar span { background: rgb(200, 30, 30); }
+li .score { text-align: right; font-variant-numeric: tabular-nums; }
+p.missed { font-size: .9em; margin: .3em 0; } p.missed s { margin-right: .5em; }
+details summary { cursor: pointer; font-size: .9em; color: #555; } details img { width: 100%; margin-top: .4em; }
+"""
+
+SCRIPT = """
+window.addEventListener("load", () => {
+  const drawn = [...document.querySelectorAll("img.photo")].filter(im => im.complete && im.naturalWidth > 0
+    && im.getBoundingClientRect().width > 0);
+  document.body.dataset.photosDrawn = drawn.length;
+});
+"""
+
+
+def card(i, image_src, name, ranked, tagged, truth, explain_src, lo, hi):
+    """One image's <section>: ranked [(label, score)] best first, tagged a set of labels, truth a set or None."""
+    rows = []
+    for label, score in ranked:
+        kind = ["tagged"] if label in tagged else []
+        if truth is not None and label in tagged:
+            kind.append("right" if label in truth else "wrong")
+        width = 100 * (score - lo) / (hi - lo) if hi > lo else 100
+        rows.append(f'<li class="{" ".join(kind) or "ranked"}"><span class="name">{html.escape(label)}</span>'
+                    f'<span class="bar"><span style="width:{max(width, 2):.1f}%"></span></span>'
+                    f'<span class="score">{score:.4f}</span></li>')
+    parts = [f'<section class="card" id="card-{i}">',
+             f'<img class="photo" src="{quote(image_src)}" alt="{html.escape(name)}">',
+             f"<h2>{html.escape(name)}</h2>", "<ol>", *rows, "</ol>"]
+    if truth is not None:
+        missed = [label for label in sorted(truth) if label not in tagged]
+        parts.append('<p class="missed">ground truth not tagged: ' + (
+            "".join(f"<s>{html.escape(label)}</s>" for label in missed) or "none") + "</p>")
+    if explain_src:
+        parts.append(f'<details><summary>where the local score comes from (explain maps)</summary>'
+                     f'<img src="{quote(explain_src)}" alt="explain maps of {html.escape(name)}"></details>')
+    return "\n".join(parts + ["</section>"])
+
+
+def write(out_dir, title, notes, images, names, scores, tagged, truth=None, explain=None):
+    """OUT_DIR/index.html and OUT_DIR/images/*.png. scores (N, C) against `names`; per image (lists in the
+    order of `images`): its tagged labels (a set), its ground truth (a set; truth=None when unknown) and its
+    explain PNG (inside out_dir; explain=None without). Returns the path of index.html."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    ranked = []
+    for row, tags in zip(scores, tagged):
+        order = np.argsort(-row, kind="stable")  # best first: the top RANKED, and every tag however low
+        ranked.append([(names[c], float(row[c])) for r, c in enumerate(order) if r < RANKED or names[c] in tags])
+    shown = [s for r in ranked for _, s in r]
+    lo, hi = (min(shown), max(shown)) if shown else (0.0, 1.0)
+    cards = []
+    for i, path in enumerate(images):
+        src = os.path.join("images", f"{i:04d}.png")  # numbered: any file name makes a safe link
+        with Image.open(path) as im:
+            picture = im.convert("RGB")
+        picture.thumbnail((THUMB, THUMB))
+        atomic_write(os.path.join(out_dir, src), lambda f, p=picture: p.save(f, format="PNG"))
+        explain_src = os.path.relpath(explain[i], out_dir) if explain else None
+        cards.append(card(i, src, os.path.basename(path), ranked[i], tagged[i],
+                          None if truth is None else truth[i], explain_src, lo, hi))
+    legend = "bold: tagged" + ("; blue: tagged and right, red: tagged and wrong, struck through: ground truth "
+                               "not tagged (as in the paper's Fig. 3)" if truth is not None else "")
+    page = "\n".join(["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+                      f"<title>{html.escape(title)}</title><style>{STYLE}</style>",
+                      f"<script>{SCRIPT}</script></head><body>", f"<h1>{html.escape(title)}</h1>",
+                      *[f'<p class="note">{html.escape(n)}</p>' for n in notes + [legend]],
+                      "<main>", *cards, "</main>", "</body></html>", ""])
+    index = os.path.join(out_dir, "index.html")
+    atomic_write(index, lambda f: f.write(page.encode("utf-8")))
+    return index
+
+
+if __name__ == "__main__":  # a page of three made-up images: python -m tools.gallery [OUT_DIR]
+    import sys
+    import tempfile
+    out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="gallery-")
+    names, paths = ["red", "green", "blue", "dark"], []
+    os.makedirs(out, exist_ok=True)
+    for i, colour in enumerate([(220, 30, 30), (30, 180, 60), (20, 20, 90)]):
+        paths.append(os.path.join(out, f"made-up-{i}.png"))
+        Image.new("RGB", (64, 64), colour).save(paths[-1])
+    scores = np.array([[0.5, 0.1, 0.0, 0.2], [0.1, 0.45, 0.2, 0.3], [0.0, 0.1, 0.4, 0.42]])  # (3, 4)
+    tagged = [{names[c] for c in np.flatnonzero(row >= 0.3)} for row in scores]
+    print("written to", write(out, "three made-up images", ["scores >= 0.3 are tagged"], paths, names, scores,
+                              tagged, [{"red"}, {"green"}, {"blue", "dark"}]))
