@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gat import GMC
+from support import precision
 
 
 @dataclass
@@ -72,10 +73,10 @@ class SigRLOutput(NamedTuple):
 def sda_attention(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """SDA's attention alpha (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5 and 7)."""
     # Eq. 5: A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
-    x = patch[:, :, None, :] * H  # (B, P, 1, D) * (C, D) -> (B, P, C, D)
+    x = patch[:, :, None, :] * H.to(patch.dtype)  # (B, P, 1, D) * (C, D) -> (B, P, C, D), in the compute dtype
     A = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
     # Eq. 7 (one FC, as the code): alpha[b,:,c,d] = softmax over p of A[b,:,c,d], per class and channel
-    return A.softmax(dim=1)  # (B, P, C, D)
+    return A.softmax(dim=1, dtype=precision.softmax_dtype(A))  # (B, P, C, D)
 
 
 def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -88,10 +89,11 @@ def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.T
 def reconstruction_weight(fc_vfr: nn.Linear, patch: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
     """VFR's sum_c alpha'[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D) (Eq. 10-11)."""
     # Eq. 10: A'[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))
-    x = patch[:, :, None, :] * O[:, None]  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
+    x = patch[:, :, None, :] * O[:, None].to(patch.dtype)  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
     A = fc_vfr(x.tanh_())  # (B, P, C, D); tanh in place, as in decouple
-    # Eq. 11: alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]; then summed over the classes (Eq. 12, as the code)
-    return A.softmax(dim=1).sum(dim=2)  # (B, P, C, D) -> (B, P, D)
+    # Eq. 11: alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]; then summed over the classes (Eq. 12, as the code),
+    # accumulated in fp32 (a sum over up to 1006 classes; autocast's choice here differs between devices)
+    return A.softmax(dim=1, dtype=precision.softmax_dtype(A)).sum(dim=2, dtype=precision.at_least_fp32(A))  # (B, P, D)
 
 
 class SDA(nn.Module):
@@ -257,7 +259,7 @@ class SigRL(nn.Module):
         B, P, D = patch.shape
 
         # Eq. 13, global part: s_global[b,c] = <g[b], H[c]>, L2-normalised over the classes of each image
-        glob = F.normalize(g @ H.T, dim=-1)  # (B, D) @ (D, C) -> (B, C)
+        glob = F.normalize(precision.fp32_matmul(g, H.T), dim=-1)  # (B, D) @ (D, C) -> (B, C), fp32
         if cfg.global_only:
             return SigRLOutput(glob, None, glob, g)
 
@@ -280,7 +282,7 @@ class SigRL(nn.Module):
             G = self.label_graph(H) if G is None else G  # (C, D)
             T = self.sda(patch, H, chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
             M_hat = self.vfr(patch, T, G, chunk)  # (B, P, D)
-        return M_hat @ H.T  # (B, P, D) @ (D, C) -> (B, P, C)
+        return precision.fp32_matmul(M_hat, H.T)  # (B, P, D) @ (D, C) -> (B, P, C), fp32 (support/precision.py)
 
     @torch.no_grad()
     def explain(self, patch: torch.Tensor, H: torch.Tensor, G=None) -> SigRLMaps:
@@ -298,14 +300,10 @@ class SigRL(nn.Module):
         (encode: every token through proj, then the class token), not the tower's forward (the class token, then
         proj): the same operations on the same shapes, so while the student still equals its teacher (at the same
         precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size.
-
-        On CUDA its matmuls run in fp16 (so does its output; the caller casts it to fp32, as the reference
-        does), like the reference's teacher: openai/CLIP's clip.load keeps the file's fp16 weights on a GPU
-        and its model casts the images to fp16, with LayerNorm in fp32 (autocast does the same). On the CPU it
-        runs in the weights' precision (fp32), as clip.load's CPU path does.
+        It opens no autocast of its own: called inside the student's (train.py), it runs at the student's
+        precision (support/precision.py, rule 1; the reference runs an fp16 teacher beside an fp32 student).
         """
-        with torch.autocast("cuda", dtype=torch.float16, enabled=images.is_cuda):
-            tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
+        tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
         return tokens[:, 0]  # (B, D)
 
     def state_dict_trainable(self) -> dict:

@@ -37,6 +37,7 @@ from PIL import Image
 
 from clip_text import encode_labels
 from data import ImageList, build_transform
+from support import precision
 from tools.bench_parallel import bench_parallel
 from tools.measure import compare, in_fresh_process, peak_rss, proc_bytes
 from sigrl import SigRL, SigRLConfig, l1_distill, ranking_loss
@@ -44,6 +45,7 @@ from train import freeze_early_layers
 from vit import VisionConfig, VisionTransformer
 
 P, D = 196, 512
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SECTIONS = ["head", "encoders", "predict", "train", "parallel"]
 HEAD_TARGETS = {("fwdbwd", "memory ours/dense"): 0.25, ("fwdbwd", "time ours/dense"): 1.5,  # the issue's
                 ("fwd", "time ours/dense"): 1.1}
@@ -114,7 +116,7 @@ def head_fns(model, B, C, mode, device, dtype, P=P, fused=None):
         def fn():
             model.train(mode == "fwdbwd")
             with torch.set_grad_enabled(mode == "fwdbwd"), \
-                    torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+                    precision.autocast(device, DTYPES[dtype]):
                 scores = head(model, patch, g, H)  # (B, C)
             if mode == "fwdbwd":
                 model.zero_grad(set_to_none=True)
@@ -181,7 +183,7 @@ def bench_encoders(preset, device, dtypes, progress, compile=False):
         progress(f"{tower} encoder, batch {len(inputs)}")
 
         def fn(encode, inputs=inputs):
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=dtypes[0] == "bf16"):
+            with torch.no_grad(), precision.autocast(device, DTYPES[dtypes[0]]):
                 encode(inputs)
         res = compare({"ours": lambda: fn(mine), "open_clip": lambda: fn(other)}, preset.repeats, device, 1)
         rows.append({"encoder": tower, "batch": len(inputs), "ours items/s": len(inputs) / res["ours"]["seconds"],
@@ -209,7 +211,7 @@ def predict_fns(paths, device, dtype, C=81, size="full", batch=16):
 
     def open_clip_tagging():
         loader = torch.utils.data.DataLoader(ImageList(paths, [0] * len(paths), image_transform(R, False)), batch)
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.no_grad(), precision.autocast(device, DTYPES[dtype]):
             image = torch.cat([theirs.encode_image(x.to(device)).float() for x, _, _ in loader])  # (N, D)
         return (image / image.norm(dim=-1, keepdim=True) @ text.T).cpu().numpy()  # (N, C)
 
@@ -275,7 +277,7 @@ def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10, compile=
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+        with precision.autocast(device, DTYPES[dtype]):
             out = model(images, H)
             target = model.teacher_feat(images)  # (B, D)
         (ranking_loss(out.scores.float(), labels) + l1_distill(out.feat.float(), target.float())).backward()
