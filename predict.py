@@ -40,6 +40,7 @@ from PIL import Image
 from support import checkpoints
 from tools import draw
 import eval as evaluation
+from support import precision
 from support import runs
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
@@ -71,9 +72,9 @@ def find_images(inputs):
             raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
     for path in not_images:
         print(f"skipped {path}: not an image file (by its extension)", file=sys.stderr)
-    good, bad = check_images(paths) if paths else (np.zeros(0, bool), [])
-    for path in bad:
-        print(f"skipped {path}: cannot be read as an image", file=sys.stderr)
+    good, bad, why = check_images(paths, cache=False) if paths else (np.zeros(0, bool), [], [])
+    for path, reason in zip(bad, why):
+        print(f"skipped {path}: cannot be read as an image ({reason})", file=sys.stderr)
     paths = [p for p, ok in zip(paths, good) if ok]
     if not paths:
         raise UsageError(f"no readable images in {', '.join(inputs)}")
@@ -208,7 +209,7 @@ def check_outputs(args):
 def explain(tagger, paths, picks, out_dir, device):
     """One PNG per image (see the module docstring). The maps come from SigRL.explain, which calls the code that
     scores (SigRL.local_similarity), under the same precision as the scores."""
-    model, autocast = tagger.model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model, autocast = tagger.model, precision.autocast(device)
     v = model.student.config
     grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
     view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}

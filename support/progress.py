@@ -65,12 +65,12 @@ class Progress:
     """tqdm's bar on a terminal's stderr, plain lines on a stdout or stderr that is not a terminal (both when
     only one of them is: the log gets the lines, the terminal the bar)."""
 
-    def __init__(self, iterable, desc, total=None, unit="it"):
+    def __init__(self, iterable, desc, total=None, unit="it", out=None):
         bar = tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, disable=None)
         self.bar = bar
         logged = not (sys.stdout.isatty() and sys.stderr.isatty())
         self.lines = Lines(bar, desc, total=total if total is not None else getattr(bar, "total", None),
-                           unit=unit) if logged else None
+                           unit=unit, out=out) if logged else None
 
     def set_postfix(self, values):
         self.bar.set_postfix(values)
@@ -81,5 +81,6 @@ class Progress:
         return iter(self.lines if self.lines is not None else self.bar)
 
 
-def progress(iterable, desc, total=None, unit="it"):
-    return Progress(iterable, desc, total=total, unit=unit)
+def progress(iterable, desc, total=None, unit="it", out=None):
+    """out: where the plain lines go (default stdout; stderr for a loop whose command prints its results on stdout)."""
+    return Progress(iterable, desc, total=total, unit=unit, out=out)
