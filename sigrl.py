@@ -22,13 +22,12 @@ exact because, for one class c, every step before the pooling touches only that 
 patch * H[c], the tanh, the D -> D linear applied to each vector, and the softmax, which runs over the
 patches p, not over the classes. The pooling then sums over p (SDA: one row M[:, c] per class) or over c
 (VFR: a running sum over the chunks). So the fast path runs the plain path's own functions (`decouple`,
-`reconstruction_weight`) on `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
+`reconstruction_weight`) on at most `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
 autograd keeps only the chunk's inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a
 time in backward, so neither forward nor backward memory grows with B x P x C x D. The two paths give the
 same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
 """
 import copy
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -39,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gat import GMC
 from support import precision
+from support.compiling import class_chunks, compiled
 
 
 @dataclass
@@ -50,7 +50,7 @@ class SigRLConfig:
     global_only: bool = False  # scores = normalised global score; the heads are not built
     topk: int = 16  # local score = mean of the top-k patch similarities (k = min(topk, P))
     fast: bool = True  # False: the plain path on full (B, P, C, D) and (C, C, hidden) tensors; same numbers
-    class_chunk: int = 64  # fast path: classes per SDA/VFR step; memory only, never the result
+    class_chunk: int = 64  # fast path: classes per SDA/VFR step (near-equal chunks); memory only
     gat_chunk: int = 16  # fast path: query labels per GATv2 step (gat.py); memory only
     gat_heads: int = 4
     gat_hidden: int = 32
@@ -123,7 +123,7 @@ class SDA(nn.Module):
         else:
             step = compiled(decouple) if self.fused else decouple
             M = torch.cat([checkpoint(step, self.fc_sda, patch, H_c, use_reentrant=False)  # (B, c, D) each
-                           for H_c in H.split(chunk)], dim=1)  # (B, C, D)
+                           for H_c in class_chunks(H, chunk)], dim=1)  # (B, C, D)
         # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar passes through the
         # ReLU and the row normalisation removes it (except on rows of norm < 1e-12, which stay ~0 either way),
         # so it is left out.
@@ -168,25 +168,10 @@ class VFR(nn.Module):
         else:
             step = compiled(reconstruction_weight) if self.fused else reconstruction_weight
             weight = 0  # a running sum over the chunks: one chunk's (B, P, D) term alive at a time
-            for O_c in O.split(chunk, dim=1):  # (B, c, D)
+            for O_c in class_chunks(O, chunk, dim=1):  # (B, c, D)
                 weight = weight + checkpoint(step, self.fc_vfr, patch, O_c, use_reentrant=False)  # (B, P, D)
         M_hat = patch * weight  # Eq. 12, summed over the classes as the code does: (B, P, D)
         return M_hat
-
-
-@functools.cache
-def compiled(fn):
-    """fn (decouple or reconstruction_weight) through torch.compile, once per process (SigRL.compile_heads).
-
-    Why: a chunk makes several passes over (B, P, c, D) tensors (product, tanh, the D x D linear, softmax,
-    pooling); all but the linear are elementwise or reductions, so their cost is memory traffic. The compiler
-    fuses product + tanh into one kernel and softmax + pooling into another, the same maths in fewer passes.
-    Measured on 1 CPU thread at B = 1 (python -m tools.bench --compile): 0.67x / 0.84x the eager head's time forward at
-    C = 81 / 925, 0.83x / 0.91x forward + backward. On a GPU, where these passes rather than the matmuls bound
-    the step, the gain should be larger (not yet measured). Cached per function, not per module, so every SDA
-    (or VFR) shares one compiled body and a model is never kept alive by the cache.
-    """
-    return torch.compile(fn, dynamic=True)  # symbolic sizes: one graph for every B, P and chunk size
 
 
 class SigRL(nn.Module):
@@ -220,7 +205,7 @@ class SigRL(nn.Module):
         return cls(copy.deepcopy(clip.visual), config)
 
     def compile_heads(self) -> "SigRL":
-        """Run the fast path's SDA and VFR chunks through torch.compile (see `compiled`). Not saved with the
+        """Run the fast path's SDA and VFR chunks through torch.compile (support/compiling.py). Not saved with the
         weights; the first calls at each new shape are slow while it compiles."""
         for module in (self.sda, self.vfr):
             if module is not None:

@@ -136,7 +136,7 @@ def build(cfg, resume, run_dir, device):
         model.prompt = PromptLearner(clip, tasks.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
         label_emb_fn = model.prompt
     else:
-        fixed = encode_labels(clip, tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
+        fixed = encode_labels(clip.to(device), tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
         label_emb_fn = lambda: fixed  # noqa: E731
     train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
                           build_transform(cfg.task, True, model.student.resolution))
