@@ -327,7 +327,7 @@ def _show(a):
     if a.check_images:
         _, bad, why = check_images(paths)
         print(f"{len(bad)} of {len(paths)} images missing or unreadable" +
-              "".join(f"\n  {p}: {r}" for p, r in zip(bad[:5], why)))
+              (": " + ", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why)) if bad else ""))
 
 
 def main(argv=None):

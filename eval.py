@@ -39,26 +39,27 @@ SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
 
 
 @torch.no_grad()
-def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None):
+def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None, out=None):
     """Scores of every image against each label set: {name: (N, C_name) float32}. Each batch is loaded and
     encoded once (`encode(images)`), then scored by every `scorers[name](features) -> (B, C)`, under the device's
     precision policy (support/precision.py). key: see ImageList (for a random transform). Under torchrun each
-    process scores a contiguous run of whole batches; rank 0 gets all the scores in order, the others None."""
+    process scores a contiguous run of whole batches; rank 0 gets all the scores in order, the others None.
+    out: where progress lines go when not on a terminal (default stdout; predict.py: stderr, its stdout is results)."""
     dataset = ImageList(paths, np.zeros((len(paths), 1), dtype=np.float32), transform, key)
     mine = torch.utils.data.Subset(dataset, parallel.batch_share(len(paths), batch_size))  # all of them without torchrun
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")  # pinned: the copy below is asynchronous
-    out, done = {name: None for name in scorers}, 0  # each (n, C_name, ...) float32, allocated at the first batch
-    for images, _, _ in progress(loader, desc, unit="batch", out=sys.stderr):  # stdout: the commands' results
+    scores, done = {name: None for name in scorers}, 0  # each (n, C_name, ...) float32, allocated at the first batch
+    for images, _, _ in progress(loader, desc, unit="batch", out=out):
         with precision.autocast(device):
             features = encode(images.to(device, non_blocking=True))
             for name, score in scorers.items():
                 s = score(features).float().cpu().numpy()  # (B, C_name, ...)
-                if out[name] is None:  # filled in place: no list of batches and its concatenated copy at once
-                    out[name] = np.empty((len(mine), *s.shape[1:]), dtype=np.float32)
-                out[name][done:done + len(s)] = s
+                if scores[name] is None:  # filled in place: no list of batches and its concatenated copy at once
+                    scores[name] = np.empty((len(mine), *s.shape[1:]), dtype=np.float32)
+                scores[name][done:done + len(s)] = s
         done += len(images)
-    return parallel.gather_rows(out)
+    return parallel.gather_rows(scores)
 
 
 def sigrl_scorers(model, label_sets, resolution, spml, branches=False):

@@ -72,7 +72,7 @@ def find_images(inputs):
             raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
     for path in not_images:
         print(f"skipped {path}: not an image file (by its extension)", file=sys.stderr)
-    good, bad, why = check_images(paths, cache=False) if paths else (np.zeros(0, bool), [], [])
+    good, bad, why = check_images(paths, cache=False, out=sys.stderr) if paths else (np.zeros(0, bool), [], [])
     for path, reason in zip(bad, why):
         print(f"skipped {path}: cannot be read as an image ({reason})", file=sys.stderr)
     paths = [p for p, ok in zip(paths, good) if ok]
@@ -275,7 +275,7 @@ def tag(args):
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
               f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
-                                args.batch_size, args.workers, "tagging")["all"]  # (N, C)
+                                args.batch_size, args.workers, "tagging", out=sys.stderr)["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
     for path, pick in zip(paths, picks):
         print(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or f"(no score >= {args.threshold})"))

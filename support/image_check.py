@@ -79,9 +79,10 @@ def _read_cache(path, n):
     return None
 
 
-def check_images(paths, workers=None, cache=True, desc="checking images"):
+def check_images(paths, workers=None, cache=True, desc="checking images", out=None):
     """Open every image once -> (good_mask (N,) bool, bad paths, their reasons). Verdicts of files whose size and
-    mtime match the cache are reused. The caller reports len(bad) and a few of them once, then drops them."""
+    mtime match the cache are reused. The caller reports len(bad) and a few of them once, then drops them.
+    out: where progress lines go when not on a terminal (support/progress.py; default stdout)."""
     paths = [os.fspath(p) for p in paths]
     stats = np.array([_stat(p) for p in paths], dtype=np.int64).reshape(-1, 2)  # (N, 2): size, mtime_ns
     reasons = np.full(len(paths), None, dtype=object)
@@ -93,7 +94,7 @@ def check_images(paths, workers=None, cache=True, desc="checking images"):
     todo = [i for i in range(len(paths)) if reasons[i] is None]
     if todo:
         with ThreadPoolExecutor(workers or cores()) as pool:
-            for s in progress(range(0, len(todo), BLOCK), desc, unit="block", out=sys.stderr):
+            for s in progress(range(0, len(todo), BLOCK), desc, unit="block", out=out):
                 block = todo[s:s + BLOCK]
                 reasons[block] = list(pool.map(unreadable, [paths[i] for i in block]))
         if file:
