@@ -4,7 +4,6 @@ big tensors, the exact 0 of the distillation loss at step 0 and the closeness to
 import contextlib
 import types
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
