@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from support import cli, prepared
 from support.data_formats import DataError
 from support.prepared import prepare
+from support.image_check import check_images
 from support.parallel import seeded
 from support.paths import FOLDER, check_outputs
 
@@ -184,31 +183,6 @@ def read_image(path):
         return im.convert("RGB")
 
 
-def _unreadable(path):
-    """'' when the file exists and decodes to its last byte, else the reason. JPEGs decode at 1/8 scale (cheap:
-    the whole entropy-coded stream is still read, so a file cut short fails)."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError for some malformed headers
-        return str(e) or type(e).__name__
-    return ""
-
-
-def check_images(paths, workers=8):
-    """Open every image once, in threads (PIL decodes without the GIL) -> (good_mask (N,) bool, bad paths).
-    The caller reports len(bad) and a few of them once, then drops them: no crash hours into an epoch,
-    no silent black image."""
-    paths, reasons = list(paths), []
-    bar = tqdm(total=len(paths), desc="checking images", unit="img", disable=None)  # None: no bar unless a tty
-    with ThreadPoolExecutor(workers) as pool, bar:
-        for s in range(0, len(paths), 4096):  # in blocks: 270k paths never mean 270k pending futures
-            reasons += pool.map(_unreadable, paths[s:s + 4096])
-            bar.update(len(paths[s:s + 4096]))
-    return np.array([not r for r in reasons], dtype=np.bool_), [p for p, r in zip(paths, reasons) if r]
-
-
 # ------------------------------------------------------------------------------------------ command line
 def _show(a):
     if a.dataset == "nuswide":
@@ -224,8 +198,9 @@ def _show(a):
               f"val {len(d.val_paths)} / test {len(d.test_paths)} images")
         paths = d.train_paths + d.val_paths + d.test_paths
     if a.check_images:
-        bad = check_images(paths)[1]
-        print(f"{len(bad)} of {len(paths)} images missing or unreadable" + (": " + ", ".join(bad[:5]) if bad else ""))
+        _, bad, why = check_images(paths)
+        print(f"{len(bad)} of {len(paths)} images missing or unreadable" +
+              (": " + ", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why)) if bad else ""))
 
 
 @cli.command

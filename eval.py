@@ -18,12 +18,13 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from support import checkpoints
 from tools import draw
 from tools import gallery
 from support import parallel
+from support import precision
+from support.progress import progress
 from support import runs
 from support import safe_io
 from support import tasks
@@ -42,23 +43,27 @@ SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
 
 
 @torch.no_grad()
-def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None):
+def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None, out=None):
     """Scores of every image against each label set: {name: (N, C_name) float32}. Each batch is loaded and
-    encoded once (`encode(images)`), then scored by every `scorers[name](features) -> (B, C)`. key: see
-    ImageList (for a random transform). Under torchrun each process scores a contiguous run of whole batches
-    and rank 0 gets all the scores, in order, as one process would compute them; the others get None."""
-    dummy = np.zeros((len(paths), 1), dtype=np.float32)
-    dataset = ImageList(paths, dummy, transform, key)
+    encoded once (`encode(images)`), then scored by every `scorers[name](features) -> (B, C)`, under the device's
+    precision policy (support/precision.py). key: see ImageList (for a random transform). Under torchrun each
+    process scores a contiguous run of whole batches; rank 0 gets all the scores in order, the others None.
+    out: where progress lines go when not on a terminal (default stdout; predict.py: stderr, its stdout is results)."""
+    dataset = ImageList(paths, np.zeros((len(paths), 1), dtype=np.float32), transform, key)
     mine = torch.utils.data.Subset(dataset, parallel.batch_share(len(paths), batch_size))  # all of them without torchrun
-    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers)
-    out = {name: [] for name in scorers}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for images, _, _ in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        with autocast:
+    loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=device.type == "cuda")  # pinned: the copy below is asynchronous
+    scores, done = {name: None for name in scorers}, 0  # each (n, C_name, ...) float32, allocated at the first batch
+    for images, _, _ in progress(loader, desc, unit="batch", out=out):
+        with precision.autocast(device):
             features = encode(images.to(device, non_blocking=True))
             for name, score in scorers.items():
-                out[name].append(score(features).float().cpu())
-    return parallel.gather_rows({name: torch.cat(v).numpy() if v else None for name, v in out.items()})
+                s = score(features).float().cpu().numpy()  # (B, C_name, ...)
+                if scores[name] is None:  # filled in place: no list of batches and its concatenated copy at once
+                    scores[name] = np.empty((len(mine), *s.shape[1:]), dtype=np.float32)
+                scores[name][done:done + len(s)] = s
+        done += len(images)
+    return parallel.gather_rows(scores)
 
 
 def sigrl_scorers(model, label_sets, resolution, spml, branches=False):
@@ -214,7 +219,9 @@ def checkpoint_and_data(args):
     device = runs.pick_device(args.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
     parallel.start(device)
     parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # a toy run's world, written again if it was removed
-    data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
+    # only the images this command reads are checked: the test split, and for --calibrate the split it fits on
+    check = None if getattr(args, "calibrate", None) else ("test",)
+    data = parallel.in_turn(lambda: tasks.load_dataset(cfg, check=check))  # one process at a time may write files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     tasks.report_changed_test(ckpt, cfg, data, args.ckpt)
     check_outputs(args, data)

@@ -43,6 +43,7 @@ from support import checkpoints
 from tools import draw
 from tools import gallery
 import eval as evaluation
+from support import precision
 from support import runs
 from support import tasks
 from support import thresholds
@@ -210,7 +211,7 @@ def explain_targets(paths, out_dir):
 def explain(tagger, paths, picks, out_dir, device):
     """One PNG per image (see the module docstring). The maps come from SigRL.explain, which calls the code that
     scores (SigRL.local_similarity), under the same precision as the scores."""
-    model, autocast = tagger.model, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model, autocast = tagger.model, precision.autocast(device)
     v = model.student.config
     grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
     view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}
@@ -310,7 +311,7 @@ def tag(args, truth=None):
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
               f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
-                                args.batch_size, args.workers, "tagging")["all"]  # (N, C)
+                                args.batch_size, args.workers, "tagging", out=sys.stderr)["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
     known = [truth[p] for p in paths] if truth else None
     for path, pick, t in zip(paths, picks, known or [None] * len(paths)):

@@ -22,13 +22,12 @@ exact because, for one class c, every step before the pooling touches only that 
 patch * H[c], the tanh, the D -> D linear applied to each vector, and the softmax, which runs over the
 patches p, not over the classes. The pooling then sums over p (SDA: one row M[:, c] per class) or over c
 (VFR: a running sum over the chunks). So the fast path runs the plain path's own functions (`decouple`,
-`reconstruction_weight`) on `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
+`reconstruction_weight`) on at most `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
 autograd keeps only the chunk's inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a
 time in backward, so neither forward nor backward memory grows with B x P x C x D. The two paths give the
 same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
 """
 import copy
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -38,6 +37,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gat import GMC
+from support import precision
+from support.compiling import class_chunks, compiled
 
 
 @dataclass
@@ -49,7 +50,7 @@ class SigRLConfig:
     global_only: bool = False  # scores = normalised global score; the heads are not built
     topk: int = 16  # local score = mean of the top-k patch similarities (k = min(topk, P))
     fast: bool = True  # False: the plain path on full (B, P, C, D) and (C, C, hidden) tensors; same numbers
-    class_chunk: int = 64  # fast path: classes per SDA/VFR step; memory only, never the result
+    class_chunk: int = 64  # fast path: classes per SDA/VFR step (near-equal chunks); memory only
     gat_chunk: int = 16  # fast path: query labels per GATv2 step (gat.py); memory only
     gat_heads: int = 4
     gat_hidden: int = 32
@@ -72,10 +73,10 @@ class SigRLOutput(NamedTuple):
 def sda_attention(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """SDA's attention alpha (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5 and 7)."""
     # Eq. 5: A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
-    x = patch[:, :, None, :] * H  # (B, P, 1, D) * (C, D) -> (B, P, C, D)
+    x = patch[:, :, None, :] * H.to(patch.dtype)  # (B, P, 1, D) * (C, D) -> (B, P, C, D), in the compute dtype
     A = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
     # Eq. 7 (one FC, as the code): alpha[b,:,c,d] = softmax over p of A[b,:,c,d], per class and channel
-    return A.softmax(dim=1)  # (B, P, C, D)
+    return A.softmax(dim=1, dtype=precision.softmax_dtype(A))  # (B, P, C, D)
 
 
 def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -88,10 +89,11 @@ def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.T
 def reconstruction_weight(fc_vfr: nn.Linear, patch: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
     """VFR's sum_c alpha'[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D) (Eq. 10-11)."""
     # Eq. 10: A'[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))
-    x = patch[:, :, None, :] * O[:, None]  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
+    x = patch[:, :, None, :] * O[:, None].to(patch.dtype)  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
     A = fc_vfr(x.tanh_())  # (B, P, C, D); tanh in place, as in decouple
-    # Eq. 11: alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]; then summed over the classes (Eq. 12, as the code)
-    return A.softmax(dim=1).sum(dim=2)  # (B, P, C, D) -> (B, P, D)
+    # Eq. 11: alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]; then summed over the classes (Eq. 12, as the code),
+    # accumulated in fp32 (a sum over up to 1006 classes; autocast's choice here differs between devices)
+    return A.softmax(dim=1, dtype=precision.softmax_dtype(A)).sum(dim=2, dtype=precision.at_least_fp32(A))  # (B, P, D)
 
 
 class SDA(nn.Module):
@@ -121,7 +123,7 @@ class SDA(nn.Module):
         else:
             step = compiled(decouple) if self.fused else decouple
             M = torch.cat([checkpoint(step, self.fc_sda, patch, H_c, use_reentrant=False)  # (B, c, D) each
-                           for H_c in H.split(chunk)], dim=1)  # (B, C, D)
+                           for H_c in class_chunks(H, chunk)], dim=1)  # (B, C, D)
         # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar passes through the
         # ReLU and the row normalisation removes it (except on rows of norm < 1e-12, which stay ~0 either way),
         # so it is left out.
@@ -166,25 +168,10 @@ class VFR(nn.Module):
         else:
             step = compiled(reconstruction_weight) if self.fused else reconstruction_weight
             weight = 0  # a running sum over the chunks: one chunk's (B, P, D) term alive at a time
-            for O_c in O.split(chunk, dim=1):  # (B, c, D)
+            for O_c in class_chunks(O, chunk, dim=1):  # (B, c, D)
                 weight = weight + checkpoint(step, self.fc_vfr, patch, O_c, use_reentrant=False)  # (B, P, D)
         M_hat = patch * weight  # Eq. 12, summed over the classes as the code does: (B, P, D)
         return M_hat
-
-
-@functools.cache
-def compiled(fn):
-    """fn (decouple or reconstruction_weight) through torch.compile, once per process (SigRL.compile_heads).
-
-    Why: a chunk makes several passes over (B, P, c, D) tensors (product, tanh, the D x D linear, softmax,
-    pooling); all but the linear are elementwise or reductions, so their cost is memory traffic. The compiler
-    fuses product + tanh into one kernel and softmax + pooling into another, the same maths in fewer passes.
-    Measured on 1 CPU thread at B = 1 (python -m tools.bench --compile): 0.67x / 0.84x the eager head's time forward at
-    C = 81 / 925, 0.83x / 0.91x forward + backward. On a GPU, where these passes rather than the matmuls bound
-    the step, the gain should be larger (not yet measured). Cached per function, not per module, so every SDA
-    (or VFR) shares one compiled body and a model is never kept alive by the cache.
-    """
-    return torch.compile(fn, dynamic=True)  # symbolic sizes: one graph for every B, P and chunk size
 
 
 class SigRL(nn.Module):
@@ -218,7 +205,7 @@ class SigRL(nn.Module):
         return cls(copy.deepcopy(clip.visual), config)
 
     def compile_heads(self) -> "SigRL":
-        """Run the fast path's SDA and VFR chunks through torch.compile (see `compiled`). Not saved with the
+        """Run the fast path's SDA and VFR chunks through torch.compile (support/compiling.py). Not saved with the
         weights; the first calls at each new shape are slow while it compiles."""
         for module in (self.sda, self.vfr):
             if module is not None:
@@ -257,7 +244,7 @@ class SigRL(nn.Module):
         B, P, D = patch.shape
 
         # Eq. 13, global part: s_global[b,c] = <g[b], H[c]>, L2-normalised over the classes of each image
-        glob = F.normalize(g @ H.T, dim=-1)  # (B, D) @ (D, C) -> (B, C)
+        glob = F.normalize(precision.fp32_matmul(g, H.T), dim=-1)  # (B, D) @ (D, C) -> (B, C), fp32
         if cfg.global_only:
             return SigRLOutput(glob, None, glob, g)
 
@@ -280,7 +267,7 @@ class SigRL(nn.Module):
             G = self.label_graph(H) if G is None else G  # (C, D)
             T = self.sda(patch, H, chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
             M_hat = self.vfr(patch, T, G, chunk)  # (B, P, D)
-        return M_hat @ H.T  # (B, P, D) @ (D, C) -> (B, P, C)
+        return precision.fp32_matmul(M_hat, H.T)  # (B, P, D) @ (D, C) -> (B, P, C), fp32 (support/precision.py)
 
     @torch.no_grad()
     def explain(self, patch: torch.Tensor, H: torch.Tensor, G=None) -> SigRLMaps:
@@ -298,14 +285,10 @@ class SigRL(nn.Module):
         (encode: every token through proj, then the class token), not the tower's forward (the class token, then
         proj): the same operations on the same shapes, so while the student still equals its teacher (at the same
         precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size.
-
-        On CUDA its matmuls run in fp16 (so does its output; the caller casts it to fp32, as the reference
-        does), like the reference's teacher: openai/CLIP's clip.load keeps the file's fp16 weights on a GPU
-        and its model casts the images to fp16, with LayerNorm in fp32 (autocast does the same). On the CPU it
-        runs in the weights' precision (fp32), as clip.load's CPU path does.
+        It opens no autocast of its own: called inside the student's (train.py), it runs at the student's
+        precision (support/precision.py, rule 1; the reference runs an fp16 teacher beside an fp32 student).
         """
-        with torch.autocast("cuda", dtype=torch.float16, enabled=images.is_cuda):
-            tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
+        tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
         return tokens[:, 0]  # (B, D)
 
     def state_dict_trainable(self) -> dict:

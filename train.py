@@ -26,6 +26,7 @@ import torch
 from support import checkpoints
 import eval as evaluation
 from support import parallel
+from support import precision
 from tools import plot
 from support import runs
 from support import tasks
@@ -136,7 +137,7 @@ def build(cfg, resume, run_dir, device):
         model.prompt = PromptLearner(clip, tasks.prompt_names(names), n_ctx=cfg.n_ctx, init=cfg.coop_init or None)
         label_emb_fn = model.prompt
     else:
-        fixed = encode_labels(clip, tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
+        fixed = encode_labels(clip.to(device), tasks.prompt_names(names), template=cfg.template).to(device)  # (C_all, D)
         label_emb_fn = lambda: fixed  # noqa: E731
     train_set = ImageList(data.train_paths, data.train_labels if cfg.task == "zsl" else data.train_obs,
                           build_transform(cfg.task, True, model.student.resolution))
@@ -254,7 +255,6 @@ def train_step(run, micro_batches):
     share), share = the micro-batch's fraction of the global batch's images (one process, no --accum: a single
     micro-batch of share 1). Returns the global batch's loss terms."""
     cfg, model, net, opt, state, data, device = run.cfg, run.model, run.net, run.opt, run.state, run.data, run.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     opt.zero_grad(set_to_none=True)
     step_terms = {}
     for k, ((images, labels, index), share) in enumerate(micro_batches):
@@ -264,12 +264,13 @@ def train_step(run, micro_batches):
         label_emb = run.label_emb()[:run.n_train]  # (S, D); CoOp recomputes it for every backward
         with parallel.accumulating(net, skip_sync=k < len(micro_batches) - 1):
             # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
-            with parallel.seeded((cfg.seed, state["step"]), device), autocast:
+            with parallel.seeded((cfg.seed, state["step"]), device), precision.autocast(device):
                 out = net(images, label_emb)
+                target = model.teacher_feat(images) if cfg.task == "zsl" else None  # at the student's precision
             scores = out.scores.float()  # (B, S)
             if cfg.task == "zsl":
                 L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
-                L_global = l1_distill(out.feat.float(), model.teacher_feat(images).float())  # Eq. 16
+                L_global = l1_distill(out.feat.float(), target.float())  # Eq. 16
                 loss = L_local + L_global  # Eq. 14
                 terms = {"local": L_local, "global": L_global}
             else:

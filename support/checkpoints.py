@@ -163,13 +163,19 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore what `rng_state` saved, as far as this machine allows. The CUDA states are one per GPU visible when
+    the run was saved; a run may resume with another number of GPUs (or none), so the current device gets the
+    state saved for its index when there is one, else the first, and the other saved states are ignored.
+    (train.py draws GMC's dropout from (seed, step) on every device, so resumed numbers do not depend on them.)"""
     torch.set_rng_state(state["torch"])
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        torch.cuda.set_rng_state(saved[index] if index < len(saved) else saved[0], index)
 
 
 def seed_everything(seed):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from data import check_images
+from support.image_check import check_images
 from support.runs import UsageError
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
@@ -42,9 +42,9 @@ def find_images(inputs):
             raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
     for path, why in skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    good, bad = check_images(paths) if paths else (np.zeros(0, bool), [])
-    for path in bad:
-        print(f"skipped {path}: cannot be read as an image", file=sys.stderr)
+    good, bad, why = check_images(paths, cache=False, out=sys.stderr) if paths else (np.zeros(0, bool), [], [])
+    for path, reason in zip(bad, why):
+        print(f"skipped {path}: cannot be read as an image ({reason})", file=sys.stderr)
     paths = [p for p, ok in zip(paths, good) if ok]
     if not paths:
         raise UsageError(f"no readable images in {', '.join(inputs)}")

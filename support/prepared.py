@@ -82,7 +82,11 @@ def check_labels(labels, path, rows, cols):
     """(rows, cols) with values in {-1, 0, 1} -> int8."""
     if labels.ndim != 2 or labels.shape != (rows, cols):
         raise DataError(f"{path}: labels of shape {labels.shape}, expected ({rows}, {cols}) = (names, labels)")
-    if not np.isin(labels, (-1, 0, 1)).all():
+    # a range check, not np.isin: at NUS-WIDE's 150M entries isin took 8.8 s and an int64 copy of the array
+    integral = np.issubdtype(labels.dtype, np.integer)
+    valid = labels.size == 0 or (labels.min() >= -1 and labels.max() <= 1 if integral else
+                                 ((labels == -1) | (labels == 0) | (labels == 1)).all())  # NaN fails
+    if not valid:
         raise DataError(f"{path}: label values outside {{-1, 0, 1}}")
     return labels.astype(np.int8)
 

@@ -9,13 +9,18 @@ and at least once a minute: where it is, the last numbers the loop reported (set
         ...
         bar.set_postfix({"local": 0.41})
 """
+import os
 import sys
 import time
 
 from tqdm import tqdm
 
 EVERY_FRACTION = 0.1  # a line at each 10% of the loop ...
-EVERY_SECONDS = 60.0  # ... and at least once a minute between them
+EVERY_SECONDS = 60.0  # ... and at least once a minute between them,
+# but none before the loop has run this long: a loop of a few seconds (checking a handful of photos, a test's
+# one-step epoch) says nothing, so a command's output, or its one-line error, is not buried in progress lines.
+# SIGRL_PROGRESS_AFTER=0 in the environment prints every line however short the loop (the tests use it).
+QUIET_SECONDS = float(os.environ.get("SIGRL_PROGRESS_AFTER", "5"))
 
 
 def _plural(unit):
@@ -30,13 +35,14 @@ def _clock(seconds):
 
 class Lines:
     """Iterates like its iterable and, after each item's work is done, prints a line when 10% more of the
-    loop is done or a minute has passed since the last line. `clock` and `out` are for the tests."""
+    loop is done or a minute has passed since the last line, once the loop has run QUIET_SECONDS. `clock` and
+    `out` are for the tests."""
 
     def __init__(self, iterable, desc, total=None, unit="it", out=None, clock=time.monotonic):
         self.iterable, self.desc, self.unit, self.clock = iterable, desc, unit, clock
         self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
         self.out = out if out is not None else sys.stdout
-        self.postfix = {}
+        self.postfix, self.quiet = {}, QUIET_SECONDS
 
     def set_postfix(self, values):
         self.postfix = dict(values)
@@ -56,7 +62,7 @@ class Lines:
             yield item  # the caller does the item's work (and set_postfix) before the loop comes back here
             now = self.clock()
             at_mark = step is not None and (done % step == 0 or done == self.total)
-            if at_mark or now - last >= EVERY_SECONDS:
+            if (at_mark or now - last >= EVERY_SECONDS) and now - start >= self.quiet:
                 print(self.line(done, now, start), file=self.out, flush=True)
                 last = now
 
@@ -65,12 +71,12 @@ class Progress:
     """tqdm's bar on a terminal's stderr, plain lines on a stdout or stderr that is not a terminal (both when
     only one of them is: the log gets the lines, the terminal the bar)."""
 
-    def __init__(self, iterable, desc, total=None, unit="it"):
+    def __init__(self, iterable, desc, total=None, unit="it", out=None):
         bar = tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, disable=None)
         self.bar = bar
         logged = not (sys.stdout.isatty() and sys.stderr.isatty())
         self.lines = Lines(bar, desc, total=total if total is not None else getattr(bar, "total", None),
-                           unit=unit) if logged else None
+                           unit=unit, out=out) if logged else None
 
     def set_postfix(self, values):
         self.bar.set_postfix(values)
@@ -81,5 +87,6 @@ class Progress:
         return iter(self.lines if self.lines is not None else self.bar)
 
 
-def progress(iterable, desc, total=None, unit="it"):
-    return Progress(iterable, desc, total=total, unit=unit)
+def progress(iterable, desc, total=None, unit="it", out=None):
+    """out: where the plain lines go (default stdout; stderr for a loop whose command prints its results on stdout)."""
+    return Progress(iterable, desc, total=total, unit=unit, out=out)

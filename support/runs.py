@@ -18,6 +18,7 @@ import torchvision
 
 from support.clip_files import OFFICIAL_SHA256
 from protocol.spml_losses import SPML_DEFAULTS
+from support import precision
 from support import safe_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -220,6 +221,7 @@ def resume_config(cfg, ckpt):
 
 def pick_device(name):
     """This process's device. Under torchrun (WORLD_SIZE > 1) a GPU run uses cuda:LOCAL_RANK, one GPU per process."""
+    precision.configure()  # TF32 off, stated (support/precision.py, rule 4)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

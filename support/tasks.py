@@ -32,9 +32,11 @@ def make_toy_world(cfg):
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
 
 
-def load_dataset(cfg):
+def load_dataset(cfg, check=None):
     """The dataset of the run, read from --data-root, with missing or unreadable images excluded once, at the
-    start, in one report (never a crash hours into an epoch, never a silent black image)."""
+    start, in one report (never a crash hours into an epoch, never a silent black image). `check`: the splits
+    whose images the command uses (default: every split of the task); the others are left unchecked (eval.py
+    --ckpt scores only test)."""
     if not cfg.data_root:
         raise UsageError(f"--data {cfg.data} needs --data-root DIR (docs/datasets.md)")
     if not os.path.isdir(cfg.data_root):
@@ -46,12 +48,12 @@ def load_dataset(cfg):
         data = toyworld.load_spml_view(cfg.data_root)
     else:
         data = load_spml(cfg.data, cfg.data_root, year=cfg.voc_year, out=cfg.data_out or None)
-    for split in SPLITS[cfg.task]:
+    for split in check or SPLITS[cfg.task]:
         paths = getattr(data, f"{split}_paths")
-        good, bad = check_images(paths)
+        good, bad, why = check_images(paths, desc=f"checking {split} images")
         if bad:
             print(f"warning: {len(bad)} of {len(paths)} {split} images are missing or unreadable and are "
-                  f"excluded; first: {', '.join(bad[:3])}", file=sys.stderr)
+                  f"excluded; first: {'; '.join(f'{p} ({r})' for p, r in zip(bad[:3], why))}", file=sys.stderr)
             keep = np.flatnonzero(good)
             setattr(data, f"{split}_paths", [paths[i] for i in keep])
             for f in fields(data):

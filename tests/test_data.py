@@ -215,9 +215,10 @@ def test_check_images_and_imagelist(tmp_path, nus_h5):
     open(garbage, "wb").write(b"not an image at all" * 10)
     open(empty, "wb").close()
     paths = [good[0], str(tmp_path / "missing.jpg"), good[1], garbage, empty, good[2]]
-    mask, bad = data.check_images(paths, workers=2)
+    mask, bad, why = data.check_images(paths, workers=2)
     assert mask.dtype == np.bool_ and mask.tolist() == [True, False, True, False, False, True]
     assert bad == [paths[1], garbage, empty]
+    assert why == ["no such file", "unknown format (not an image file Pillow can read)", "empty file (0 bytes)"]
     labels = np.eye(6, dtype=np.float32)
     ds = data.ImageList(paths, labels, data.build_transform("zsl", False, 16))
     image, label, index = ds[2]

@@ -15,7 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.bench", "tools.ablation", "tools.bench_parallel",
-            "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files", "support.tasks"]
+            "tools.precision_check", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files", "support.tasks"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,8 @@ def cases(d):
         ("tools.bench", ["--threads", "0"]), ("tools.bench", ["--json", f]), ("tools.bench", ["--json", str(d / "missing" / "b.json")]),
         ("tools.bench", ["--device", "gpu"]),
         ("tools.ablation", ["--out", c("json")]), ("tools.ablation", ["--seeds", "-1"]), ("tools.ablation", ["--clip", m]),
+        ("tools.precision_check", ["--threads", "0"]), ("tools.precision_check", ["--ckpt", m]),
+        ("tools.precision_check", ["--ckpt", c("pt")]),
         ("tools.bench_parallel", ["--worker", "{not json"]), ("tools.bench_parallel", ["--worker", "[1, 2]"]),
         ("toy.pretrain", ["--out", c("json")]), ("toy.pretrain", ["--steps", "0"]), ("toy.pretrain", ["--vision-width", "100"]),
         ("toy.pretrain", ["--lr", "nan"]),

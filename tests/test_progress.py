@@ -16,6 +16,7 @@ class FakeClock:
 def test_a_line_each_tenth_with_rate_and_eta():
     out = io.StringIO()
     bar = Lines(range(20), "epoch 1/2", unit="step", out=out, clock=FakeClock(0.5))  # 2 steps/s
+    bar.quiet = 0.0  # a line from the first 10% on, however short the loop
     for i in bar:
         bar.set_postfix({"loss": f"{1 / (i + 1):.2f}"})
     lines = out.getvalue().splitlines()
@@ -38,3 +39,16 @@ def test_no_length_no_percent():
     for _ in Lines(iter(range(3)), "images", out=out, clock=FakeClock(61.0)):
         pass
     assert out.getvalue().splitlines()[0].startswith("images: 1 its, 0.02 it/s")
+
+
+def test_a_short_loop_says_nothing():
+    """Before QUIET_SECONDS (5 s) nothing is printed: a few photos checked, or a one-line error, stay uncluttered."""
+    out = io.StringIO()
+    for _ in Lines(range(10), "checking images", out=out, clock=FakeClock(0.4)):  # 4 s in all
+        pass
+    assert out.getvalue() == ""
+    out = io.StringIO()
+    for _ in Lines(range(20), "epoch 1/2", unit="step", out=out, clock=FakeClock(0.5)):  # 10 s: the second half
+        pass
+    assert [line.split(":")[1].split("(")[0].strip() for line in out.getvalue().splitlines()] == \
+        ["10/20 steps", "12/20 steps", "14/20 steps", "16/20 steps", "18/20 steps", "20/20 steps"]

@@ -437,11 +437,11 @@ def test_corrupt_label_embedding_cache_is_rebuilt(world, tmp_path, capsys, monke
     cache = tmp_path / "cache"
     monkeypatch.setenv("SIGRL_CACHE", str(cache))
     assert call(train_cli.main, capsys, spml(world, tmp_path / "a"))[0] == 0
-    for f in cache.iterdir():
+    for f in cache.glob("labels-*.pt"):  # the label embeddings (the image check's verdicts are cached here too)
         f.write_bytes(b"garbage")
     rc, _, err = call(train_cli.main, capsys, spml(world, tmp_path / "b"))
     assert rc == 0, err
-    assert all(torch.load(f, weights_only=True)["embeddings"].shape[0] == 20 for f in cache.iterdir())
+    assert all(torch.load(f, weights_only=True)["embeddings"].shape[0] == 20 for f in cache.glob("labels-*.pt"))
 
 
 def test_bad_label_files_are_one_line(world, tmp_path, capsys):
@@ -465,7 +465,7 @@ def test_dataloader_worker_error_is_one_line(world, tmp_path, capsys, monkeypatc
     """Case 15: an image that vanishes after the start-up check, read by a worker process (--workers 2)."""
     voc = tmp_path / "voc"
     shutil.copytree(world["voc"], voc)
-    monkeypatch.setattr(tasks, "check_images", lambda paths, **kw: (np.ones(len(paths), bool), []))
+    monkeypatch.setattr(tasks, "check_images", lambda paths, **kw: (np.ones(len(paths), bool), [], []))
     victim = sorted((voc / "VOCdevkit" / "VOC2012" / "JPEGImages").iterdir())[0]
     victim.unlink()
     rc, _, err = call(train_cli.main, capsys, spml(world, tmp_path / "run", workers=2, **{"data-root": voc}))

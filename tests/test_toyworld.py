@@ -97,7 +97,7 @@ def test_nuswide_view_loads_with_data_py(world):
     assert nus.train_labels.shape == (240, 27) and nus.test_labels.shape == (160, 35)
     assert nus.train_labels.dtype == np.int8 and set(np.unique(nus.test_labels)) == {-1, 1}
     assert (nus.train_labels == 1).any(0).all() and (nus.test_labels == 1).any(0).all()  # every label occurs
-    good, bad = check_images(nus.train_paths + nus.test_paths)
+    good, bad, _ = check_images(nus.train_paths + nus.test_paths)
     assert good.all() and not bad
     assert any("/Flickr/city_street/" in p for p in nus.train_paths)  # a folder name holding "_"
     names = open(world / "sigrl_nuswide" / "test_names.txt").read().split()

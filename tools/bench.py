@@ -13,10 +13,13 @@ measure.py); the sections:
   train     one training step, paper configuration; `train_flops` vs a big square matmul timed in the same run.
   parallel  train.py's step on N torchrun processes vs one process (bench_parallel.py): CPU 2 gloo processes
             (correctness, overhead); GPU images/s on one GPU, and on all of them when there are several.
+  startup   the start-up image check on 3,000 photo-sized (640 x 480) JPEGs: first start (decode), second start
+            (its cache), extrapolated to NUS-WIDE's 269,648 images (gpu_check.py; and there, as a ratio to an epoch)
 
     python -m tools.bench --quick --json bench_quick.json                  # < 3 min on 2 CPU cores (C = 81 only)
     python -m tools.bench --full --json bench_cpu.json                     # CPU, C in {81, 925, 1006}: ~25 min
-    python -m tools.bench --full --device cuda --dtypes bf16 fp32 --compile --json bench_gpu.json   # THE GPU RUN (one H100)
+    python -m tools.bench --gpu-check --json gpu_check.json               # THE GPU RUN: < 5 min on one H100/H200
+    python -m tools.bench --full --device cuda --dtypes bf16 fp32 --compile --json bench_gpu.json   # every row (long)
     --compile adds "compiled" columns/rows: ours with SDA/VFR's chunk bodies through torch.compile (SigRL.compile_heads)
 
 CPU threads default to 1: on a shared machine an OpenMP region stalls whenever one of its threads is descheduled
@@ -39,6 +42,8 @@ from clip_text import encode_labels
 from data import ImageList, build_transform
 from support import cli, runs
 from support.paths import check_outputs
+from support import precision
+from tools import gpu_check
 from tools.bench_parallel import bench_parallel
 from tools.measure import compare, in_fresh_process, peak_rss, proc_bytes
 from sigrl import SigRL, SigRLConfig, l1_distill, ranking_loss
@@ -46,7 +51,8 @@ from train import freeze_early_layers
 from vit import VisionConfig, VisionTransformer
 
 P, D = 196, 512
-SECTIONS = ["head", "encoders", "predict", "train", "parallel"]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SECTIONS = ["head", "encoders", "predict", "train", "parallel", "startup"]
 HEAD_TARGETS = {("fwdbwd", "memory ours/dense"): 0.25, ("fwdbwd", "time ours/dense"): 1.5,  # the issue's
                 ("fwd", "time ours/dense"): 1.1}
 
@@ -116,7 +122,7 @@ def head_fns(model, B, C, mode, device, dtype, P=P, fused=None):
         def fn():
             model.train(mode == "fwdbwd")
             with torch.set_grad_enabled(mode == "fwdbwd"), \
-                    torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+                    precision.autocast(device, DTYPES[dtype]):
                 scores = head(model, patch, g, H)  # (B, C)
             if mode == "fwdbwd":
                 model.zero_grad(set_to_none=True)
@@ -183,7 +189,7 @@ def bench_encoders(preset, device, dtypes, progress, compile=False):
         progress(f"{tower} encoder, batch {len(inputs)}")
 
         def fn(encode, inputs=inputs):
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=dtypes[0] == "bf16"):
+            with torch.no_grad(), precision.autocast(device, DTYPES[dtypes[0]]):
                 encode(inputs)
         res = compare({"ours": lambda: fn(mine), "open_clip": lambda: fn(other)}, preset.repeats, device, 1)
         rows.append({"encoder": tower, "batch": len(inputs), "ours items/s": len(inputs) / res["ours"]["seconds"],
@@ -211,7 +217,7 @@ def predict_fns(paths, device, dtype, C=81, size="full", batch=16):
 
     def open_clip_tagging():
         loader = torch.utils.data.DataLoader(ImageList(paths, [0] * len(paths), image_transform(R, False)), batch)
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.no_grad(), precision.autocast(device, DTYPES[dtype]):
             image = torch.cat([theirs.encode_image(x.to(device)).float() for x, _, _ in loader])  # (N, D)
         return (image / image.norm(dim=-1, keepdim=True) @ text.T).cpu().numpy()  # (N, C)
 
@@ -277,7 +283,7 @@ def train_fns(B, C, device, dtype, vision=VisionConfig(), fix_layer=10, compile=
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+        with precision.autocast(device, DTYPES[dtype]):
             out = model(images, H)
             target = model.teacher_feat(images)  # (B, D)
         (ranking_loss(out.scores.float(), labels) + l1_distill(out.feat.float(), target.float())).backward()
@@ -312,6 +318,19 @@ def bench_train(preset, device, dtypes, progress, compile=False):
                      "of matmul": achieved and achieved / limit,
                      "raw": dict(flops=flops, step=step or None, matmul=matmul)})
     return rows
+
+
+def bench_startup(preset, device, dtypes, progress, compile=False):
+    """The image check's first and second start on 3,000 photo-sized JPEGs (CPU work whatever the device)."""
+    progress("start-up image check, 3,000 photo-sized JPEGs")
+    size = dict(gpu_check.SIZES["cuda"], start_images=3000)
+    with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as cache:
+        before, os.environ["SIGRL_CACHE"] = os.environ.get("SIGRL_CACHE"), cache  # the first start finds no verdicts
+        try:
+            row = gpu_check.startup_section(size, folder)
+        finally:
+            os.environ.pop("SIGRL_CACHE") if before is None else os.environ.__setitem__("SIGRL_CACHE", before)
+    return [{k: f"{v[1]} x {v[0]}" if k == "photo" else v for k, v in row.items() if "epoch" not in k}]
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
@@ -354,7 +373,7 @@ def markdown(result):
     met = lambda v, op, limit: v <= limit if op == "<=" else v >= limit  # noqa: E731
     lines += ["", "Targets:"] + [f"- {what} {op} {limit}: " + ("n/a" if v is None else f"{v:.3f} "
                                  f"({'met' if met(v, op, limit) else 'MISSED'})") for what, v, op, limit in targets(result)]
-    lines += [f"Skipped: {why}" for why in m.get("skipped", [])]
+    lines += [f"Skipped: {why}" for why in m.get("skipped", [])] + [f"FAILED: {why}" for why in m.get("failed", [])]
     return "\n".join([f"{m['device']}, {m['threads']} thread(s), torch {m['torch']}; P={P}, D={D}; medians of "
                       "interleaved repeats; memory: peak above the inputs and weights (train: in all)"] + lines)
 
@@ -371,13 +390,19 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", default=SECTIONS, choices=SECTIONS, help="run these sections only")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours with SDA/VFR's chunk bodies through torch.compile (head and train step)")
-    parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--gpu-check", action="store_true", help="the one command a borrowed GPU runs "
+                        "(tools/gpu_check.py; paper sizes on CUDA, < 5 min on one H100; tiny on a CPU)")
+    parser.add_argument("--json", help="write every measurement here (after each section)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the CPU memory process
     args = parser.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
-    check_outputs([("--json", args.json)])
+    check_outputs([("--json", args.json or ("gpu_check.json" if args.gpu_check else None))])
     device = runs.pick_device(args.device)
+    if args.gpu_check:
+        print(gpu_check.summary(gpu_check.gpu_check(device, args.json or "gpu_check.json",
+                                                    say=lambda line: print(line, file=sys.stderr, flush=True))))
+        return None
     preset = PRESETS["full" if args.full else "quick", device.type]
     dtypes, start = args.dtypes or ["bf16" if device.type == "cuda" else "fp32"], time.time()
     torch.set_num_threads(args.threads if device.type == "cpu" else torch.get_num_threads())
@@ -395,8 +420,15 @@ def main(argv=None):
         progress(f"skipping {section}: open_clip is not installed")
     for section in sections:
         bench = {"head": bench_head, "encoders": bench_encoders, "predict": bench_predict, "train": bench_train,
-                 "parallel": bench_parallel}[section]
-        result[section] = bench(preset, device, dtypes, progress, args.compile)
+                 "parallel": bench_parallel, "startup": bench_startup}[section]
+        try:
+            result[section] = bench(preset, device, dtypes, progress, args.compile)
+        except Exception as err:  # noqa: BLE001  one failing section must not lose the others
+            result["meta"].setdefault("failed", []).append(f"{section}: {type(err).__name__}: {err}")
+            progress(f"{section} failed: {type(err).__name__}: {err}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
     result["meta"]["wall_s"] = round(time.time() - start, 1)
     result["targets"] = [dict(target=what, value=v, op=op, limit=limit) for what, v, op, limit in targets(result)]
     print(markdown(result) + f"\n\nwall time {result['meta']['wall_s']} s")
