@@ -12,7 +12,6 @@ micro top-3 / top-5 precision, recall, F1. SPML (Tables II-III): mAP of sigmoid(
 labels, precision / recall @1, @3, @5 averaged over images, and a derived F1. All figures in percent.
 """
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -20,8 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from support import checkpoints
-from tools import draw
-from tools import gallery
 from support import parallel
 from support import precision
 from support.progress import progress
@@ -31,16 +28,13 @@ from support import tasks
 from support import thresholds
 from support.clip_files import CheckpointError, load_clip
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
-from data import DataError, ImageList, build_transform, read_image, spml_resize, view_transform
+from data import DataError, ImageList, build_transform, spml_resize
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
 from support.runs import UsageError
 from support.paths import FOLDER, check_outputs as check_paths
 from support.score_files import read_scores
-
-NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
-SPML_COLUMNS = ["map", "p@1", "r@1", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
-
+from support.tables import BRANCHES, format_table
 
 @torch.no_grad()
 def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None, out=None):
@@ -87,7 +81,6 @@ def sigrl_scorers(model, label_sets, resolution, spml, branches=False):
         return encode, {name: scorer(H, model.label_graph(H)) for name, H in label_sets.items()}
 
 
-BRANCHES = ("local", "global")
 
 
 def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None, branch_metrics=False,
@@ -140,59 +133,6 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
 
 def sigmoid(x):
     return 1 / (1 + np.exp(-x.astype(np.float64)))
-
-
-def splits_of(results):
-    """The evaluation splits of a result dict, in order (its other keys, such as branch_map, are not splits)."""
-    return [k for k, v in results.items() if isinstance(v, dict) and "map" in v]
-
-
-def format_table(results, title=""):
-    """A Markdown table that pastes into a paper draft: one row per setting, figures in percent."""
-    splits = splits_of(results)
-    columns = SPML_COLUMNS if "p@1" in results[splits[0]] else NUS_COLUMNS
-    head = "| setting | " + " | ".join(c.replace("map", "mAP").replace("p@", "P@").replace("r@", "R@")
-                                       .replace("f1@", "F1@") for c in columns) + " |"
-    lines = [title] if title else []
-    lines += [head, "|" + "---|" * (len(columns) + 1)]
-    for name in splits:
-        lines.append(f"| {zsl_groups.setting_name(name)} | "
-                     + " | ".join(f"{results[name][c]:.2f}" for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def format_comparison(rows, title="", spread=None):
-    """Methods side by side on the headline figures, plus the mAP of each branch (Eq. 13's local and global
-    scores alone) for the rows that have them; `spread` (same shape as rows) adds '± std'."""
-    settings = [s for s in ("zsl", *map(zsl_groups.split_name, zsl_groups.GROUPS), "gzsl", "test")
-                if any(s in r for r in rows.values())]
-    columns = [(s, c) for s in settings for c in ("map", "f1@3", "f1@5") if c != "f1@5" or not s.startswith("zsl_")]
-    if any("branch_map" in r for r in rows.values()):
-        columns += [(s, b) for s in settings for b in BRANCHES]
-    names = {c: c.replace("map", "mAP").replace("f1", "F1") for _, c in columns} | {b: f"{b} mAP" for b in BRANCHES}
-    head = "| method | " + " | ".join(f"{zsl_groups.setting_name(s)} {names[c]}" for s, c in columns) + " |"
-    lines = ([title] if title else []) + [head, "|" + "---|" * (len(columns) + 1)]
-
-    def cell(r, s, c):
-        return (r.get("branch_map", {}).get(s, {}).get(c) if c in BRANCHES else r.get(s, {}).get(c)) if r else None
-
-    for name, r in rows.items():
-        cells = []
-        for s, c in columns:
-            value, std = cell(r, s, c), cell((spread or {}).get(name), s, c)
-            cells.append("-" if value is None else f"{value:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_epoch(record):
-    """One line per epoch: the losses and the headline figures."""
-    losses = " ".join(f"{k} {v:.4f}" for k, v in record["loss"].items())
-    figures = " | ".join(f"{name} mAP {record[name]['map']:.2f} F1@3 {record[name]['f1@3']:.2f}"
-                         + "".join(f" {b} {m:.2f}" for b, m in record.get("branch_map", {}).get(name, {}).items()
-                                   if m is not None)
-                         for name in splits_of(record))
-    return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
 def check_outputs(args, data=None):
@@ -258,59 +198,6 @@ def eval_checkpoint(args):
                                                       scores["gzsl" if cfg.task == "zsl" else "test"],
                                                       data.test_labels, names, n_train)
     return results
-
-
-# ----------------------------------------------------------------------------- the paper's Fig. 3
-def choose_images(paths, labels, n, seed=0, wanted=None):
-    """Test-image indices for a figure: `wanted` (paths, or their last parts such as a file name) in that
-    order, else n drawn with `seed` among the images with a positive in `labels` (N, C), in test order."""
-    if wanted:
-        chosen = []
-        for w in wanted:
-            hits = [i for i, p in enumerate(paths) if p == w or p.endswith(os.sep + w.lstrip(os.sep))]
-            if len(hits) != 1:
-                raise UsageError(f"--figure-images {w}: matches {len(hits)} test images, expected one "
-                                 f"(give its path, or a file name that only it has)")
-            chosen += hits
-        return chosen
-    positive = np.flatnonzero((np.asarray(labels) == 1).any(axis=1))
-    if len(positive) == 0:
-        raise UsageError("no test image has a positive label to show")
-    return sorted(np.random.default_rng(seed).choice(positive, min(n, len(positive)), replace=False).tolist())
-
-
-def draw_figure(args):
-    """Fig. 3 for a checkpoint: test images with their ground truth and top-k predictions. ZSL scores the
-    unseen labels alone (the protocol's ZSL pass), SPML all classes."""
-    ckpt, cfg, data, device = checkpoint_and_data(args)
-    model = checkpoints.model_from_checkpoint(ckpt).to(device)
-    names, n_train = tasks.label_names(cfg, data)
-    cols = slice(n_train, None) if cfg.task == "zsl" else slice(None)
-    names, truth = names[cols], data.test_labels[:, cols] == 1  # (N, C) the scored labels' ground truth
-    chosen = choose_images(data.test_paths, truth.astype(int), args.figure_n, args.seed, args.figure_images)
-    paths, R = [data.test_paths[i] for i in chosen], ckpt["resolution"]
-    encode, scorers = sigrl_scorers(model, {"fig": ckpt["label_emb"][cols].to(device)}, R, spml=cfg.task == "spml")
-    parallel.ready()
-    scores = predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size, 0,
-                     "figure")
-    if scores is None:  # another torchrun process: it scored its share, rank 0 draws
-        return
-    scores = scores["fig"]  # (n, C)
-    view, cells = view_transform(cfg.task, R), []
-    for i, path, row in zip(chosen, paths, scores):
-        image = view(read_image(path))  # as it was scored: upright, 16-bit scaled
-        top = np.argsort(-row, kind="stable")[:args.figure_k]
-        cells.append((image, os.path.basename(path), [names[c] for c in np.flatnonzero(truth[i])],
-                      [names[c] for c in top]))
-    setting = f"ZSL, the {len(names)} unseen labels" if cfg.task == "zsl" else f"{len(names)} classes"
-    picture, _ = draw.figure_grid(cells, f"{args.ckpt} (epoch {ckpt['state']['epoch']}): top-{args.figure_k} "
-                                         f"predictions, {setting}")
-    draw.save(picture, args.figure)
-    print(f"figure: {len(cells)} test images written to {args.figure}")
-    if args.figure_html:  # the same images, ranked labels and marks as a page (tools/gallery.py)
-        index = gallery.write(args.figure_html, f"{args.ckpt}: {setting}", [f"tagged: the top {args.figure_k}"],
-                              paths, names, scores, [set(c[3]) for c in cells], [set(c[2]) for c in cells])
-        print(f"gallery: {len(cells)} test images written to {index}")
 
 
 def eval_scores(args):
@@ -440,7 +327,8 @@ def main(argv=None):
         if args.thresholds:
             thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
         if args.figure:
-            return draw_figure(args) or 0
+            from tools import figure3  # the paper's Fig. 3 (and its gallery): a picture, not a metric
+            return figure3.draw_figure(args) or 0
         results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)

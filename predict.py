@@ -37,25 +37,24 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from support import checkpoints
-from tools import draw
+from tools import explain as explain_maps
+from tools import figure3
 from tools import gallery
 import eval as evaluation
-from support import precision
 from support import runs
 from support import tasks
 from support import thresholds
 from support.clip_files import CheckpointError, load_clip
 from clip_text import encode_labels
-from data import DataError, build_transform, read_image, view_transform
+from data import DataError, build_transform
 from support.image_folders import find_images
 from support.paths import FOLDER, check_outputs as check_paths
 from support.runs import UsageError
 from support.safe_io import WriteError, atomic_write
 
-DEMO_CKPT, DEMO_IMAGES, EXPLAIN_COLUMNS = os.path.join("runs", "zsl-toy", "last.pt"), 6, 8
+DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -190,7 +189,7 @@ def check_outputs(args, images=()):
     outputs = [("--json", args.json), ("--csv", args.csv), ("--save-scores", args.save_scores),
                ("--explain", args.explain, FOLDER)]
     outputs += [("--save-scores", side) for side in side_files(args.save_scores)] if args.save_scores else []
-    outputs += [("--explain", target) for target in explain_targets(images, args.explain)] if args.explain else []
+    outputs += [("--explain", target) for target in explain_maps.explain_targets(images, args.explain)] if args.explain else []
     outputs += [("--html", args.html, FOLDER)]
     given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file),
              ("the thresholds file", args.thresholds)]
@@ -198,46 +197,6 @@ def check_outputs(args, images=()):
     check_paths(outputs, given + [("an image", i) for i in images])
     if args.thresholds:
         thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
-
-
-def explain_targets(paths, out_dir):
-    """The PNG --explain writes for each image: OUT_DIR/<index>_<file name without extension>.png."""
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    return [os.path.join(out_dir, f"{i:04d}_{stem}.png") for i, stem in enumerate(stems)]
-
-
-# ----------------------------------------------------------------------------- --explain
-@torch.no_grad()
-def explain(tagger, paths, picks, out_dir, device):
-    """One PNG per image (see the module docstring). The maps come from SigRL.explain, which calls the code that
-    scores (SigRL.local_similarity), under the same precision as the scores."""
-    model, autocast = tagger.model, precision.autocast(device)
-    v = model.student.config
-    grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
-    view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}
-    os.makedirs(out_dir, exist_ok=True)
-    targets = explain_targets(paths, out_dir)
-    for i, (path, pick) in enumerate(tqdm(list(zip(paths, picks)), desc="explain", leave=False, disable=None)):
-        image = read_image(path)  # what predict scored: upright, 16-bit scaled (not clipped to white)
-        x = tagger.transform(image)[None].to(device)  # (1, 3, R', R')
-        with autocast:
-            g, patch = tagger.encode(x)  # (1, D), (1, P, D)
-            maps = model.explain(patch, tagger.H, G=tagger.G)  # (1, P, C) each
-            out = model.score(g, patch, tagger.H, G=tagger.G)
-        columns = []
-        for name, score in pick[:EXPLAIN_COLUMNS]:
-            c = column[name]
-            sim = maps.similarity[0, :, c].float()  # (P,)
-            rows = [(sim.cpu().numpy(), sim.topk(k).indices.cpu().numpy())]  # the patches the local score averages
-            if maps.attention is not None:
-                rows.append((maps.attention[0, :, c].float().cpu().numpy(), ()))
-            columns.append((f"{name} {score:.3f} (local {out.local[0, c]:.3f}, global {out.glob[0, c]:.3f})", rows))
-        legend = [f"row 1: <M_hat_p, H_c> per patch; outlined: the top {k}, whose mean is the local score",
-                  "row 2: SDA attention over patches, mean over channels" if maps.attention is not None else
-                  "(no SDA in this model)", "each map scaled to its own range"]
-        panel = draw.explain_panel(view(image), grid, columns, os.path.basename(path), legend)
-        draw.save(panel, targets[i])
-    return targets
 
 
 # ----------------------------------------------------------------------------- the offline demo
@@ -254,7 +213,7 @@ def demo(args):
     tasks.make_toy_world(cfg)  # written again if it was removed since the run
     data = tasks.load_dataset(cfg)
     names, n_train = tasks.label_names(cfg, data)
-    chosen = evaluation.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
+    chosen = figure3.choose_images(data.test_paths, data.test_labels[:, n_train:], DEMO_IMAGES, seed=0)
     run_dir = os.path.dirname(DEMO_CKPT)
     args.ckpt, args.explain, args.html = DEMO_CKPT, os.path.join(run_dir, "explain"), os.path.join(run_dir, "gallery")
     args.inputs = [data.test_paths[i] for i in chosen]
@@ -268,7 +227,7 @@ def demo(args):
 def write_gallery(args, tagger, paths, scores, picks, known, device):
     """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch."""
     local = tagger.model is not None and not tagger.model.config.global_only
-    maps = explain(tagger, paths, picks, os.path.join(args.html, "explain"), device) if local else None
+    maps = explain_maps.explain(tagger, paths, picks, os.path.join(args.html, "explain"), device) if local else None
     rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
             f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
     notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
@@ -318,7 +277,7 @@ def tag(args, truth=None):
         print(tag_line(path, pick, t))
     write_outputs(args, paths, tagger.names, scores, picks)
     if args.explain:
-        written = explain(tagger, paths, picks, args.explain, device)
+        written = explain_maps.explain(tagger, paths, picks, args.explain, device)
         print(f"explain: {len(written)} PNGs written to {args.explain}", file=sys.stderr)
     if args.html:
         write_gallery(args, tagger, paths, scores, picks, known, device)
@@ -344,7 +303,7 @@ def parser():
     p.add_argument("--save-scores", help="write the (N, C) score matrix (.npy, for eval.py --scores) with the "
                                          "row order in <stem>.images.txt and the columns in <stem>.label_names.txt")
     p.add_argument("--explain", metavar="OUT_DIR", help="one PNG per image: where each top label's local score "
-                                                        f"comes from (at most {EXPLAIN_COLUMNS} labels)")
+                                                        f"comes from (at most {explain_maps.EXPLAIN_COLUMNS} labels)")
     p.add_argument("--html", metavar="OUT_DIR", help="a static page OUT_DIR/index.html of the images with their "
                                                      "ranked labels, score bars and explain maps (tools/gallery.py)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step")

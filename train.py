@@ -29,6 +29,7 @@ from support import parallel
 from support import precision
 from tools import plot
 from support import runs
+from support import tables
 from support import tasks
 from support.clip_files import CheckpointError, load_clip
 from clip_text import PromptLearner, encode_labels
@@ -189,7 +190,7 @@ def fit(run, run_dir, resume, baseline):
         if parallel.is_main():
             record = {"epoch": 0, "step": 0, "seconds": round(time.time() - t0, 1), "loss": {},
                       **{k: v for k, v in state["epoch0"].items() if k != "branches"}}
-            print(evaluation.format_epoch(record))
+            print(tables.format_epoch(record))
             run_dir.log(record)
     end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
     metrics = resume["metrics"] if resume is not None else None
@@ -226,7 +227,7 @@ def fit(run, run_dir, resume, baseline):
                              "test_map": metrics["test"]["map"]}
         record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
                   "loss": losses, **metrics}
-        print(evaluation.format_epoch(record))
+        print(tables.format_epoch(record))
         ckpt = checkpoints.make_checkpoint(cfg, model, run.opt, state, checkpoints.rng_state(), metrics, names,
                                            run.n_train, label_emb)
         run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
@@ -237,7 +238,7 @@ def fit(run, run_dir, resume, baseline):
     if metrics is None or not parallel.is_main():
         return None
     print(f"curves -> {plot.write_curves(cfg.out)}")
-    print(evaluation.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
+    print(tables.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                             f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:
         print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
@@ -246,7 +247,7 @@ def fit(run, run_dir, resume, baseline):
     if zero_shot is not None:
         rows = {evaluation.COSINE: zero_shot, **rows}
     if baseline and len(rows) > 1:
-        print(evaluation.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
+        print(tables.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
     return rows
 
 

@@ -4,12 +4,10 @@ group's figures, checked against the per-class APs computed here."""
 import os
 
 import numpy as np
-import pytest
 
-import eval as evaluation
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics
-from support import runs, tasks
+from support import runs, tables, tasks
 from toy import world as toyworld
 
 LABELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
@@ -101,9 +99,9 @@ def test_tables_print_the_groups():
     m = {"map": 50.0, "p@3": 1.0, "r@3": 2.0, "f1@3": 3.0, "p@5": 4.0, "r@5": 5.0, "f1@5": 6.0}
     results = {"zsl": m, "zsl_twins": dict(m, map=60.0), "zsl_novel": dict(m, map=40.0), "gzsl": m,
                "branch_map": {s: {"local": 1.0, "global": 2.0} for s in ("zsl", "zsl_twins", "zsl_novel", "gzsl")}}
-    table = evaluation.format_table(results)
+    table = tables.format_table(results)
     assert "| ZSL twins | 60.00 |" in table and "| ZSL novel | 40.00 |" in table
-    head = evaluation.format_comparison({"SigRL": results}).splitlines()[0]
+    head = tables.format_comparison({"SigRL": results}).splitlines()[0]
     assert "ZSL twins mAP" in head and "ZSL novel F1@3" in head and "ZSL twins F1@5" not in head
     assert "ZSL twins local mAP" in head and "ZSL novel global mAP" in head
 

@@ -20,6 +20,7 @@ import numpy as np
 import eval as evaluation
 from support import cli, parallel
 from support import runs
+from support import tables
 from support import tasks
 import train
 from support.clip_files import CheckpointError, load_clip
@@ -84,7 +85,7 @@ def main(argv=None):
         parallel.finish()
     if not parallel.is_main():
         return 0
-    print(evaluation.format_comparison(means, spread=stds, title=f"\nAblation (Table IV analogue), percent, "
+    print(tables.format_comparison(means, spread=stds, title=f"\nAblation (Table IV analogue), percent, "
                                                                  f"mean ± std over seeds {args.seeds}:"))
     return 0
 

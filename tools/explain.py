@@ -1,0 +1,54 @@
+"""predict.py --explain: one PNG per image, for each of its top labels the similarity map whose top-k patches
+the local score averages and SDA's attention over the patches (a picture of Eq. 13's local half; drawn by
+tools/draw.py)."""
+import os
+import sys
+
+import torch
+
+from data import read_image, view_transform
+from support import precision
+from support.progress import progress
+from tools import draw
+
+EXPLAIN_COLUMNS = 8  # labels drawn per image, best first
+
+
+def explain_targets(paths, out_dir):
+    """The PNG --explain writes for each image: OUT_DIR/<index>_<file name without extension>.png."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return [os.path.join(out_dir, f"{i:04d}_{stem}.png") for i, stem in enumerate(stems)]
+
+
+@torch.no_grad()
+def explain(tagger, paths, picks, out_dir, device):
+    """One PNG per image (see predict.py's docstring): `tagger` is predict.py's Tagger, `picks` each image's
+    ranked (label, score) pairs. The maps come from SigRL.explain, which calls the code that
+    scores (SigRL.local_similarity), under the same precision as the scores."""
+    model, autocast = tagger.model, precision.autocast(device)
+    v = model.student.config
+    grid, k = (v.resolution // v.patch,) * 2, min(model.config.topk, (v.resolution // v.patch) ** 2)
+    view, column = view_transform(tagger.task, v.resolution), {n: i for i, n in enumerate(tagger.names)}
+    os.makedirs(out_dir, exist_ok=True)
+    targets = explain_targets(paths, out_dir)
+    for i, (path, pick) in enumerate(progress(list(zip(paths, picks)), "explain", unit="image", out=sys.stderr)):
+        image = read_image(path)  # what predict scored: upright, 16-bit scaled (not clipped to white)
+        x = tagger.transform(image)[None].to(device)  # (1, 3, R', R')
+        with autocast:
+            g, patch = tagger.encode(x)  # (1, D), (1, P, D)
+            maps = model.explain(patch, tagger.H, G=tagger.G)  # (1, P, C) each
+            out = model.score(g, patch, tagger.H, G=tagger.G)
+        columns = []
+        for name, score in pick[:EXPLAIN_COLUMNS]:
+            c = column[name]
+            sim = maps.similarity[0, :, c].float()  # (P,)
+            rows = [(sim.cpu().numpy(), sim.topk(k).indices.cpu().numpy())]  # the patches the local score averages
+            if maps.attention is not None:
+                rows.append((maps.attention[0, :, c].float().cpu().numpy(), ()))
+            columns.append((f"{name} {score:.3f} (local {out.local[0, c]:.3f}, global {out.glob[0, c]:.3f})", rows))
+        legend = [f"row 1: <M_hat_p, H_c> per patch; outlined: the top {k}, whose mean is the local score",
+                  "row 2: SDA attention over patches, mean over channels" if maps.attention is not None else
+                  "(no SDA in this model)", "each map scaled to its own range"]
+        panel = draw.explain_panel(view(image), grid, columns, os.path.basename(path), legend)
+        draw.save(panel, targets[i])
+    return targets
