@@ -237,7 +237,7 @@ def fit(run, run_dir, resume, baseline):
         zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
     if metrics is None or not parallel.is_main():
         return None
-    print(f"curves -> {plot.write_curves(cfg.out)}")
+    print(f"curves written to {plot.write_curves(cfg.out)}")
     print(tables.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                             f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:

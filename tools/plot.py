@@ -195,7 +195,7 @@ def main(argv=None):
     out = args.out or os.path.join(args.run_dir, "zsl_groups.png" if args.zsl_groups else "curves.png")
     check_outputs([("--out", out)], [("the log", os.path.join(args.run_dir, "log.jsonl"))])
     write = write_group_curves if args.zsl_groups else write_curves
-    print(f"curves -> {write(args.run_dir, args.out)}")
+    print(f"curves written to {write(args.run_dir, args.out)}")
 
 
 if __name__ == "__main__":
