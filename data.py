@@ -1,6 +1,6 @@
 """Datasets: NUS-WIDE for (generalised) zero-shot, COCO-2014 / PASCAL VOC for single-positive multi-label.
 
-Layouts on disk: docs/datasets.md. N images, S seen / U unseen labels, C classes.
+Layouts on disk, by loader (N images, S seen / U unseen labels, C classes):
   load_nuswide(root, out=None)  the prepared layout <out or root>/sigrl_nuswide/ (numpy + text), else BiAM's h5
       layout in root. `python data.py prepare nuswide --root DIR [--out DIR]` writes the prepared layout from the
       h5 layout or from the official release, derived as BiAM/LESA did. Images: <root>/Flickr/<folder>/<file>.
@@ -206,7 +206,8 @@ def _show(a):
 @cli.command
 def main(argv=None):
     p = cli.parser(
-        description="Prepare or inspect the SigRL datasets (layouts: docs/datasets.md).",
+        description="Prepare or inspect the SigRL datasets: NUS-WIDE (BiAM h5 layout or the official release), "
+                    "COCO 2014, PASCAL VOC 2012 / 2007.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""examples:
   python data.py prepare nuswide --root data/NUS_WIDE       # BiAM h5 layout or official release -> sigrl_nuswide/
   python data.py prepare nuswide --root /ro/NUS_WIDE --out ~/nus   # read-only root; then load_nuswide(root, out)

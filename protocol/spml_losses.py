@@ -28,7 +28,7 @@ SPML_DEFAULTS = {
     "coco": dict(alpha=0.1, beta=0.9, neg_proportion=0.9, warmup_epoch=5, num_epochs=10),
 }
 # VLPL's EM_PL / EM_PL_ASL, in the same loss file of the reference, are left out: they need CLIP pseudo-labels,
-# which SigRL's model never produces (docs/reference_differences.md).
+# which SigRL's model never produces, and none of SigRL's tables uses them.
 SPML_LOSSES = ("iun", "an", "em", "em_apl")
 
 

@@ -5,7 +5,7 @@
   format_coco(root), format_voc(root, year), observe_single_positive(labels)   Cole et al.'s SPML formatting
   record_sources(folder, root, kind), changed_source(folder, root)   the sources a prepared folder came from
 Both NUS-WIDE readers return (seen, unseen, (train_names, train_labels), (test_names, test_labels)) with int8
-+1 / -1 labels, test columns seen then unseen. The layouts each reader expects: docs/datasets.md.
++1 / -1 labels, test columns seen then unseen. Each reader's docstring names the files it expects.
 """
 import glob
 import json
@@ -18,7 +18,7 @@ from tqdm import tqdm
 LABELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
 NUS_H5 = ("features/nus_wide_train.h5", "features/nus_wide_test.h5", "img_names.pkl", "test_img_names.pkl")
 NUS_RAW = "ImageList/Imagelist.txt"
-# Where each dataset's files come from (docs/files.md); the "not found" errors name them.
+# Where each dataset's files come from; the "not found" errors name them.
 NUS_WIDE_PAGE = "https://lms.comp.nus.edu.sg/wp-content/uploads/2019/research/nuswide/NUS-WIDE.html"
 DOWNLOADS = {
     "nuswide": f"the official NUS-WIDE release: {NUS_WIDE_PAGE}",

@@ -40,13 +40,13 @@ class Config:
                           "(COCO / VOC, Tables II-III)", choices=["zsl", "spml"])
     data: str = _f("toy", "toy (offline synthetic world), nuswide, coco or voc",
                    choices=["toy", "nuswide", "coco", "voc"])
-    data_root: str = _f("", "dataset folder (docs/datasets.md); the toy world is generated here")
+    data_root: str = _f("", "dataset folder (NUS-WIDE: h5 layout or prepared; COCO 2014; VOC); the toy world is generated here")
     data_out: str = _f("", "where prepared label files are written / read (default: --data-root; use it when "
                            "the dataset folder is read-only)")
     voc_year: str = _f("2012", "VOC release: 2012 (as the reference code) or 2007 (the paper's counts)",
                        choices=["2012", "2007"])
     clip: str = _f("", "CLIP checkpoint: OpenAI's ViT-B-16.pt, a transformers CLIPModel folder or an open_clip "
-                       "checkpoint (docs/files.md)")
+                       "checkpoint (sha256 of OpenAI's file checked and recorded)")
     out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
     overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
@@ -143,8 +143,8 @@ def parser():
                     "world with its tiny CLIP (a few minutes on a laptop CPU).",
         epilog="Defaults that depend on the preset (--task/--data pick the paper's recipe for that table; any\n"
                "flag overrides it; --workers: min(8, CPU count) on this machine):\n\n" + presets_table() +
-               "\n\n--clip and --data-root are needed for nuswide, coco and voc (README: 'Reproducing the paper';\n"
-               "docs/datasets.md); --data toy reads toy/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
+               "\n\n--clip and --data-root are needed for nuswide, coco and voc (their layouts: python data.py\n"
+               "--help); --data toy reads toy/toyclip.pt and makes its world in runs/toyworld-seed<N>.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     varies = {k for preset in PRESETS.values() for k in preset}
     for f in fields(Config):

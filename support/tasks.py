@@ -20,7 +20,7 @@ from support.runs import UsageError, parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
-# VOC's class identifiers are not words; the text encoder gets readable names (listed in docs/reference_differences.md).
+# VOC's class identifiers are not words; the text encoder gets readable names (the three below).
 READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 
@@ -38,7 +38,7 @@ def load_dataset(cfg, check=None):
     whose images the command uses (default: every split of the task); the others are left unchecked (eval.py
     --ckpt scores only test)."""
     if not cfg.data_root:
-        raise UsageError(f"--data {cfg.data} needs --data-root DIR (docs/datasets.md)")
+        raise UsageError(f"--data {cfg.data} needs --data-root DIR (the dataset's folder: its images and annotations)")
     if not os.path.isdir(cfg.data_root):
         raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
     if cfg.task == "zsl":

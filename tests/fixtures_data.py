@@ -1,4 +1,4 @@
-"""Tiny datasets in each REAL on-disk format (docs/datasets.md), for the data, train and eval tests.
+"""Tiny datasets in each REAL on-disk format (BiAM h5 / official NUS-WIDE release, COCO json, VOC lists), for the data, train and eval tests.
 
   make_nuswide_h5(dir)    -> root      BiAM/MKT layout: h5 label files, name pickles, Concepts*.txt, label_emb.pt
   make_nuswide_raw(dir)   -> (root, expected)   the official release; `expected` = labels computed by hand

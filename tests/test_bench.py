@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tools import bench
-from tools import bench_parallel
+from tools import bench_encoders, bench_parallel
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 
@@ -50,7 +50,7 @@ def test_vit_b16_forward_flops():
 
 def test_encoders_compare_the_same_maths():
     from clip_text import tokenize
-    theirs, ours = bench.build_encoders("tiny")
+    theirs, ours = bench_encoders.build_encoders("tiny")
     x, tokens = torch.randn(2, 3, 32, 32), tokenize(["a photo of a dog", "There is a cat in the scene"])
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(x), theirs.encode_image(x), rtol=1e-4, atol=1e-4)
@@ -150,7 +150,7 @@ def test_predict_taggers_compare_the_same_maths(tmp_path):
     paths = [str(tmp_path / f"{i}.jpg") for i in range(3)]
     for i, path in enumerate(paths):
         Image.effect_noise((40 + 8 * i, 30), 60 + 20 * i).convert("RGB").save(path)
-    fns = bench.predict_fns(paths, CPU, "fp32", C=5, size="tiny", batch=2)
+    fns = bench_encoders.predict_fns(paths, CPU, "fp32", C=5, size="tiny", batch=2)
     scores = {name: fn() for name, fn in fns.items()}
     np.testing.assert_allclose(scores["ours zero-shot (--clip)"], scores["open_clip zero-shot"], atol=1e-5)
     assert scores["ours SigRL (--ckpt)"].shape == (3, 5) and np.isfinite(scores["ours SigRL (--ckpt)"]).all()

@@ -3,7 +3,7 @@ fused score over all labels (GZSL) above its own epoch-0 value, and the local br
 and on the unseen twins (ZSL twins: what it learned on a seen label transfers to another word for it). These
 fail when training stops teaching anything: gradients that no longer reach the heads or the backbone, a zero
 learning rate, a broken schedule or loss. (The novel unseen labels are not asserted: there the local branch
-falls, see docs/zsl_groups.md.) The epoch-0 record they are read against is itself
+falls over the same steps.) The epoch-0 record they are read against is itself
 checked against the CLIP computed directly, outside SigRL."""
 import json
 

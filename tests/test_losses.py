@@ -171,7 +171,7 @@ def test_defaults():
     lambda: spml_loss("em", torch.zeros(2, 3), torch.full((2, 3), -0.5), alpha=0.1),  # soft neg w/o APL
     lambda: spml_loss("em_apl", torch.zeros(2, 3), torch.zeros(2, 3), alpha=0.1),   # no beta
     lambda: spml_loss("iun", torch.zeros(2, 3), torch.zeros(2, 3)),                 # no true labels
-    lambda: spml_loss("em_pl", torch.zeros(2, 3), torch.zeros(2, 3), alpha=0.1),    # left out (docs/reference_differences.md)
+    lambda: spml_loss("em_pl", torch.zeros(2, 3), torch.zeros(2, 3), alpha=0.1),    # left out: needs CLIP pseudo-labels
     lambda: apl_update(np.zeros((2, 3)), np.zeros((2, 3)), [1, 1, 1], 5, 5, 0.9),  # E == W
     lambda: apl_update(np.zeros((2, 3)), np.full((2, 3), 2.0), [1, 1, 1], 10, 5, 0.9),
 ])

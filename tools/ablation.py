@@ -2,7 +2,7 @@
 
     python -m tools.ablation                       # the toy world (offline), 3 seeds per setting
     python -m tools.ablation --seeds 42 43 44 --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt
-    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs (docs/parallel.md)
+    torchrun --nproc_per_node 4 -m tools.ablation ...   # each run on 4 GPUs
 
 Every setting trains a fresh run with train.run (any train.py flag after the ablation's own flags is passed
 through) and reports, as mean ± std over the seeds, its ZSL / GZSL (or SPML test) figures before the first

@@ -17,6 +17,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # the --dtypes names
 MMAP_THRESHOLD = "65536"  # bytes: MALLOC_MMAP_THRESHOLD_ of the CPU memory process
 
 
@@ -78,3 +79,8 @@ def peak_rss(fn):
     fn()
     peak = proc_bytes("/proc/self/status", "VmHWM")
     return dict(peak_bytes=peak - base, total_peak_bytes=peak)
+
+
+def ratio(a, b, key):
+    """a[key] / b[key] of two measurements, None when either is missing (a section that did not run)."""
+    return None if a is None or b is None or a[key] is None or b[key] is None else a[key] / b[key]
