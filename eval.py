@@ -139,11 +139,10 @@ def check_outputs(args, data=None):
     """support/paths.py's rule for --json / --figure / --calibrate / --figure-html, before any work (with `data`:
     its test images too)."""
     given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
-             ("the CLIP file", args.clip)]
+             ("the CLIP file", args.clip), ("the thresholds file", args.thresholds)]
     if data is not None:
         given += [("a test label file", f) for f in data.files.values()]
         given += [("a test image", p) for p in data.test_paths]
-    given += [("the thresholds file", args.thresholds)]
     check_paths([("--json", args.json), ("--figure", args.figure), ("--calibrate", args.calibrate),
                  ("--figure-html", args.figure_html, FOLDER)], given)
 
@@ -160,7 +159,7 @@ def checkpoint_and_data(args):
     parallel.start(device)
     parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # a toy run's world, written again if it was removed
     # only the images this command reads are checked: the test split, and for --calibrate the split it fits on
-    check = None if getattr(args, "calibrate", None) else ("test",)
+    check = None if args.calibrate else ("test",)
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg, check=check))  # one process at a time may write files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     tasks.report_changed_test(ckpt, cfg, data, args.ckpt)

@@ -195,8 +195,6 @@ def check_outputs(args, images=()):
              ("the thresholds file", args.thresholds)]
     given += [("images" if os.path.isdir(i) else "an image", i) for i in args.inputs]
     check_paths(outputs, given + [("an image", i) for i in images])
-    if args.thresholds:
-        thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
 
 
 # ----------------------------------------------------------------------------- the offline demo
@@ -250,6 +248,8 @@ def tag_line(path, pick, truth):
 def tag(args, truth=None):
     """Tag args.inputs; truth (the demo): {path: set of ground-truth labels} marks each tag right or wrong."""
     check_outputs(args)
+    if args.thresholds:
+        thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
     labels = read_labels(args)
     device = runs.pick_device(args.device)
     tagger = sigrl_tagger(args, labels, device) if args.ckpt else clip_tagger(args, labels, device)

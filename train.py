@@ -267,7 +267,7 @@ def train_step(run, micro_batches):
             # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
             with parallel.seeded((cfg.seed, state["step"]), device), precision.autocast(device):
                 out = net(images, label_emb)
-                target = model.teacher_feat(images) if cfg.task == "zsl" else None  # at the student's precision
+                target = model.teacher_feat(images) if cfg.task == "zsl" else None  # (B, D), at the student's precision
             scores = out.scores.float()  # (B, S)
             if cfg.task == "zsl":
                 L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
@@ -290,7 +290,6 @@ def train_step(run, micro_batches):
     check_step(state, batch, opt=opt)
     state["step"] += 1
     return {name: v.item() for name, v in step_terms.items()}
-
 
 
 APL_FLIPS = 1  # a key of its own for the flips of the APL pass (the training epochs use (seed, epoch, image))

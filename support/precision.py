@@ -44,8 +44,8 @@ def autocast(device, dtype=None):
 
 
 def softmax_dtype(x: torch.Tensor) -> torch.dtype:
-    """The softmax over the patches is stored in its input's dtype. Measured (python -m tools.precision_check): storing it in fp32
-    instead changes the head's local similarity by less than the bf16 product before it already does, and
+    """The softmax over the patches is stored in its input's dtype. Measured (python -m tools.precision_check):
+    storing it in fp32 instead changes the head's local similarity by less than the bf16 product before it already does, and
     doubles the bytes of the step's largest tensor."""
     return x.dtype
 
