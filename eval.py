@@ -99,11 +99,7 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
     emb = label_emb.to(device)
     scores, labels = {}, {}
     if cfg.task == "zsl":
-        # two passes in the paper's sense (81 unseen labels; all 1006), sharing each batch's backbone features
-        encode, scorers = sigrl_scorers(model, {"zsl": emb[n_train:], "gzsl": emb}, resolution, spml=False,
-                                        branches=True)
-        scores = predict(data.test_paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers,
-                         "test")
+        scores = zsl_scores(model, cfg, data, label_emb, resolution, device)
         labels = {"zsl": data.test_labels[:, n_train:], "gzsl": data.test_labels}
         metric = nus_metrics
     else:
@@ -129,6 +125,17 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
     if keep_scores:
         results["scores"] = {split: s[..., 0] for split, s in scores.items()}
     return results
+
+
+def zsl_scores(model, cfg, data, label_emb, resolution, device):
+    """The two ZSL passes over the test images in the paper's sense, sharing each batch's backbone features:
+    {"zsl": (N, U, 3) against the U unseen labels alone, "gzsl": (N, C, 3) against all C}, each the fused score,
+    the local and the global branch (sigrl_scorers). label_emb (C, D) in score-column order; rank 0 only."""
+    emb, n_train = label_emb.to(device), tasks.n_train_classes(cfg, data)
+    encode, scorers = sigrl_scorers(model, {"zsl": emb[n_train:], "gzsl": emb}, resolution, spml=False,
+                                    branches=True)
+    return predict(data.test_paths, build_transform("zsl", False, resolution), encode, scorers, device,
+                   cfg.eval_batch_size, cfg.workers, "test")
 
 
 def sigmoid(x):
@@ -287,7 +294,8 @@ def parser():
     p.add_argument("--task", default="zsl", choices=["zsl", "spml"], help="--baseline: task")
     p.add_argument("--data", default="toy", choices=["toy", "nuswide", "coco", "voc"], help="--baseline: dataset")
     p.add_argument("--data-root", default="", help="dataset folder (--ckpt: overrides the recorded one)")
-    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt)")
+    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt); "
+                                              "--twins: the run's own CLIP file, if it is no longer where it was")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
     p.add_argument("--compile", action="store_true",
@@ -307,6 +315,9 @@ def parser():
                    "here for predict.py --thresholds, and report them on the test split")
     p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used")
     p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
+    p.add_argument("--twins", action="store_true", help="--ckpt, ZSL: instead of evaluating, set each unseen twin "
+                   "(another word for a seen label) beside its seen word, per-label AP of the fused score and each "
+                   "branch, epoch 0 -> trained, in the GZSL and the ZSL pass (epoch 0 rebuilt from the run's CLIP)")
     return p
 
 
@@ -322,13 +333,19 @@ def main(argv=None):
         if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
                                                          and args.calibrate_n >= 1):
             raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
+        if args.twins and not (args.ckpt and not (args.figure or args.calibrate or args.thresholds)):
+            raise UsageError("--twins goes with --ckpt (not --figure, --calibrate or --thresholds)")
         check_outputs(args)
         if args.thresholds:
             thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
         if args.figure:
             from tools import figure3  # the paper's Fig. 3 (and its gallery): a picture, not a metric
             return figure3.draw_figure(args) or 0
-        results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
+        if args.twins:
+            from tools import twins  # a per-label look at the ZSL twins row (tools/twins.py)
+            results = twins.report(args)
+        else:
+            results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
         if args.json and parallel.is_main():
             runs.write_json(results, args.json)
             print(f"figures written to {args.json}")

@@ -69,6 +69,17 @@ def param_groups(model, cfg):
     return [dict(g, lr=cfg.lr * g["lr_scale"]) for g in groups.values()]
 
 
+def initial_model(cfg):
+    """(the CLIP file's model, SigRL as a run starts): seeded with --seed, the heads at their initial weights and
+    the first --fix-layer blocks frozen. A run's epoch 0 is this model; eval.py --twins rebuilds it from here."""
+    checkpoints.seed_everything(cfg.seed)
+    clip = load_clip(cfg.clip)  # (its modules draw their initial weights from the seeded generator, then load)
+    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
+                            topk=cfg.topk, class_chunk=cfg.class_chunk)
+    freeze_early_layers(model.student, cfg.fix_layer)
+    return clip, model
+
+
 def freeze_early_layers(student, fix_layer):
     """Freeze the patch embedding, class token, positional embedding, ln_pre and the first fix_layer blocks."""
     frozen = [student.conv1, student.ln_pre, *student.transformer.resblocks[:fix_layer]] if fix_layer > 0 else []
@@ -120,8 +131,7 @@ def build(cfg, resume, run_dir, device):
     """The run, ready for its first step (or, resuming, for the step after the last saved one). Everything (CLIP
     file, dataset, labels, prompts, checkpoint) is validated before the run directory is touched."""
     runs.check_batch_split(cfg, parallel.size())
-    checkpoints.seed_everything(cfg.seed)
-    clip = load_clip(cfg.clip)
+    clip, model = initial_model(cfg)
     if resume is not None and resume["clip_sha256"] != clip.sha256:
         raise CheckpointError(f"{cfg.clip}: not the CLIP file this run was started from (sha256 differs); "
                               f"the frozen teacher must be the same")
@@ -129,9 +139,6 @@ def build(cfg, resume, run_dir, device):
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))  # one process at a time may prepare files
     names, n_train = tasks.label_names(cfg, data)
     tasks.check_prompts(clip.tokenizer, names, cfg)
-    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
-                            topk=cfg.topk, class_chunk=cfg.class_chunk)
-    freeze_early_layers(model.student, cfg.fix_layer)
     if cfg.compile:
         model.compile_heads()
     if cfg.prompt == "coop":  # learned context, frozen text tower; a submodule so it is saved and optimised

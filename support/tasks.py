@@ -99,16 +99,19 @@ def label_names(cfg, data):
     return list(data.classes), len(data.classes)
 
 
-def zsl_group_columns(cfg, data):
-    """The unseen labels' two groups, {"twins": columns, "novel": columns} into the ZSL scores ({} when one is
-    empty; protocol/zsl_groups.py). The toy world's twins are its definition's (toy/world.py TWINS: another word
-    for a seen object); any other dataset's come from its label lists by the plural rule (NUS-WIDE: 30 of 81)."""
+def zsl_twin_pairs(cfg, data):
+    """{unseen twin: the seen label it is another word for}. The toy world's are its definition's (toy/world.py
+    TWINS); any other dataset's come from its label lists by the plural rule (NUS-WIDE: 30 of 81)."""
     if cfg.data == "toy":
         from toy import world as toyworld
-        twins = toyworld.TWINS
-    else:
-        twins = zsl_groups.plural_twins(data.unseen, data.seen)
-    return zsl_groups.group_columns(list(data.unseen), twins)
+        return dict(toyworld.TWINS)
+    return zsl_groups.plural_twins(data.unseen, data.seen)
+
+
+def zsl_group_columns(cfg, data):
+    """The unseen labels' two groups, {"twins": columns, "novel": columns} into the ZSL scores ({} when one is
+    empty; protocol/zsl_groups.py)."""
+    return zsl_groups.group_columns(list(data.unseen), zsl_twin_pairs(cfg, data))
 
 
 def n_train_classes(cfg, data):

@@ -6,6 +6,7 @@ learning rate, a broken schedule or loss. (The novel unseen labels are not asser
 falls over the same steps.) The epoch-0 record they are read against is itself
 checked against the CLIP computed directly, outside SigRL."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -76,3 +77,44 @@ def test_epoch0_global_branch_is_the_clip_itself(run):
         scores = F.normalize(g @ H[cols].T, dim=-1).numpy()                                # (N, C)
         want = nus_metrics(scores, data.test_labels[:, cols])["map"]
         np.testing.assert_allclose(log[0]["branch_map"][split]["global"], want, atol=1e-3)
+
+
+def test_twins_report_rebuilds_epoch_0_and_reads_like_the_log(run, tmp_path, capsys):
+    """eval.py --twins: its epoch 0 is rebuilt from the CLIP file, its trained model read from the checkpoint; the
+    ZSL pass's twin means must equal the log's ZSL twins figures of both (every branch), the GZSL pass's
+    per-label APs must average to the log's GZSL mAPs, and each pair's rows must be its two labels' entries."""
+    cfg, log, _ = run
+    out = tmp_path / "twins.json"
+    assert evaluation.main(["--ckpt", f"{cfg.out}/last.pt", "--twins", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| auto | twin of car |" in printed and "log.jsonl's epoch-0 record agrees" in printed
+    with open(out) as f:
+        report = json.load(f)
+    assert report["pairs"] == toyworld.TWINS
+    for model, record in (("epoch0", log[0]), ("trained", log[-1])):
+        twins = report["means"]["twin"]["zsl"][model]
+        assert twins["fused"] == pytest.approx(record["zsl_twins"]["map"], abs=1e-3)
+        for branch in ("local", "global"):
+            assert twins[branch] == pytest.approx(record["branch_map"]["zsl_twins"][branch], abs=1e-3)
+            every = report["every_label"]["gzsl"][model][branch]
+            assert np.mean(every) == pytest.approx(record["branch_map"]["gzsl"][branch], abs=1e-3)
+        for name, entry in report["labels"].items():
+            for p in ("gzsl", "zsl") if entry["role"] == "twin" else ("gzsl",):
+                at = report["every_label"][p]["names"].index(name)
+                assert entry[p][model]["local"] == report["every_label"][p][model]["local"][at]
+    assert report["means"]["twin"]["zsl"]["trained"] != report["means"]["twin"]["zsl"]["epoch0"]
+
+
+def test_twins_report_refuses_another_clip(run, tmp_path, capsys):
+    """Epoch 0 is rebuilt from the run's own CLIP file: another one (here a copy with one weight changed) is
+    refused in one line before any image is scored."""
+    cfg, _, _ = run
+    clip = torch.load(cfg.clip, map_location="cpu")  # the committed tiny CLIP: a plain state dict
+    key = next(k for k, v in clip.items() if torch.is_tensor(v) and v.is_floating_point())
+    clip[key] = clip[key] + 1
+    other = tmp_path / "other_clip.pt"
+    torch.save(clip, other)
+    shutil.copy(cfg.clip.replace(".pt", ".bpe.txt.gz"), tmp_path / "other_clip.bpe.txt.gz")  # its vocabulary
+    assert evaluation.main(["--ckpt", f"{cfg.out}/last.pt", "--twins", "--clip", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sha256 differs" in err[0] and str(other) in err[0]

@@ -206,6 +206,10 @@ def test_bad_input_one_line_and_run_files_untouched(world, tmp_path, capsys, mon
     assert_one_line_error(proc, run / "last.pt")
     # a new run into a directory that holds one
     assert_one_line_error(call("train.py", *spml, *common(world, run)), "--resume")
+    # the twin report of a run that is not zero-shot
+    assert_one_line_error(call("eval.py", "--ckpt", run / "last.pt", "--twins"), "--task zsl")
+    assert_one_line_error(call("eval.py", "--ckpt", run / "last.pt", "--twins", "--figure", tmp_path / "f.png"),
+                          "--twins")
     # evaluating a COCO checkpoint on VOC labels
     proc = call("eval.py", "--ckpt", run / "last.pt", "--data-root", world["voc"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
