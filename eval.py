@@ -95,15 +95,15 @@ def evaluate_model(model, cfg, data, label_emb, resolution, device, splits=None,
     adds "scores": {split: (N, C) fused scores}."""
     model.eval()
     n_train = tasks.n_train_classes(cfg, data)
-    transform = build_transform(cfg.task, False, resolution)
-    emb = label_emb.to(device)
     scores, labels = {}, {}
     if cfg.task == "zsl":
         scores = zsl_scores(model, cfg, data, label_emb, resolution, device)
         labels = {"zsl": data.test_labels[:, n_train:], "gzsl": data.test_labels}
         metric = nus_metrics
     else:
-        encode, scorers = sigrl_scorers(model, {"all": emb}, resolution, spml=True, branches=True)
+        transform = build_transform(cfg.task, False, resolution)
+        encode, scorers = sigrl_scorers(model, {"all": label_emb.to(device)}, resolution, spml=True,
+                                        branches=True)
         for split in splits or ("val", "test"):
             paths, labels[split] = getattr(data, f"{split}_paths"), getattr(data, f"{split}_labels")
             s = predict(paths, transform, encode, scorers, device, cfg.eval_batch_size, cfg.workers, split)

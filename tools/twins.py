@@ -15,7 +15,6 @@ the reference computes it), so a label's score depends on the set it is scored i
 Epoch 0 is the run's own: train.initial_model rebuilt from the run's config and its CLIP file (the same seed,
 so the same initial heads), checked against log.jsonl's epoch-0 record when the run directory has one.
 """
-import json
 import os
 
 import numpy as np
@@ -26,6 +25,7 @@ from protocol.metrics import nus_ap
 from support import checkpoints, tasks
 from support.clip_files import CheckpointError
 from support.runs import UsageError
+from tools import plot
 
 BRANCHES = ("fused", "local", "global")  # the three score columns of eval.zsl_scores
 
@@ -81,16 +81,12 @@ def format_report(report, title):
 
 
 def epoch0_record(run_dir):
-    """log.jsonl's epoch-0 record in the checkpoint's folder, or None."""
+    """log.jsonl's epoch-0 record in the checkpoint's folder (tools.plot.read_log), or None when there is none."""
     try:
-        with open(os.path.join(run_dir, "log.jsonl")) as f:
-            for line in f:
-                record = json.loads(line)
-                if record.get("epoch") == 0 and "zsl_twins" in record:
-                    return record
-    except (OSError, ValueError):
+        first = plot.read_log(run_dir)[0]
+    except UsageError:  # no log beside the checkpoint, or not a readable one: the check is skipped
         return None
-    return None
+    return first if first["epoch"] == 0 and "zsl_twins" in first else None
 
 
 def report(args):
