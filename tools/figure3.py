@@ -62,3 +62,9 @@ def draw_figure(args):
         index = gallery.write(args.figure_html, f"{args.ckpt}: {setting}", [f"tagged: the top {args.figure_k}"],
                               paths, names, scores, [set(c[3]) for c in cells], [set(c[2]) for c in cells])
         print(f"gallery: {len(cells)} test images written to {index}")
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))

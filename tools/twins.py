@@ -129,3 +129,9 @@ def report(args):
               f"{zsl['global']:.2f}; log.jsonl's epoch-0 record " + ("agrees" if worst < 0.01 else
               f"differs by up to {worst:.2f} (another torch version or thread count rounds differently)"))
     return out
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))
