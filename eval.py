@@ -255,6 +255,7 @@ def eval_baseline(args):
         cfg.workers = args.workers
     device = runs.pick_device(args.device)
     parallel.start(device)
+    tasks.check_inputs(cfg)  # --clip and --data-root are there, before either is read
     clip = load_clip(cfg.clip)
     parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy only
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))
@@ -297,23 +298,23 @@ def parser():
     p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt); "
                                               "--twins: the run's own CLIP file, if it is no longer where it was")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the run's own for --ckpt, the preset's for --baseline)")
     p.add_argument("--compile", action="store_true",
                    help="--ckpt: run SDA/VFR's per-chunk work through torch.compile (as train.py --compile)")
     p.add_argument("--json", help="also write the figures (percent) to this JSON file")
     p.add_argument("--figure", metavar="OUT.png", help="--ckpt: draw the paper's Fig. 3 instead of evaluating: "
                    "test images with their ground truth and top-k predictions (blue correct, red wrong, missed "
                    "ground truth struck through); ZSL shows the unseen labels")
-    p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed)")
+    p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed; default 8)")
     p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
-    p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image")
+    p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image (default 3)")
     p.add_argument("--figure-html", metavar="OUT_DIR", help="--figure: also an HTML gallery of the same images")
     p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn; --calibrate (ZSL): which "
                                                        "training images")
     p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "
                    "maximiser) on SPML's validation split or, for ZSL, a slice of the training images; write them "
                    "here for predict.py --thresholds, and report them on the test split")
-    p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used")
+    p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used (default 5000)")
     p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
     p.add_argument("--twins", action="store_true", help="--ckpt, ZSL: instead of evaluating, set each unseen twin "
                    "(another word for a seen label) beside its seen word, per-label AP of the fused score and each "
