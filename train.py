@@ -346,6 +346,7 @@ def run(cfg, baseline=True):
     resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = runs.resume_config(cfg, resume)
+    tasks.check_inputs(cfg)  # --clip and --data-root are there, before either is read
     device = runs.pick_device(cfg.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
     parallel.start(device)
     run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun

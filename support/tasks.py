@@ -32,6 +32,22 @@ def make_toy_world(cfg):
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
 
 
+def check_inputs(cfg):
+    """What can be checked of --clip and --data-root without reading a file, before the CLIP (600 MB for
+    ViT-B/16) or the dataset is loaded: each is given, and is there."""
+    if not cfg.clip:
+        raise UsageError(f"--data {cfg.data} needs --clip PATH (the CLIP checkpoint: OpenAI's ViT-B-16.pt, a "
+                         f"transformers CLIPModel folder or an open_clip checkpoint)")
+    if not os.path.exists(cfg.clip):
+        raise UsageError(f"{cfg.clip}: file not found (--clip: expected a CLIP checkpoint)")
+    if cfg.data != "toy":  # the toy world's folder is made on first use
+        if not cfg.data_root:
+            raise UsageError(f"--data {cfg.data} needs --data-root DIR (the dataset's folder: its images and "
+                             f"annotations)")
+        if not os.path.isdir(cfg.data_root):
+            raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
+
+
 def load_dataset(cfg, check=None):
     """The dataset of the run, read from --data-root, with missing or unreadable images excluded once, at the
     start, in one report (never a crash hours into an epoch, never a silent black image). `check`: the splits
