@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from support import safe_io
+from support.progress import working
 from support.tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
 from vit import Transformer, VisionConfig, VisionTransformer, infer_vision_config
 
@@ -159,7 +160,8 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
                 return hit["embeddings"]
         except Exception:  # noqa: BLE001  not there yet, or damaged (a crash, a full disk): computed again below
             pass
-    per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # T x (C, D)
+    with working(f"encoding {len(names)} labels x {len(templates)} prompt template(s)"):  # ViT-B/16 on a CPU: minutes
+        per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # T x (C, D)
     if len(per_template) == 1:
         emb = per_template[0]  # (C, D)
     else:
