@@ -64,9 +64,11 @@ class Lines:
     def __iter__(self):
         start = last = self.clock()
         step = max(1, round(self.total * EVERY_FRACTION)) if self.total else None
-        finished = [0]
+        finished, printed = [0], [time.monotonic()]  # items done, when the last line was printed
+
         where = lambda: f"{self.desc}: {finished[0]}/{self.total or '?'} {_plural(self.unit)} done"  # noqa: E731
-        with working(where, out=self.out):  # an item that takes more than a minute is not silent either
+        # an item that takes more than a minute is not silent either
+        with working(where, out=self.out, last_line=lambda: printed[0]):
             for done, item in enumerate(self.iterable, 1):
                 yield item  # the caller does the item's work (and set_postfix) before the loop comes back here
                 finished[0] = done
@@ -74,19 +76,24 @@ class Lines:
                 at_mark = step is not None and (done % step == 0 or done == self.total)
                 if (at_mark or now - last >= EVERY_SECONDS) and now - start >= self.quiet:
                     print(self.line(done, now, start), file=self.out, flush=True)
-                    last = now
+                    last, printed[0] = now, time.monotonic()
 
 
 @contextlib.contextmanager
-def working(desc, out=None):
-    """Around a step that may take minutes: every EVERY_SECONDS until it ends, a line `desc, still working after
-    M:SS` (desc: a string, or a function giving one then). Nothing for a step that ends within the first."""
+def working(desc, out=None, last_line=None):
+    """Around a step that may take minutes: whenever EVERY_SECONDS pass without a line, until it ends, a line `desc,
+    still working after M:SS` (desc: a string, or a function giving one then). Nothing for a step that ends within
+    the first. last_line: when (time.monotonic) the caller last printed a line of its own (a loop's progress)."""
     out, start, stop = out if out is not None else sys.stderr, time.monotonic(), threading.Event()
+    own = [start]
 
     def beat():
-        while not stop.wait(EVERY_SECONDS):
-            text = desc() if callable(desc) else desc
-            print(f"{text}, still working after {_clock(time.monotonic() - start)}", file=out, flush=True)
+        while not stop.wait(EVERY_SECONDS / 12):  # checked often, so the gap never grows past a minute
+            latest = max(own[0], last_line() if last_line is not None else own[0])
+            if time.monotonic() - latest >= EVERY_SECONDS:
+                text = desc() if callable(desc) else desc
+                print(f"{text}, still working after {_clock(time.monotonic() - start)}", file=out, flush=True)
+                own[0] = time.monotonic()
 
     thread = threading.Thread(target=beat, daemon=True)  # daemon: a crash in the step is never held up by it
     thread.start()
