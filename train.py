@@ -20,6 +20,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+if __name__ == "__main__":  # before torch loads: the toy run's CPU pins, the same digits on every x86-64 CPU
+    from support import reproducible
+    reproducible.pin(sys.argv[1:])
+
 import numpy as np
 import torch
 

@@ -19,6 +19,7 @@ import torchvision
 from support.clip_files import OFFICIAL_SHA256
 from protocol.spml_losses import SPML_DEFAULTS
 from support import precision
+from support import reproducible
 from support import safe_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -268,6 +269,7 @@ def run_record(cfg, clip, names, n_train, n_train_images, device):
                    "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()},
         "train_images": n_train_images,
         "device": str(device),
+        "cpu": reproducible.record(),  # the CPU, its instruction set, the BLAS, threads and the pins
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "numpy": np.__version__,
                      "cuda": torch.version.cuda},
