@@ -6,9 +6,14 @@ one machine, AVX2 on another. Those kernels add in different orders, so the last
 and after the toy run's 188 steps the printed mAP differs in the first or second decimal (epoch 0, before any step,
 agrees). For a run on the toy world (--data toy, the default) `pin()` sets, unless the user set them already:
 
-    ATEN_CPU_CAPABILITY=avx2   PyTorch's own vectorised kernels (norms, softmax, GELU, reductions)
-    MKL_CBWR=AVX2              MKL's conditional numerical reproducibility: its AVX2 code path on every CPU
-    ONEDNN_MAX_CPU_ISA=AVX2    oneDNN (convolutions): no AVX-512 kernels
+    ATEN_CPU_CAPABILITY=avx2   PyTorch's own vectorised kernels (softmax, norms, reductions) at AVX2
+    MKL_CBWR=COMPATIBLE        MKL's conditional numerical reproducibility on its SSE2 code path without the
+                               approximate rcpps/rsqrtps instructions: the one branch MKL keeps the same on Intel's
+                               and other vendors' CPUs (its AVX2 branch is Intel's only: MKL runs its automatic
+                               dispatch instead on an AMD CPU)
+    ONEDNN_MAX_CPU_ISA=AVX2    oneDNN (its convolutions, some activations): no AVX-512 kernels
+    MKL_DYNAMIC=FALSE, OMP_DYNAMIC=FALSE   the thread count is not adjusted at run time (MKL's reproducibility
+                               conditions)
     OMP_NUM_THREADS=2, MKL_NUM_THREADS=2   a sum split over two threads everywhere (not under torchrun, whose
                                processes keep the thread count it gives them)
 
@@ -24,7 +29,8 @@ import platform
 import re
 import sys
 
-ISA_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+ISA_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
 THREADS = 2  # the toy run's figures in the README were measured with two threads
 THREAD_PINS = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
 ALL_PINS = {**ISA_PINS, **THREAD_PINS}

@@ -38,13 +38,13 @@ def test_pins_reach_torch_and_the_users_own_setting_is_kept():
               "import torch\nprint(json.dumps([set_here, torch.backends.cpu.get_cpu_capability(), "
               "reproducible.record()]))")
     env = {k: v for k, v in os.environ.items() if k not in reproducible.ALL_PINS}
-    env.update(PYTHONPATH=REPO, MKL_CBWR="COMPATIBLE")
+    env.update(PYTHONPATH=REPO, MKL_CBWR="AVX2")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     set_here, capability, record = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set_here == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2",
-                        "MKL_NUM_THREADS": "2"}
+    assert set_here == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_DYNAMIC": "FALSE",
+                        "OMP_DYNAMIC": "FALSE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     if "avx2" in open("/proc/cpuinfo").read():
         assert capability == "AVX2"  # PyTorch's own kernels at AVX2, whatever more the CPU offers
     assert record["instruction_set"] == capability and record["threads"] == 2 and record["cpu"]
-    assert record["pins"]["MKL_CBWR"] == {"value": "COMPATIBLE", "by": "environment"}
+    assert record["pins"]["MKL_CBWR"] == {"value": "AVX2", "by": "environment"}
     assert record["pins"]["ATEN_CPU_CAPABILITY"] == {"value": "avx2", "by": "train.py"}
