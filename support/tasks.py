@@ -16,6 +16,7 @@ import numpy as np
 from data import DataError, check_images, load_nuswide, load_spml
 from protocol import zsl_groups
 from support import cli
+from support.clip_files import WHERE
 from support.runs import UsageError, parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
@@ -36,10 +37,9 @@ def check_inputs(cfg):
     """What can be checked of --clip and --data-root without reading a file, before the CLIP (600 MB for
     ViT-B/16) or the dataset is loaded: each is given, and is there."""
     if not cfg.clip:
-        raise UsageError(f"--data {cfg.data} needs --clip PATH (the CLIP checkpoint: OpenAI's ViT-B-16.pt, a "
-                         f"transformers CLIPModel folder or an open_clip checkpoint)")
+        raise UsageError(f"--data {cfg.data} needs --clip PATH; expected {WHERE}")
     if not os.path.exists(cfg.clip):
-        raise UsageError(f"{cfg.clip}: file not found (--clip: expected a CLIP checkpoint)")
+        raise UsageError(f"{cfg.clip}: file not found (--clip: expected a CLIP checkpoint: {WHERE})")
     if cfg.data != "toy":  # the toy world's folder is made on first use
         if not cfg.data_root:
             raise UsageError(f"--data {cfg.data} needs --data-root DIR (the dataset's folder: its images and "
