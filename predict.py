@@ -281,8 +281,9 @@ def tag(args, truth=None):
     if args.thresholds:
         thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
     labels = read_labels(args)
-    paths = find_images(args.inputs)  # a missing image is found before the checkpoint or the CLIP is read
-    check_outputs(args, paths)
+    missing = [item for item in args.inputs if not os.path.exists(item)]
+    if missing:  # found before the checkpoint or the CLIP is read (the images are decoded once both are)
+        raise UsageError(f"{missing[0]}: no such file or folder (expected images or folders of images)")
     device = runs.pick_device(args.device)
     tagger = sigrl_tagger(args, labels, device) if args.ckpt else clip_tagger(args, labels, device)
     if args.explain and (tagger.model is None or tagger.model.config.global_only):
@@ -292,6 +293,8 @@ def tag(args, truth=None):
         raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
     if args.thresholds:  # (C,) in the tagger's label order; another label set is refused
         args.threshold = thresholds.for_checkpoint(args.thresholds, tagger.names, args.ckpt)
+    paths = find_images(args.inputs)
+    check_outputs(args, paths)
     warning = toy_clip_warning(tagger, paths)
     if warning:
         print(warning, file=sys.stderr)
@@ -360,8 +363,10 @@ def main(argv=None):
             raise UsageError("no images given (image files or folders after the flags; see --help)")
         if not offline_demo and not (args.ckpt or args.clip):
             raise UsageError("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
-        if (args.explain or args.thresholds) and not args.ckpt:
-            raise UsageError("--explain and --thresholds need a SigRL checkpoint (--ckpt), not --clip alone")
+        if args.explain and not args.ckpt:  # known before any file is read (a --global-only run: once it is)
+            raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip)")
+        if args.thresholds and not args.ckpt:
+            raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
         return demo(args) if offline_demo else tag(args)
     except (CheckpointError, DataError, UsageError, WriteError) as err:
         print(f"error: {runs.error_line(err)}", file=sys.stderr)
