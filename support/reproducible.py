@@ -87,7 +87,7 @@ def record():
     import torch
     config = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=(\w+)", config)
-    mkl = re.search(r"Math Kernel Library Version ([\w.\-]+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
     return {"cpu": cpu_model(), "machine": platform.machine(),
             "instruction_set": torch.backends.cpu.get_cpu_capability(),
             "blas": (blas.group(1) if blas else "unknown") + (f" {mkl.group(1)}" if mkl else ""),
