@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from support import cli, prepared
-from support.data_formats import DataError
+from support.errors import DataError
 from support.prepared import prepare
 from support.image_check import check_images
 from support.parallel import seeded

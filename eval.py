@@ -19,19 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from support import checkpoints
+from support import cli
 from support import parallel
 from support import precision
 from support.progress import progress
 from support import runs
-from support import safe_io
 from support import tasks
 from support import thresholds
-from support.clip_files import CheckpointError, load_clip
+from support.clip_files import load_clip
+from support.errors import UsageError
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
-from data import DataError, ImageList, build_transform, spml_resize
+from data import ImageList, build_transform, spml_resize
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
-from support.runs import UsageError
 from support.paths import FOLDER, check_outputs as check_paths
 from support.score_files import read_scores
 from support.tables import BRANCHES, format_table
@@ -143,15 +143,16 @@ def sigmoid(x):
 
 
 def check_outputs(args, data=None):
-    """support/paths.py's rule for --json / --figure / --calibrate / --figure-html, before any work (with `data`:
-    its test images too)."""
-    given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
-             ("the CLIP file", args.clip), ("the thresholds file", args.thresholds)]
+    """support/paths.py's rule for the outputs (--json, --calibrate; tools.figure3's --out and --html), before any
+    work (with `data`: its test images too). `args` is any of these commands' flags; a flag it lacks is unset."""
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    given = [("the checkpoint", flag("ckpt")), ("the score file", flag("scores")), ("the label file", flag("labels")),
+             ("the CLIP file", flag("clip")), ("the thresholds file", flag("thresholds"))]
     if data is not None:
         given += [("a test label file", f) for f in data.files.values()]
         given += [("a test image", p) for p in data.test_paths]
-    check_paths([("--json", args.json), ("--figure", args.figure), ("--calibrate", args.calibrate),
-                 ("--figure-html", args.figure_html, FOLDER)], given)
+    check_paths([("--json", flag("json")), ("--out", flag("figure")), ("--calibrate", flag("calibrate")),
+                 ("--html", flag("figure_html"), FOLDER)], given)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -166,7 +167,7 @@ def checkpoint_and_data(args):
     parallel.start(device)
     parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # a toy run's world, written again if it was removed
     # only the images this command reads are checked: the test split, and for --calibrate the split it fits on
-    check = None if args.calibrate else ("test",)
+    check = None if getattr(args, "calibrate", None) else ("test",)
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg, check=check))  # one process at a time may write files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     tasks.report_changed_test(ckpt, cfg, data, args.ckpt)
@@ -269,21 +270,30 @@ COSINE = "zero-shot CLIP, cosine (as open_clip scores it)"
 GLOBAL_SCORING = "the same CLIP, SigRL's global scoring (its global branch, epoch 0)"
 
 
-def like_for_like(state, metrics):
-    """The rows a trained number is read against: the CLIP through SigRL's global branch before any step (the
-    like-for-like zero-shot baseline: the distillation keeps that branch near it), SigRL at epoch 0 (untrained
-    heads) and SigRL trained, each with the mAP of both branches."""
-    rows = {}
+def like_for_like(state, metrics, zero_shot=None):
+    """The rows a trained number is read against: zero-shot CLIP's cosine (when `zero_shot` is given), the CLIP
+    through SigRL's global branch before any step (the like-for-like zero-shot baseline: the distillation keeps
+    that branch near it), SigRL at epoch 0 (untrained heads) and SigRL trained, each with both branches' mAP."""
+    rows = {} if zero_shot is None else {COSINE: zero_shot}
     if state.get("epoch0"):
         global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
-        rows = {GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
-                {k: v for k, v in state["epoch0"].items() if k != "branches"}}
+        rows.update({GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
+                     {k: v for k, v in state["epoch0"].items() if k != "branches"}})
     rows[f"SigRL, epoch {state['epoch']}"] = metrics
     return rows
 
 
+def checkpoint_flags(p):
+    """--data-root, --device, --workers: of every command that scores a run checkpoint (eval.py, tools.figure3,
+    tools.twins)."""
+    p.add_argument("--data-root", default="", help="dataset folder (default: the one the run recorded; --baseline: "
+                                                   "the dataset's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the run's)")
+
+
 def parser():
-    p = runs.Parser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
+    p = cli.Parser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
@@ -293,71 +303,35 @@ def parser():
     p.add_argument("--protocol", choices=["nuswide", "spml"], help="metric protocol for --scores")
     p.add_argument("--task", default="zsl", choices=["zsl", "spml"], help="--baseline: task")
     p.add_argument("--data", default="toy", choices=["toy", "nuswide", "coco", "voc"], help="--baseline: dataset")
-    p.add_argument("--data-root", default="", help="dataset folder (--ckpt: overrides the recorded one)")
-    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt); "
-                                              "--twins: the run's own CLIP file, if it is no longer where it was")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers")
+    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt)")
+    checkpoint_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="--ckpt: run SDA/VFR's per-chunk work through torch.compile (as train.py --compile)")
     p.add_argument("--json", help="also write the figures (percent) to this JSON file")
-    p.add_argument("--figure", metavar="OUT.png", help="--ckpt: draw the paper's Fig. 3 instead of evaluating: "
-                   "test images with their ground truth and top-k predictions (blue correct, red wrong, missed "
-                   "ground truth struck through); ZSL shows the unseen labels")
-    p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed)")
-    p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
-    p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image")
-    p.add_argument("--figure-html", metavar="OUT_DIR", help="--figure: also an HTML gallery of the same images")
-    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn; --calibrate (ZSL): which "
-                                                       "training images")
+    p.add_argument("--seed", type=int, default=0, help="--calibrate (ZSL): which training images")
     p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "
                    "maximiser) on SPML's validation split or, for ZSL, a slice of the training images; write them "
                    "here for predict.py --thresholds, and report them on the test split")
     p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used")
     p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
-    p.add_argument("--twins", action="store_true", help="--ckpt, ZSL: instead of evaluating, set each unseen twin "
-                   "(another word for a seen label) beside its seen word, per-label AP of the fused score and each "
-                   "branch, epoch 0 -> trained, in the GZSL and the ZSL pass (epoch 0 rebuilt from the run's CLIP)")
     return p
 
 
+@parallel.command  # under torchrun (--ckpt, --baseline), rank 0 alone prints; an error is one line, exit code 2
 def main(argv=None):
-    parallel.quiet_unless_main()  # under torchrun (--ckpt, --baseline, --figure), rank 0 alone prints
-    try:
-        args = parser().parse_args(argv)
-        if args.scores and not (args.labels and args.protocol):
-            raise UsageError("--scores needs --labels and --protocol")
-        if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
-            raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
-                             "--figure-n and --figure-k must be >= 1")
-        if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
-                                                         and args.calibrate_n >= 1):
-            raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
-        if args.twins and not (args.ckpt and not (args.figure or args.calibrate or args.thresholds)):
-            raise UsageError("--twins goes with --ckpt (not --figure, --calibrate or --thresholds)")
-        check_outputs(args)
-        if args.thresholds:
-            thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
-        if args.figure:
-            from tools import figure3  # the paper's Fig. 3 (and its gallery): a picture, not a metric
-            return figure3.draw_figure(args) or 0
-        if args.twins:
-            from tools import twins  # a per-label look at the ZSL twins row (tools/twins.py)
-            results = twins.report(args)
-        else:
-            results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
-        if args.json and parallel.is_main():
-            runs.write_json(results, args.json)
-            print(f"figures written to {args.json}")
-    except (CheckpointError, DataError, UsageError, safe_io.WriteError, parallel.Stopped) as err:
-        parallel.report(err, runs.error_line(err))
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 2
-    finally:
-        parallel.finish()
-    return 0
+    args = parser().parse_args(argv)
+    if args.scores and not (args.labels and args.protocol):
+        raise UsageError("--scores needs --labels and --protocol")
+    if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
+                                                     and args.calibrate_n >= 1):
+        raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
+    check_outputs(args)
+    if args.thresholds:
+        thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
+    results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
+    if args.json and parallel.is_main():
+        runs.write_json(results, args.json)
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

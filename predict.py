@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from support import checkpoints
+from support import cli
 from tools import explain as explain_maps
 from tools import figure3
 from tools import gallery
@@ -46,13 +47,13 @@ import eval as evaluation
 from support import runs
 from support import tasks
 from support import thresholds
-from support.clip_files import CheckpointError, load_clip
+from support.clip_files import load_clip
+from support.errors import CheckpointError, DataError, UsageError, WriteError, error_line
 from clip_text import encode_labels
-from data import DataError, build_transform
+from data import build_transform
 from support.image_folders import find_images
 from support.paths import FOLDER, check_outputs as check_paths
-from support.runs import UsageError
-from support.safe_io import WriteError, atomic_write
+from support.safe_io import atomic_write
 
 DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
 
@@ -218,8 +219,8 @@ def demo(args):
     truth = {data.test_paths[i]: {names[c] for c in np.flatnonzero(data.test_labels[i] == 1)} for i in chosen}
     print("note: toy-world test images, so each tag is marked [right] or [wrong] against their ground truth",
           file=sys.stderr)
-    return tag(args, truth) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
-                                                "--workers", "0"])
+    return tag(args, truth) or figure3.main(["--ckpt", DEMO_CKPT, "--out", os.path.join(run_dir, "figure.png"),
+                                             "--workers", "0"])
 
 
 def write_gallery(args, tagger, paths, scores, picks, known, device):
@@ -285,7 +286,7 @@ def tag(args, truth=None):
 
 
 def parser():
-    p = runs.Parser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    p = cli.Parser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files and folders (walked for image files)")
     p.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
@@ -329,7 +330,7 @@ def main(argv=None):
             raise UsageError("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
         return demo(args) if offline_demo else tag(args)
     except (CheckpointError, DataError, UsageError, WriteError) as err:
-        print(f"error: {runs.error_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (outputs already written are whole; the others were not written)", file=sys.stderr)

@@ -23,9 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from support.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A weights file or state dict that is not what we expected; the message is one line naming the source."""
 
 
 def check_keys(state_dict, expected, source):

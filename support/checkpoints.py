@@ -18,7 +18,8 @@ import torch
 
 from support import safe_io
 from data import IMAGENET_MEAN, IMAGENET_STD
-from support.runs import Config, UsageError
+from support.runs import Config
+from support.errors import UsageError
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 
@@ -182,3 +183,14 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def restore(resume, model, opt, state, path):
+    """train.py --resume: the trainable weights, the optimiser, the run's state and the random generators of the
+    checkpoint `resume` (read from `path`), so the run continues exactly where it stopped. state["data"] stays
+    as the caller set it: the data as it is now, checked against the checkpoint's."""
+    model.load_state_dict_trainable(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    state.update({**resume["state"], "data": state["data"]})
+    set_rng_state(resume["rng"])
+    print(f"resumed {path} after epoch {state['epoch']} (step {state['step']})")

@@ -31,7 +31,8 @@ from support import cli
 from support.clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
 from clip_text import CLIP, OFFICIAL_VOCAB, CLIPConfig
 from support.tokenizer import find_bpe
-from vit import CheckpointError, check_keys
+from vit import check_keys
+from support.errors import CheckpointError
 
 # openai/CLIP's model list (clip/clip.py, _MODELS["ViT-B/16"]); the path holds the file's sha256.
 OFFICIAL_SHA256 = "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"

@@ -15,6 +15,8 @@ import pickle
 import numpy as np
 from tqdm import tqdm
 
+from support.errors import DataError
+
 LABELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
 NUS_H5 = ("features/nus_wide_train.h5", "features/nus_wide_test.h5", "img_names.pkl", "test_img_names.pkl")
 NUS_RAW = "ImageList/Imagelist.txt"
@@ -33,9 +35,6 @@ DOWNLOADS = {
                 ".../voc2007/VOCtest_06-Nov-2007.tar"),
 }
 
-
-class DataError(ValueError):
-    """A bad dataset on disk; the message is one line naming the file and what was expected."""
 
 
 def read_lines(path, source=None):

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from support.image_check import check_images
-from support.runs import UsageError
+from support.errors import UsageError
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 

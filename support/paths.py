@@ -13,7 +13,7 @@ file or, for commands that walk folders (predict.py), a folder of inputs.
 """
 import os
 
-from support.runs import UsageError
+from support.errors import UsageError
 
 FOLDER = "folder"
 

@@ -3,7 +3,8 @@
     CUDA  bf16 autocast: the towers' matmuls and convolutions, GMC, and the head's (B, P, c, D) chain in bf16
     CPU   fp32, no autocast (and so bit-for-bit what the tests check)
 
-train.py's train_step, SigRL.teacher_feat, eval.predict, predict.py and tools/bench all enter `autocast(device)`;
+train.py's loop (train_one_epoch) opens torch.autocast in compute_dtype(device); SigRL.teacher_feat, eval.predict,
+predict.py and tools/bench enter `autocast(device)`;
 nothing else opens an autocast of its own. The rules, and why:
   1. The teacher runs inside the student's autocast, so at step 0 it is the same function of the same input
      at the same precision: the L1 of Eq. 16 is exactly 0 on CUDA as on the CPU, with no gradient of rounding

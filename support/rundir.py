@@ -17,7 +17,7 @@ import os
 from support import safe_io
 from support.checkpoints import load_run_checkpoint
 from support.paths import FOLDER, check_outputs
-from support.runs import UsageError
+from support.errors import UsageError
 
 FILES = ("last.pt", "best.pt", "log.jsonl", "config.json")  # last.pt first: without it there is no run to resume
 

@@ -17,6 +17,8 @@ import errno
 import os
 import signal
 
+from support.errors import WriteError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; runs are not locked there
@@ -24,9 +26,6 @@ except ImportError:  # Windows: no flock; runs are not locked there
 
 LOCK = ".lock"
 
-
-class WriteError(Exception):
-    """A file could not be written, or a folder is in use by another process; the message is one line."""
 
 
 def _reason(err):

@@ -1,5 +1,7 @@
 """The Markdown tables and epoch lines every command prints: one row per setting (ZSL, its twin and novel groups,
 GZSL; SPML's test), figures in percent, ready to paste into a paper draft."""
+import os
+
 from protocol import zsl_groups
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -60,3 +62,15 @@ def format_epoch(record):
                                    if m is not None)
                          for name in splits_of(record))
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
+
+
+def print_run_end(cfg, state, metrics, rows=None):
+    """What train.py prints after its last epoch: the trained table, SPML's best epoch and, given `rows`, every
+    row a trained number is read against (eval.like_for_like) side by side."""
+    print(format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
+                                f"({os.path.join(cfg.out, 'last.pt')})"))
+    if cfg.task == "spml" and state["best"]:
+        print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
+              f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
+    if rows is not None and len(rows) > 1:
+        print(format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))

@@ -13,10 +13,11 @@ from dataclasses import fields
 
 import numpy as np
 
-from data import DataError, check_images, load_nuswide, load_spml
+from data import check_images, load_nuswide, load_spml
+from support.errors import DataError, UsageError
 from protocol import zsl_groups
 from support import cli
-from support.runs import UsageError, parse_args
+from support.runs import parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}

@@ -32,7 +32,8 @@ import sys
 import numpy as np
 
 from support.clip_files import file_sha256
-from support.runs import UsageError, write_json
+from support.runs import write_json
+from support.errors import UsageError
 
 FORMAT, MIN_POSITIVES = "sigrl-thresholds/1", 5
 

@@ -12,7 +12,7 @@ from open_clip.model import CLIP as OpenClipCLIP
 from support import clip_convert
 from support.clip_files import load_clip
 from fixtures_clip import SIZES, random_model
-from vit import CheckpointError
+from support.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

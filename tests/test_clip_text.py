@@ -11,7 +11,8 @@ import pytest
 import torch
 from open_clip.model import CLIP as OpenClipCLIP, CLIPTextCfg, CLIPVisionCfg
 
-from support.clip_files import CheckpointError, bpe_for, load_clip, main
+from support.clip_files import bpe_for, load_clip, main
+from support.errors import CheckpointError
 from clip_text import PromptLearner, encode_labels, tokenize
 from fixtures_clip import build_oracle, make_clip_checkpoint, randomize_, save_official
 from support.tokenizer import learn_bpe, write_bpe

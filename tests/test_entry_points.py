@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.bench", "tools.ablation", "tools.bench_parallel",
+COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.figure3", "tools.twins", "tools.bench", "tools.ablation", "tools.bench_parallel",
             "tools.precision_check", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files", "support.tasks"]
 
 
@@ -53,7 +53,10 @@ def cases(d):
         ("eval", ["--ckpt", m]), ("eval", ["--ckpt", f]), ("eval", ["--ckpt", c("pt")]),
         ("eval", ["--scores", c("npy"), "--labels", c("npy"), "--protocol", "spml"]),
         ("eval", ["--scores", str(d / "s.npy"), "--labels", f, "--protocol", "spml"]),
-        ("eval", ["--ckpt", c("pt"), "--figure", str(d / "f.png"), "--figure-n", "0"]),
+        ("tools.figure3", ["--ckpt", c("pt"), "--out", str(d / "f.png"), "--n", "0"]),
+        ("tools.figure3", ["--ckpt", c("pt"), "--out", str(d / "f.png")]), ("tools.figure3", ["--ckpt", m, "--out", f]),
+        ("tools.twins", ["--ckpt", m]), ("tools.twins", ["--ckpt", c("pt")]),
+        ("tools.twins", ["--ckpt", c("pt"), "--json", f]),
         ("eval", ["--baseline", "clip", "--clip", c("pt")]),
         ("predict", ["--ckpt", m, img]), ("predict", ["--ckpt", f, img]), ("predict", ["--ckpt", c("pt"), img]),
         ("predict", ["--clip", c("pt"), "--labels", "a,b", img]), ("predict", ["--clip", f, "--labels", "a,b", img]),

@@ -1,5 +1,5 @@
 """The precision policy (support/precision.py), CUDA's included, run on the CPU: under precision.emulate the CPU
-takes CUDA's bf16 autocast through the same code (train.train_step, SigRL, eval.predict), so the dtypes of the
+takes CUDA's bf16 autocast through the same code (train.train_one_epoch, SigRL, eval.predict), so the dtypes of the
 big tensors, the exact 0 of the distillation loss at step 0 and the closeness to fp32 are checked without a GPU."""
 import contextlib
 import types
@@ -55,7 +55,7 @@ def make_run():
 def steps(n, emulate):
     run, batch = make_run()
     with precision.emulate() if emulate else contextlib.nullcontext():
-        return [train.train_step(run, batch) for _ in range(n)], run
+        return [train.train_one_epoch(run, [batch], 1) for _ in range(n)], run
 
 
 def test_policy_per_device():
@@ -73,7 +73,7 @@ def test_cuda_policy_on_cpu_step_zero_is_exact_and_the_head_stays_bf16():
     run, batch = make_run()
     recorder = Dtypes()
     with precision.emulate(), recorder:
-        terms = train.train_step(run, batch)
+        terms = train.train_one_epoch(run, [batch], 1)
     # the teacher runs at the student's precision: at step 0 they are one function of one input
     assert terms["global"] == 0.0
     ops = {op for op, _ in recorder.seen}

@@ -1,4 +1,4 @@
-"""predict.py, eval.py --figure, plot.py and the pictures (draw.py): tagging a folder of images end to end, its
+"""predict.py, tools.figure3, plot.py and the pictures (draw.py): tagging a folder of images end to end, its
 outputs against SigRL.forward and against open_clip, label lists that are odd or wrong, the explain maps against
 the local score, Fig. 3's colours, and every PNG's size.
 
@@ -18,10 +18,11 @@ from PIL import Image
 import fixtures_run
 
 from support import checkpoints
-from tools import draw
+from support import draw
 import eval as evaluation
-from tools import plot
+from support import curves as plot
 import predict
+from tools import figure3
 from support import runs
 from toy import world as toyworld
 from clip_text import encode_labels
@@ -239,14 +240,12 @@ def test_figure_marks_follow_the_rule(tmp_path):
 
 def test_eval_figure_png(setup, tmp_path):
     out = tmp_path / "fig.png"
-    assert evaluation.main(["--ckpt", str(setup["ckpt"]), "--figure", str(out), "--figure-n", "5",
-                            "--workers", "0"]) == 0
+    assert figure3.main(["--ckpt", str(setup["ckpt"]), "--out", str(out), "--n", "5", "--workers", "0"]) == 0
     side = 192
     assert Image.open(out).size[0] == 4 * (side + 2 * draw.PAD)  # 4 columns, 2 rows
     assert Image.open(out).size[1] > 2 * side
     wanted = [os.path.basename(setup["data"].test_paths[i]) for i in (3, 1)]
-    assert evaluation.main(["--ckpt", str(setup["ckpt"]), "--figure", str(out), "--figure-images", *wanted,
-                            "--workers", "0"]) == 0
+    assert figure3.main(["--ckpt", str(setup["ckpt"]), "--out", str(out), "--images", *wanted, "--workers", "0"]) == 0
     width, height = Image.open(out).size
     assert width >= 2 * (side + 2 * draw.PAD) and side < height < 2 * side  # one row (the title may be wider)
 

@@ -13,7 +13,8 @@ import torch
 
 from toy import shapes as toydraw
 from toy import world as tw
-from data import DataError, check_images, load_nuswide
+from data import check_images, load_nuswide
+from support.errors import DataError
 from toy.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

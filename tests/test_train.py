@@ -17,6 +17,7 @@ import eval as evaluate
 import fixtures_clip
 import fixtures_data
 import train
+from tools import twins
 from protocol.metrics import nus_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +166,7 @@ def test_bad_input_one_line_and_run_files_untouched(world, tmp_path, capsys, mon
     monkeypatch.setenv("SIGRL_CACHE", str(world["dir"] / "cache"))
 
     def call(script, *args):
-        rc = (train if script == "train.py" else evaluate).main([str(a) for a in args])
+        rc = {"train.py": train, "eval.py": evaluate, "tools.twins": twins}[script].main([str(a) for a in args])
         out, err = capsys.readouterr()
         # what the user reads on stderr: progress bars (tqdm) left out
         return subprocess.CompletedProcess(script, rc, out, "\n".join(line for line in err.splitlines()
@@ -207,9 +208,8 @@ def test_bad_input_one_line_and_run_files_untouched(world, tmp_path, capsys, mon
     # a new run into a directory that holds one
     assert_one_line_error(call("train.py", *spml, *common(world, run)), "--resume")
     # the twin report of a run that is not zero-shot
-    assert_one_line_error(call("eval.py", "--ckpt", run / "last.pt", "--twins"), "--task zsl")
-    assert_one_line_error(call("eval.py", "--ckpt", run / "last.pt", "--twins", "--figure", tmp_path / "f.png"),
-                          "--twins")
+    assert_one_line_error(call("tools.twins", "--ckpt", run / "last.pt"), "--task zsl")
+    assert_one_line_error(call("tools.twins", "--ckpt", run / "last.pt", "--out", tmp_path / "f.png"), "--out")
     # evaluating a COCO checkpoint on VOC labels
     proc = call("eval.py", "--ckpt", run / "last.pt", "--data-root", world["voc"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -109,7 +109,7 @@ def test_tables_print_the_groups():
 def test_plot_draws_the_groups_apart(tmp_path, capsys):
     """The training curves leave the groups out; --zsl-groups draws them, one panel per score."""
     import json
-    from tools import plot
+    from support import curves as plot
     groups = ("zsl", "zsl_twins", "zsl_novel", "gzsl")
     records = [{"epoch": e, "loss": {"local": 1.0} if e else {}, **{s: {"map": 50.0 + e + i} for i, s in
                                                                     enumerate(groups)},

@@ -1,6 +1,6 @@
 """predict.py --explain: one PNG per image, for each of its top labels the similarity map whose top-k patches
 the local score averages and SDA's attention over the patches (a picture of Eq. 13's local half; drawn by
-tools/draw.py)."""
+support/draw.py)."""
 import os
 import sys
 
@@ -9,7 +9,7 @@ import torch
 from data import read_image, view_transform
 from support import precision
 from support.progress import progress
-from tools import draw
+from support import draw
 
 EXPLAIN_COLUMNS = 8  # labels drawn per image, best first
 
