@@ -75,7 +75,7 @@ def read_labels(args):
         raise UsageError(f"{source}: an empty label name (expected names separated by commas, or one a line)")
     for n in names:  # a name is one line of a table, a page and --save-scores' .label_names.txt
         if line_breaking(n):
-            raise UsageError(f"{source}: label {printable(n)!r} holds a control character "
+            raise UsageError(f"{source}: label '{printable(n)}' holds a control character "
                              f"({printable(line_breaking(n))}); expected printable names")
     return names, source
 
@@ -202,7 +202,7 @@ def check_outputs(args, images=()):
                                                       explain_maps.explain_targets(images, html_maps)]
     for path in images if args.save_scores else ():  # .images.txt holds one path a line
         if line_breaking(path):
-            raise UsageError(f"--save-scores: image {printable(path)!r} has a control character "
+            raise UsageError(f"--save-scores: image '{printable(path)}' has a control character "
                              f"({printable(line_breaking(path))}) in its path, which would shift the rows of "
                              f"{side_files(args.save_scores)[0]}: rename it, or leave out --save-scores")
     given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file),
@@ -290,7 +290,7 @@ def tag(args, truth=None):
     check_outputs(args, paths)
     bad = [n for n in tagger.names if line_breaking(n)] if args.save_scores else []
     if bad:  # the checkpoint's own names (a --labels list is checked as it is read)
-        raise UsageError(f"--save-scores: label {printable(bad[0])!r} holds a control character, which would shift "
+        raise UsageError(f"--save-scores: label '{printable(bad[0])}' holds a control character, which would shift "
                          f"the columns of {side_files(args.save_scores)[1]}: leave out --save-scores")
     if tagger.model is not None and len(tagger.names) < 2:
         print(f"warning: {tagger.kind}: one label: Eq. 13 divides each branch's score by its norm over the labels, "

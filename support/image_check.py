@@ -30,8 +30,8 @@ def shape_problem(size):
     if min(w, h) < 1:
         return f"{w} x {h} pixels: empty"
     if max(w, h) > MAX_ASPECT * min(w, h):
-        return (f"{w} x {h} pixels: longer side over {MAX_ASPECT} times the shorter (resizing its shorter side "
-                f"would need memory without bound); crop it")
+        return (f"{w} x {h} pixels: one side over {MAX_ASPECT} times the other, too thin to resize by its shorter "
+                f"side within bounded memory; crop it")
     return ""
 
 

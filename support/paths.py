@@ -6,7 +6,8 @@ the command's own inputs, never another output of the same command, and is of th
           followed through symbolic and hard links: the same file is the same (device, inode) pair;
         - is the same path as another output (--json out.txt --csv out.txt would keep only the CSV);
         - is a folder where a file is expected, or an existing file where a folder is expected;
-        - is a folder output inside a folder of inputs (its files would be read as inputs next time);
+        - is a folder output inside a folder of inputs (its files would be read as inputs next time), or a file
+          a folder output writes into a folder of inputs (G/images/0000.png when G/images is read);
         - is a file in a folder that does not exist, or lies in one that cannot be written;
         - is a file named inside a folder output (index.html, images/0000.png) whose folder is a symbolic link
           out of that folder output (the write would land elsewhere);
@@ -133,6 +134,11 @@ def check_outputs(outputs, inputs=()):
             raise UsageError(f"{flag} {path}: a folder; expected a file name")
         if not folder:
             _stays_inside(flag, path, folder_outputs)
+            owned = any(_inside(os.path.dirname(path), f) for f in folder_outputs)  # a folder output's own file
+            for what, given in folders_in if owned else ():
+                if _inside(os.path.dirname(path), given):
+                    raise UsageError(f"{flag} {printable(path)}: inside {given}, the folder of {what} this command "
+                                     f"reads; its files would be read as inputs next time (choose another folder)")
             _name_fits(flag, path)
             clash = files_in.get(_identity(path)) if exists else None
             if clash is not None:
