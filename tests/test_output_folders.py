@@ -109,6 +109,16 @@ def test_no_write_through_a_link_out_of_the_folder(run, tmp_path, capsys, monkey
     (G / "explain").symlink_to(elsewhere)
     assert tag(run, run["photos"], "--html", G) == 2  # the explain maps of the page: refused too
     assert os.listdir(elsewhere) == []
+    # a file in the folder that is a link: the link is replaced, the file it pointed to is left as it was
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    G2 = tmp_path / "G2"
+    (G2 / "images").mkdir(parents=True)
+    (G2 / "index.html").symlink_to(victim)
+    (G2 / "images" / "0000.png").symlink_to(victim)
+    gallery.write(str(G2), "t", [], [str(run["photos"] / "img0.jpg")], ["a", "b"], np.zeros((1, 2)), [set()])
+    assert victim.read_text() == "precious\n"
+    assert not (G2 / "index.html").is_symlink() and Image.open(G2 / "images" / "0000.png").size[0] > 0
 
 
 def test_a_lock_that_is_a_link_is_never_followed(tmp_path, capsys):

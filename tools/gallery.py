@@ -3,11 +3,12 @@
     python predict.py --ckpt RUN/last.pt photos/ --html OUT_DIR [--thresholds THRESHOLDS.json]
     python predict.py                                  # the offline demo also writes runs/zsl-toy/gallery/
 
-One card per image: the image, its best-ranked labels with a bar for each score, the labels it is tagged with
-(the top-k, those above --threshold, or above their own --thresholds) in bold, and, where the checkpoint has a
-local branch, its explain picture (predict.py --explain) folded under a <details>. Where ground truth is known
-(the demo's toy-world test images) the tags are marked as in the paper's Fig. 3: blue when right, red when
-wrong, and the ground-truth labels that were not tagged are listed struck through.
+One card per image: the image as data.read_image gives the model its pixels (upright by its EXIF orientation,
+16-bit greyscale scaled, CMYK and palette converted), its best-ranked labels with a bar for each score, the
+labels it is tagged with (the top-k, those above --threshold, or above their own --thresholds) in bold, and,
+where the checkpoint has a local branch, its explain picture (predict.py --explain) folded under a <details>.
+Where ground truth is known (the demo's toy-world test images) the tags are marked as in the paper's Fig. 3:
+blue when right, red when wrong, and the ground-truth labels that were not tagged are listed struck through.
 
 The bars are scaled to the page's range of shown scores, not to [0, 1]: SigRL's scores are Eq. 13's values,
 of the order of 1 / sqrt(C) for C labels, not probabilities. The page's one inline script counts the photos
