@@ -166,6 +166,8 @@ def test_names_are_printed_escaped(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "\x1b" not in out and "two\nlines" not in out
     assert len(out.splitlines()) == 2 and "two\\nlines.jpg: " in out and "\\x1b[2Jclear.jpg: " in out
+    # a right-to-left override would print the rest reversed; a line separator would break the line
+    assert paths.printable("a\u202eb\u2028c\td é") == "a\\u202eb\\u2028c\\td é"
 
 
 # ----------------------------------------------------------------------------- bounded resources, early checks
