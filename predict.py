@@ -198,8 +198,9 @@ def check_outputs(args, images=()):
     if args.html:
         outputs += gallery.outputs("--html", args.html, len(images))
         html_maps = os.path.join(args.html, "explain")
-        outputs += [("--html", html_maps, FOLDER)] + [("--html", target) for target in
-                                                      explain_maps.explain_targets(images, html_maps)]
+        if not (args.explain and os.path.realpath(args.explain) == os.path.realpath(html_maps)):  # else: listed
+            outputs += [("--html", html_maps, FOLDER)] + [("--html", target) for target in
+                                                          explain_maps.explain_targets(images, html_maps)]
     for path in images if args.save_scores else ():  # .images.txt holds one path a line
         if line_breaking(path):
             raise UsageError(f"--save-scores: image '{printable(path)}' has a control character "
@@ -248,6 +249,8 @@ def write_gallery(args, tagger, paths, scores, picks, known, device, written=Non
         else:
             maps = explain_maps.explain_targets(paths, folder)
             for source, target in zip(written, maps):
+                if os.path.realpath(source) == os.path.realpath(target):  # --explain OUT_DIR/explain
+                    continue
                 with open(source, "rb") as f:
                     png = f.read()
                 atomic_write(target, lambda f, png=png: f.write(png))
@@ -266,8 +269,8 @@ def tag_line(path, pick, truth):
         return printable(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick)
                                         or "(no label at or above its threshold)"))
     missed = [n for n in sorted(truth) if n not in {m for m, _ in pick}]
-    return (f"{printable(path)}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
-            + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
+    return printable(f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
+                     + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
 
 
 # ----------------------------------------------------------------------------- command line

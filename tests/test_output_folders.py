@@ -237,3 +237,6 @@ def test_explain_and_html_compute_the_maps_once(run, tmp_path, monkeypatch, caps
     assert len(made) == 3 and sorted(os.listdir(G / "explain")) == made
     assert all((E / f).read_bytes() == (G / "explain" / f).read_bytes() for f in made)
     assert sum(f"explain/{f}" in (G / "index.html").read_text() for f in made) == 3
+    calls.clear()  # --explain OUT_DIR/explain: the page's own maps, drawn once too
+    assert tag(run, run["photos"], "--explain", tmp_path / "H" / "explain", "--html", tmp_path / "H") == 0
+    assert len(calls) == 3 and len(os.listdir(tmp_path / "H" / "explain")) == 3
