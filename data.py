@@ -27,7 +27,7 @@ from support.data_formats import DataError
 from support.prepared import prepare
 from support.image_check import check_images, shape_problem
 from support.parallel import seeded
-from support.paths import FOLDER, check_outputs
+from support.paths import FOLDER, check_outputs, printable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
@@ -203,7 +203,7 @@ def _show(a):
     if a.check_images:
         _, bad, why = check_images(paths)
         print(f"{len(bad)} of {len(paths)} images missing or unreadable" +
-              (": " + ", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why)) if bad else ""))
+              (": " + printable(", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why))) if bad else ""))
 
 
 @cli.command
