@@ -71,6 +71,7 @@ def _writable_parent(flag, path, folder_output):
 
 
 def _name_fits(flag, path):
+    """A name the file system cannot hold would fail at the write, after the work: refuse it now."""
     folder = os.path.dirname(os.path.abspath(path)) or os.sep
     while not os.path.isdir(folder):
         folder = os.path.dirname(folder)
