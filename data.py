@@ -25,9 +25,9 @@ from torchvision import transforms as T
 from support import cli, prepared
 from support.errors import DataError
 from support.prepared import prepare
-from support.image_check import check_images
+from support.image_check import check_images, shape_problem
 from support.parallel import seeded
-from support.paths import FOLDER, check_outputs
+from support.paths import FOLDER, check_outputs, printable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
@@ -174,8 +174,11 @@ def read_image(path):
     pictures, Fig. 3) goes through here, so a picture always shows the pixels that were scored.
     EXIF orientation is applied (a phone stores a portrait photo sideways with Orientation = 6; every viewer
     turns it upright). 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips every value
-    above 255, so a 16-bit photograph would come out nearly white."""
+    above 255, so a 16-bit photograph would come out nearly white. An image whose shape would make the resize
+    unbounded (support/image_check.MAX_ASPECT) is refused with a ValueError before its pixels are decoded."""
     with Image.open(path) as im:
+        if shape_problem(im.size):
+            raise ValueError(shape_problem(im.size))
         im = ImageOps.exif_transpose(im)  # a copy turned upright, or `im` itself when there is nothing to turn
         if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # "I" is how some Pillow versions open 16-bit PNGs
             wide = np.asarray(im, dtype=np.float64)  # (H, W) in 0 .. 65535
@@ -200,7 +203,7 @@ def _show(a):
     if a.check_images:
         _, bad, why = check_images(paths)
         print(f"{len(bad)} of {len(paths)} images missing or unreadable" +
-              (": " + ", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why)) if bad else ""))
+              (": " + printable(", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why))) if bad else ""))
 
 
 @cli.command

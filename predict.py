@@ -52,7 +52,7 @@ from support.errors import CheckpointError, DataError, UsageError, WriteError, e
 from clip_text import encode_labels
 from data import build_transform
 from support.image_folders import find_images
-from support.paths import FOLDER, check_outputs as check_paths
+from support.paths import FOLDER, check_outputs as check_paths, inner_folder, line_breaking, printable
 from support.safe_io import atomic_write
 
 DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
@@ -74,6 +74,10 @@ def read_labels(args):
         return None
     if not names or any(not n for n in names):
         raise UsageError(f"{source}: an empty label name (expected names separated by commas, or one a line)")
+    for n in names:  # a name is one line of a table, a page and --save-scores' .label_names.txt
+        if line_breaking(n):
+            raise UsageError(f"{source}: label '{printable(n)}' holds a control character "
+                             f"({printable(line_breaking(n))}); expected printable names")
     return names, source
 
 
@@ -186,12 +190,23 @@ def side_files(save_scores):
 def check_outputs(args, images=()):
     """support/paths.py's rule, before the first image is scored: no output replaces an input (the checkpoint,
     CLIP file, labels file, an image; --explain not among the folders of images) or another output. With
-    `images`, the images found and the PNGs --explain will write are checked too."""
+    `images`, the images found and every file --explain and --html will write (the PNGs, index.html, images/)
+    are checked too, and so are the names --save-scores writes one a line."""
     outputs = [("--json", args.json), ("--csv", args.csv), ("--save-scores", args.save_scores),
                ("--explain", args.explain, FOLDER)]
     outputs += [("--save-scores", side) for side in side_files(args.save_scores)] if args.save_scores else []
     outputs += [("--explain", target) for target in explain_maps.explain_targets(images, args.explain)] if args.explain else []
-    outputs += [("--html", args.html, FOLDER)]
+    if args.html:
+        outputs += gallery.outputs("--html", args.html, len(images))
+        html_maps = os.path.join(args.html, "explain")
+        if not (args.explain and os.path.realpath(args.explain) == os.path.realpath(html_maps)):  # else: listed
+            outputs += [("--html", html_maps, FOLDER)] + [("--html", target) for target in
+                                                          explain_maps.explain_targets(images, html_maps)]
+    for path in images if args.save_scores else ():  # .images.txt holds one path a line
+        if line_breaking(path):
+            raise UsageError(f"--save-scores: image '{printable(path)}' has a control character "
+                             f"({printable(line_breaking(path))}) in its path, which would shift the rows of "
+                             f"{side_files(args.save_scores)[0]}: rename it, or leave out --save-scores")
     given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file),
              ("the thresholds file", args.thresholds)]
     given += [("images" if os.path.isdir(i) else "an image", i) for i in args.inputs]
@@ -223,10 +238,23 @@ def demo(args):
                                              "--workers", "0"])
 
 
-def write_gallery(args, tagger, paths, scores, picks, known, device):
-    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch."""
-    local = tagger.model is not None and not tagger.model.config.global_only
-    maps = explain_maps.explain(tagger, paths, picks, os.path.join(args.html, "explain"), device) if local else None
+def write_gallery(args, tagger, paths, scores, picks, known, device, written=None):
+    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch, in
+    OUT_DIR/explain/: those --explain has just drawn (`written`) are copied there, not computed again."""
+    maps = None
+    if tagger.model is not None and not tagger.model.config.global_only:
+        os.makedirs(args.html, exist_ok=True)
+        folder = inner_folder(args.html, "explain")  # never through a link that leads out of OUT_DIR
+        if written is None:
+            maps = explain_maps.explain(tagger, paths, picks, folder, device)
+        else:
+            maps = explain_maps.explain_targets(paths, folder)
+            for source, target in zip(written, maps):
+                if os.path.realpath(source) == os.path.realpath(target):  # --explain OUT_DIR/explain
+                    continue
+                with open(source, "rb") as f:
+                    png = f.read()
+                atomic_write(target, lambda f, png=png: f.write(png))
     rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
             f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
     notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
@@ -239,10 +267,11 @@ def write_gallery(args, tagger, paths, scores, picks, known, device):
 def tag_line(path, pick, truth):
     """An image's printed tags; with ground truth (the demo), each says right or wrong, then what was missed."""
     if truth is None:
-        return f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or "(no label at or above its threshold)")
+        return printable(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick)
+                                        or "(no label at or above its threshold)"))
     missed = [n for n in sorted(truth) if n not in {m for m, _ in pick}]
-    return (f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
-            + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
+    return printable(f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
+                     + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -263,6 +292,10 @@ def tag(args, truth=None):
         args.threshold = thresholds.for_checkpoint(args.thresholds, tagger.names, args.ckpt)
     paths = find_images(args.inputs)
     check_outputs(args, paths)
+    bad = [n for n in tagger.names if line_breaking(n)] if args.save_scores else []
+    if bad:  # the checkpoint's own names (a --labels list is checked as it is read)
+        raise UsageError(f"--save-scores: label '{printable(bad[0])}' holds a control character, which would shift "
+                         f"the columns of {side_files(args.save_scores)[1]}: leave out --save-scores")
     if tagger.model is not None and len(tagger.names) < 2:
         print(f"warning: {tagger.kind}: one label: Eq. 13 divides each branch's score by its norm over the labels, "
               f"here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
@@ -277,11 +310,12 @@ def tag(args, truth=None):
     for path, pick, t in zip(paths, picks, known or [None] * len(paths)):
         print(tag_line(path, pick, t))
     write_outputs(args, paths, tagger.names, scores, picks)
+    written = None
     if args.explain:
         written = explain_maps.explain(tagger, paths, picks, args.explain, device)
         print(f"explain: {len(written)} PNGs written to {args.explain}", file=sys.stderr)
     if args.html:
-        write_gallery(args, tagger, paths, scores, picks, known, device)
+        write_gallery(args, tagger, paths, scores, picks, known, device, written)
     return 0
 
 

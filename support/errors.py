@@ -38,4 +38,4 @@ def error_line(err):
     text = str(err)
     if "Original Traceback" in text:
         text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in " ".join(text.split()))  # ESC never raw

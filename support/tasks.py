@@ -17,6 +17,7 @@ from data import check_images, load_nuswide, load_spml
 from support.errors import DataError, UsageError
 from protocol import zsl_groups
 from support import cli
+from support.paths import printable
 from support.runs import parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
@@ -54,7 +55,8 @@ def load_dataset(cfg, check=None):
         good, bad, why = check_images(paths, desc=f"checking {split} images")
         if bad:
             print(f"warning: {len(bad)} of {len(paths)} {split} images are missing or unreadable and are "
-                  f"excluded; first: {'; '.join(f'{p} ({r})' for p, r in zip(bad[:3], why))}", file=sys.stderr)
+                  f"excluded; first: {printable('; '.join(f'{p} ({r})' for p, r in zip(bad[:3], why)))}",
+                  file=sys.stderr)
             keep = np.flatnonzero(good)
             setattr(data, f"{split}_paths", [paths[i] for i in keep])
             for f in fields(data):

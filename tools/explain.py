@@ -12,11 +12,13 @@ from support.progress import progress
 from support import draw
 
 EXPLAIN_COLUMNS = 8  # labels drawn per image, best first
+STEM = 80  # characters of the image's name kept in its PNG's name: the index makes it unique, and a 250-character
+# name would make a PNG name longer than the file system takes
 
 
 def explain_targets(paths, out_dir):
-    """The PNG --explain writes for each image: OUT_DIR/<index>_<file name without extension>.png."""
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    """The PNG --explain writes for each image: OUT_DIR/<index>_<file name without extension, cut to STEM>.png."""
+    stems = [os.path.splitext(os.path.basename(p))[0][:STEM] for p in paths]
     return [os.path.join(out_dir, f"{i:04d}_{stem}.png") for i, stem in enumerate(stems)]
 
 

@@ -18,6 +18,7 @@ from data import build_transform, read_image, view_transform
 from support import checkpoints, cli, parallel, tasks
 from support.errors import UsageError
 from support import draw
+from support.paths import check_outputs
 from tools import gallery
 
 
@@ -49,6 +50,10 @@ def draw_figure(args):
     names, truth = names[cols], data.test_labels[:, cols] == 1  # (N, C) the scored labels' ground truth
     chosen = choose_images(data.test_paths, truth.astype(int), args.figure_n, args.seed, args.figure_images)
     paths, R = [data.test_paths[i] for i in chosen], ckpt["resolution"]
+    # every file the figure and its page write (index.html, images/NNNN.png), before any image is scored
+    check_outputs([("--out", args.figure)] + (gallery.outputs("--html", args.figure_html, len(paths))
+                                                 if args.figure_html else []),
+                  [("the checkpoint", args.ckpt)] + [("a test image", p) for p in paths])
     encode, scorers = evaluation.sigrl_scorers(model, {"fig": ckpt["label_emb"][cols].to(device)}, R, spml=cfg.task == "spml")
     parallel.ready()
     scores = evaluation.predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size, 0,
