@@ -1,6 +1,19 @@
 """SigRL: semantic-guided representation learning for multi-label recognition (ICME 2025).
 
-LEGEND
+Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
+    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
+    N  images in a dataset          Nt texts encoded at once        R  image side in pixels
+    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
+    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
+    nh attention heads              hd width of one head            V  vocabulary size (49408)
+    C  labels in the scored set     c  labels in one chunk of a fast path
+    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
+    n_ctx  CoOp's learned context tokens
+Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i (Eq. 1),
+G the graph-refined H-hat (Eq. 4), F the patch features F_patch (B, P, D), M, Q, T (Eq. 6-9), O (VFR's fused
+features), M_hat (Eq. 12). Greek letters too: alpha is only GAT's attention vector (Eq. 2), beta only its
+coefficients (Eq. 3); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat; Eq. 7, 11).
+One exception, the paper's own: W in GAT's formulas (gat.py) is Eq. 2's weight matrix (code: lin), not a width.
 
 Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, f (Eq. 5)
 -> f, a (Eq. 7) -> a, M -> M, Q -> Q, T -> T, O -> O, f-hat / a-hat (Eq. 10-11) -> f_hat / a_hat, M-hat -> M_hat.
@@ -52,7 +65,7 @@ class SigRLConfig:
     sda: bool = True  # False: T := H for every image
     vfr: bool = True  # False: M_hat := patch (MKT's top-k on raw patch tokens); needs gmc = sda = False
     global_only: bool = False  # scores = normalised global score; the heads are not built
-    topk: int = 16  # local score = mean of the top-k patch similarities (k = min(topk, P))
+    topk: int = 16  # local score = mean of the top-K patch similarities (K = min(topk, P))
     fast: bool = True  # False: the plain path on full (B, P, C, D) and (C, C, hidden) tensors; same numbers
     class_chunk: int = 64  # fast path: classes per SDA/VFR step (near-equal chunks); memory only
     gat_chunk: int = 16  # fast path: query labels per GATv2 step (gat.py); memory only
@@ -268,10 +281,10 @@ class SigRL(nn.Module):
             return SigRLOutput(glob, None, glob, g)
 
         # Local branch: s_local[b,c] = mean of the top-k over p of <M_hat[b,p,:], H[c,:]> (the paper's Top-K; the
-        # reference code takes the mean of the k largest), then normalised over c as the global branch
+        # reference code takes the mean of the K largest), then normalised over c as the global branch
         sim = self.local_similarity(patch, H, G)  # (B, P, C)
-        top = sim.topk(min(cfg.topk, P), dim=1).values  # (B, P, C) -> (B, k, C)
-        local = F.normalize(top.mean(dim=1), dim=-1)  # (B, k, C) -> (B, C), each row to unit L2 norm (reference code)
+        top = sim.topk(min(cfg.topk, P), dim=1).values  # (B, P, C) -> (B, K, C)
+        local = F.normalize(top.mean(dim=1), dim=-1)  # (B, K, C) -> (B, C), each row to unit L2 norm (reference code)
         scores = (local + glob) / 2  # (B, C): the reference code's average where Eq. 13 has a sum
         assert scores.shape == (B, H.shape[0]), f"expected scores (B, C) = {(B, H.shape[0])}, got {tuple(scores.shape)}"
         return SigRLOutput(scores, local, glob, g)
