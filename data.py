@@ -19,11 +19,11 @@ Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, da
     C  labels in the scored set     c  labels in one chunk of a fast path
     S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
     n_ctx  CoOp's learned context tokens
-Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i (Eq. 1),
-G the graph-refined H-hat (Eq. 4), F the patch features F_patch (B, P, D), M, Q, T (Eq. 6-9), O (VFR's fused
-features), M_hat (Eq. 12). Greek letters too: alpha is only GAT's attention vector (Eq. 2), beta only its
-coefficients (Eq. 3); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat; Eq. 7, 11).
-One exception, the paper's own: W in GAT's formulas (gat.py) is Eq. 2's weight matrix (code: lin), not a width.
+Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
+graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
+M_hat (VFR's output). Greek letters too: alpha is only GAT's attention vector, beta only its attention
+coefficients; SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the
+paper's own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
 """
 import argparse
 import contextlib

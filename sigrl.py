@@ -9,11 +9,11 @@ Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, da
     C  labels in the scored set     c  labels in one chunk of a fast path
     S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
     n_ctx  CoOp's learned context tokens
-Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i (Eq. 1),
-G the graph-refined H-hat (Eq. 4), F the patch features F_patch (B, P, D), M, Q, T (Eq. 6-9), O (VFR's fused
-features), M_hat (Eq. 12). Greek letters too: alpha is only GAT's attention vector (Eq. 2), beta only its
-coefficients (Eq. 3); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat; Eq. 7, 11).
-One exception, the paper's own: W in GAT's formulas (gat.py) is Eq. 2's weight matrix (code: lin), not a width.
+Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
+graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
+M_hat (VFR's output). Greek letters too: alpha is only GAT's attention vector, beta only its attention
+coefficients; SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the
+paper's own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
 
 Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, f (Eq. 5)
 -> f, a (Eq. 7) -> a, M -> M, Q -> Q, T -> T, O -> O, f-hat / a-hat (Eq. 10-11) -> f_hat / a_hat, M-hat -> M_hat.
@@ -326,7 +326,7 @@ class SigRL(nn.Module):
             raise KeyError(f"SigRL checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-# ---- The zero-shot losses (paper Eq. 14-16; train.py adds them); SPML's are in protocol/spml_losses.py ----
+# ---- The zero-shot losses (paper Eq. 15-16; train.py adds them); SPML's are in protocol/spml_losses.py ----
 # Each loss twice, as SDA and VFR are: written out as a loop (to read), then vectorised (what training calls).
 # tests/test_losses.py checks the two equal, values and gradients, on random inputs and on the golden vectors.
 def ranking_loss_plain(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -372,7 +372,7 @@ def ranking_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def l1_distill_plain(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """L_global (Eq. 16) of the student's class-token features g (B, D) and the frozen teacher's (B, D), one image
+    """Eq. 16, L_global, of the student's class-token features g (B, D) and the frozen teacher's (B, D), one image
     at a time."""
     total = student.new_zeros(())
     for g, target in zip(student, teacher.detach()):  # one image k: (D,) each; the teacher is a fixed target
