@@ -2,7 +2,7 @@
 
 Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
     B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
-    N  images in a dataset          Nt texts encoded at once        R  image side in pixels
+    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
     P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
     W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
     nh attention heads              hd width of one head            V  vocabulary size (49408)
@@ -19,8 +19,8 @@ SigRL needs one text embedding per label, H in R^{C x D}, the h^i that every lat
 Eq. 1 writes h^i = CoOp(Y_i), a learned prompt context; the reference code instead uses a fixed template: it
 loads MKT's precomputed label_emb.pt, encode_text("There is a {name} in the scene") per label, not normalised.
 This file follows the code: `encode_labels` recomputes exactly that from the CLIP file (the default prompt of
-every command), so no opaque file is needed. `PromptLearner` is CoOp's learnable prompt, Eq. 1 as printed, for
-prompt-tuning experiments; no command trains it (the reference code has none).
+every command), so no opaque file is needed. `PromptLearner` is CoOp's learnable prompt, Eq. 1 as printed;
+`python train.py --prompt coop` learns it jointly with SigRL (the reference code has none).
 
 Text encoder (OpenAI): token_embedding + positional_embedding -> causal pre-LN transformer -> ln_final at
 the EOT position (the largest token id) -> @ text_projection. Outputs are NOT normalised.

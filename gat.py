@@ -2,7 +2,7 @@
 
 Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
     B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
-    N  images in a dataset          Nt texts encoded at once        R  image side in pixels
+    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
     P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
     W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
     nh attention heads              hd width of one head            V  vocabulary size (49408)

@@ -1,6 +1,6 @@
 """predict.py --explain: one PNG per image, for each of its top labels the similarity map whose top-k patches
-the local score averages and SDA's attention over the patches (a picture of Eq. 13's local half; drawn by
-tools/draw.py)."""
+the local score averages and SDA's attention over the patches (a picture of Eq. 13's local score; drawn by
+tools/draw.py). The maps are for pictures only, so they live here and not in sigrl.py."""
 import os
 import sys
 from typing import NamedTuple, Optional
