@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_geometric.nn import GATv2Conv
+from optional import need
 
 from support import runs
 import train
@@ -18,9 +18,9 @@ def complete_graph(C):
     return torch.stack([src.flatten(), dst.flatten()])  # (2, C * C)
 
 
-def pyg_twin(layer: GATv2Layer) -> GATv2Conv:
+def pyg_twin(layer: GATv2Layer):
     """A GATv2Conv computing what `layer` should compute: shared W, no bias, every head given the same a."""
-    conv = GATv2Conv(layer.in_dim, layer.out_dim, heads=layer.heads, concat=True, negative_slope=0.2,
+    conv = need("torch_geometric.nn").GATv2Conv(layer.in_dim, layer.out_dim, heads=layer.heads, concat=True, negative_slope=0.2,
                      dropout=0.0, add_self_loops=False, bias=False, share_weights=True)
     with torch.no_grad():
         conv.lin_l.weight.copy_(layer.lin.weight)
