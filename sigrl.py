@@ -156,9 +156,8 @@ class SDA(nn.Module):
             step = compiled(decouple) if self.fused else decouple
             M = torch.cat([checkpoint(step, self.fc_sda, patch, H_c, use_reentrant=False)  # (B, c, D) each
                            for H_c in class_chunks(H, chunk)], dim=1)  # (B, C, D)
-        # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar passes through the
-        # ReLU and the row normalisation removes it (except on rows of norm < 1e-12, which stay ~0 either way),
-        # so it is left out.
+        # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU: a positive scalar, which Norm removes
+        # (rows of norm < 1e-12 stay ~0 either way), so it is left out.
         # Eq. 8 as the reference code computes it: Q[b] = ReLU(M[b]^T H), a D x D matrix where the paper has C x C
         Q = torch.relu(M.transpose(1, 2) @ H)  # (B, D, C) @ (C, D) -> (B, D, D)
         # Eq. 9: T[b] = M[b] Norm(Q[b]), Norm taking each row of Q to unit L2 norm
@@ -234,8 +233,8 @@ class SigRL(nn.Module):
         return cls(copy.deepcopy(clip.visual), config)
 
     def compile_heads(self) -> "SigRL":
-        """Run the fast path's SDA and VFR chunks through torch.compile (--compile; support/compiling.py). Not saved with the
-        weights; the first calls at each new shape are slow while it compiles."""
+        """Run the fast path's SDA and VFR chunks through torch.compile (--compile; support/compiling.py). Not
+        saved with the weights; the first calls at each new shape are slow while it compiles."""
         for module in (self.sda, self.vfr):
             if module is not None:
                 module.fused = True
@@ -304,13 +303,10 @@ class SigRL(nn.Module):
 
     @torch.no_grad()
     def teacher_feat(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's class-token embedding (B, D), target of L_global. Computed along the student's path
-        (encode: every token through proj, then the class token), not the tower's forward (the class token, then
-        proj): the same operations on the same shapes, so while the student still equals its teacher (at the same
-        precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size.
-        It opens no autocast of its own: called inside the student's (train.py), it runs at the student's
-        precision, so the exact 0 holds under bf16 too (the reference runs an fp16 teacher beside an fp32 student).
-        """
+        """The frozen teacher's class-token embedding (B, D), target of L_global, computed along the student's path
+        (`encode`: every token through proj), not the tower's forward: while the student equals its teacher the L1
+        is exactly 0 with no gradient, not rounding noise. It opens no autocast: inside the student's (train.py)
+        it runs at the student's precision (the reference runs an fp16 teacher beside an fp32 student)."""
         tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
         return tokens[:, 0]  # (B, D)
 
@@ -346,13 +342,9 @@ def ranking_loss_plain(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def ranking_loss_per_image(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """ranking_loss_plain's per-image terms l (B,), all pairs at once in a (B, C, C) tensor, as the reference code
-    (MKT's models/rank_loss.py) computes them:
-
-        h[b, p, n] = max(1 + s[b, n] - s[b, p], 0)    for p with y = +1, n with y = -1 (y = 0 takes no part)
-        l[b]       = sum_{p, n} h / (V[b] + 1e-8),     V[b] = #{(p, n): h > 0}, a count (constant for autograd)
-
-    So an exact-margin pair counts nowhere, and an image with no violating pair gives 0. The pair tensor has
-    27M entries at B = 32, C = 925, small beside the ViT's activations.
+    (MKT's models/rank_loss.py) computes them: h[b, p, n] = max(1 + s[b, n] - s[b, p], 0) for y_p = +1, y_n = -1;
+    l[b] = sum_{p, n} h / (V[b] + 1e-8), V[b] = #{(p, n): h > 0}. So an exact-margin pair counts nowhere and an
+    image with no violating pair gives 0. The pair tensor has 27M entries at B = 32, C = 925: small beside the ViT.
     """
     if scores.dim() != 2 or scores.shape != labels.shape:
         raise ValueError(f"ranking_loss: expected two (B, C) tensors of equal shape, got {tuple(scores.shape)} "
