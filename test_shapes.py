@@ -3,8 +3,6 @@ configuration (width 128 -> 2 attention heads, 2 blocks), then every model modul
 (C = 1) and a top-K larger than the patches (topk > P). Run it as a test (python -m pytest -q test_shapes.py)
 or as a script that prints the tour (python test_shapes.py). The letters are the book's one shape legend
 (B images, P patches, C labels, D joint width, W ViT width, K top-K; see sigrl.py's docstring)."""
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,4 +190,4 @@ if __name__ == "__main__":
     for name, t, shape in rows:
         print(f"  {name:<46} {str(tuple(t.shape)):>14}")
     print(f"largest difference to SigRL.forward's scores: {(scores - out.scores).abs().max():.1e}")
-    sys.exit(pytest.main(["-q", __file__]))
+    print("the same, checked, with every module alone: python -m pytest -q test_shapes.py")
