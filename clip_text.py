@@ -11,9 +11,10 @@ Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, da
     n_ctx  CoOp's learned context tokens
 Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
 graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
-M_hat (VFR's output). Greek letters too: alpha is only GAT's attention vector, beta only its attention
-coefficients; SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the
-paper's own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
+M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
+coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
+flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
+own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
 
 SigRL needs one text embedding per label, H in R^{C x D}, the h^i that every later equation reads. The paper's
 Eq. 1 writes h^i = CoOp(Y_i), a learned prompt context; the reference code instead uses a fixed template: it

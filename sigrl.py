@@ -11,9 +11,10 @@ Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, da
     n_ctx  CoOp's learned context tokens
 Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
 graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
-M_hat (VFR's output). Greek letters too: alpha is only GAT's attention vector, beta only its attention
-coefficients; SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the
-paper's own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
+M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
+coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
+flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
+own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
 
 Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, f (Eq. 5)
 -> f, a (Eq. 7) -> a, M -> M, Q -> Q, T -> T, O -> O, f-hat / a-hat (Eq. 10-11) -> f_hat / a_hat, M-hat -> M_hat.
