@@ -24,7 +24,7 @@ def pyg_twin(layer: GATv2Layer):
                      dropout=0.0, add_self_loops=False, bias=False, share_weights=True)
     with torch.no_grad():
         conv.lin_l.weight.copy_(layer.lin.weight)
-        conv.att.copy_(layer.att[:, None].expand(1, layer.heads, layer.out_dim))  # (1, O) -> (1, K, O)
+        conv.att.copy_(layer.att[:, None].expand(1, layer.heads, layer.out_dim))  # (1, hd) -> (1, nh, hd)
     return conv.double().eval()
 
 
@@ -58,7 +58,7 @@ def test_heads_share_one_attention_vector():
 
 
 def test_initialisation_is_the_reference_layers():
-    """labml's GATv2 layer (the reference's) builds nn.Linear(D_in, K * O) then nn.Linear(O, 1), no bias, with
+    """labml's GATv2 layer (the reference's) builds nn.Linear(D_in, nh * hd) then nn.Linear(hd, 1), no bias, with
     nn.Linear's default initialisation: the same seed must give the same numbers."""
     torch.manual_seed(3)
     ours = GMC(dim=64, heads=4, hidden=8)
