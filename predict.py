@@ -7,8 +7,9 @@
     python predict.py --clip ViT-B-16.pt --labels "cat,dog" photos/  # zero-shot CLIP (cosine), no SigRL
     python predict.py --ckpt RUN/last.pt photos/ --explain maps/    # one PNG per image: the maps below
 
-SigRL's scores depend on the label list. Eq. 13 divides each image's local and global score vectors by their
-L2 norms over the labels being scored, GMC builds its graph over the list, and VFR sums its attention over it.
+SigRL's scores depend on the label list. The paper's Eq. 13 adds the raw scores, but the reference code, which
+this implementation follows, divides each image's local and global score vectors by their L2 norms over the
+labels being scored; GMC builds its graph over the list, and VFR sums its attention over it.
 Adding or removing a label changes every other label's score and can change their order: compare scores
 within one list, and do not carry a --threshold from one list to another (with C labels a score is of the
 order of 1/sqrt(C)). This is why the paper scores its 81 unseen labels as one list (ZSL) and all 1006 as
@@ -18,9 +19,10 @@ branch's norm over one label is its own size: every score is +1, 0 or -1.
 
 --explain: per image, the image as the model saw it and, for each of its top labels, two maps on the patch
 grid (8 x 8 for the toy CLIP, 14 x 14 for ViT-B/16): (1) the similarity <M_hat[p], H[c]> of each reconstructed
-patch feature to the label, whose top-k patches (outlined) average to the local score before Eq. 13's
-normalisation, and (2) SDA's attention over the patches for that label (its softmax over the patches),
-averaged over the D channels. Both come from SigRL.explain, which runs the same code as the scores.
+patch feature to the label, whose top-k patches (outlined) average to the local score before the reference
+code's normalisation over the labels, and (2) SDA's attention over the patches for that label (its softmax
+over the patches), averaged over the D channels. Both come from tools/explain.py's `maps`, which runs the same
+code as the scores.
 
 With no arguments: tags 6 toy-world test images with the default run runs/zsl-toy/last.pt (trained first with
 `python train.py` when absent, a few minutes), each tag marked right or wrong against their ground truth,
@@ -258,7 +260,8 @@ def write_gallery(args, tagger, paths, scores, picks, known, device, written=Non
     rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
             f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
     notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
-             f"label list per image (Eq. 13): compare them within this page."]
+             f"label list per image (the reference code's step; the paper's Eq. 13 adds raw scores): compare them "
+             f"within this page."]
     index = gallery.write(args.html, tagger.kind, notes, paths, tagger.names, scores,
                           [{n for n, _ in p} for p in picks], known, maps)
     print(f"gallery: {len(paths)} images written to {index}", file=sys.stderr)
@@ -297,12 +300,12 @@ def tag(args, truth=None):
         raise UsageError(f"--save-scores: label '{printable(bad[0])}' holds a control character, which would shift "
                          f"the columns of {side_files(args.save_scores)[1]}: leave out --save-scores")
     if tagger.model is not None and len(tagger.names) < 2:
-        print(f"warning: {tagger.kind}: one label: Eq. 13 divides each branch's score by its norm over the labels, "
-              f"here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
+        print(f"warning: {tagger.kind}: one label: the reference code divides each branch's score by its norm over "
+              f"the labels (the paper's Eq. 13 adds raw scores), here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
               f"or more to rank them, or --clip for cosine scores (see --help)", file=sys.stderr)
     elif tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
-              f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
+              f"(as the reference code normalises them); they change when the label list changes (see --help)", file=sys.stderr)
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
                                 args.batch_size, args.workers, "tagging", out=sys.stderr)["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]

@@ -6,8 +6,9 @@ not the test split.
 
 Shape legend: N images, C labels.
 
-A score is Eq. 13's fused value: each image's local and global score vectors are divided by their L2 norms over
-the labels being scored, so a score is not a probability, its scale is of the order of 1 / sqrt(C), and it
+A score is SigRL's fused value as the reference code computes it (the paper's Eq. 13 adds the raw scores): each
+image's local and global score vectors are divided by their L2 norms over the labels being scored, then
+averaged, so a score is not a probability, its scale is of the order of 1 / sqrt(C), and it
 depends on the label set. A threshold therefore belongs to one label set: the file records the names and the
 sha256 of the names in column order, and predict.py refuses any other set.
 
@@ -149,7 +150,7 @@ def for_labels(path, names):
         missing, extra = sorted(set(table) - set(names)), sorted(set(names) - set(table))
         raise UsageError(f"{path}: fitted for another label set ({len(table)} labels, sha256 "
                          f"{rec['labels_sha256'][:12]}; these {len(names)} lack {missing[:3]} and add {extra[:3]}): "
-                         f"scores depend on the label set (Eq. 13), so its thresholds do not apply")
+                         f"scores depend on the label set (the reference code normalises them over it), so its thresholds do not apply")
     return np.array([table[n] for n in names]), rec
 
 

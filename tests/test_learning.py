@@ -62,7 +62,7 @@ def test_like_for_like_rows(run):
 
 def test_epoch0_global_branch_is_the_clip_itself(run):
     """Before any step the global branch is CLIP's class-token embedding against the label embeddings,
-    L2-normalised over the classes of each image (Eq. 13): computed here from the CLIP file directly."""
+    L2-normalised over the classes of each image (the reference code's scoring; Eq. 13 adds raw scores): computed here from the CLIP file directly."""
     cfg, log, _ = run
     clip = load_clip(cfg.clip).eval()
     data = tasks.load_dataset(cfg)

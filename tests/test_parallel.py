@@ -15,6 +15,7 @@ import torch
 
 import eval as evaluation
 import fixtures_clip
+from optional import World
 import fixtures_data
 from support import parallel
 import train
@@ -33,10 +34,10 @@ def world(tmp_path_factory):
     fixtures_clip.make_clip_checkpoint(d / "clip.pt", size="tiny", fmt="jit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SIGRL_CACHE", str(d / "cache"))
-        yield {"dir": d, "clip": d / "clip.pt", "env": dict(os.environ),
-               # 13 training images in batches of 4: the last step has one image, so one process has nothing
-               "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=13, n_test=8),
-               "coco": fixtures_data.make_coco(d / "coco")}
+        yield World({"dir": d, "clip": d / "clip.pt", "env": dict(os.environ),
+                     # 13 training images in batches of 4: the last step has one image, so one process has nothing
+                     "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=13, n_test=8),
+                     "coco": fixtures_data.make_coco(d / "coco")}, needs={"nus": "h5py"})
 
 
 def flags(world, task, out, **extra):

@@ -29,6 +29,7 @@ from clip_text import encode_labels
 from data import build_transform
 from protocol.metrics import nus_metrics
 from sigrl import SigRL
+from optional import need
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,7 +178,8 @@ def test_coop_run_tags_its_own_labels(setup, tmp_path, capsys):
 
 def test_zero_shot_clip_equals_open_clip(setup, tmp_path):
     """--clip alone: the cosine of open_clip's image and text embeddings, same weights, CLIP's preprocessing."""
-    from open_clip.model import CLIP as OpenClip, CLIPTextCfg, CLIPVisionCfg
+    oc = need("open_clip.model")  # the comparison skips, naming it, without open_clip
+    OpenClip, CLIPTextCfg, CLIPVisionCfg = oc.CLIP, oc.CLIPTextCfg, oc.CLIPVisionCfg
     from torchvision import transforms as T
     clip = setup["clip"]
     c, v = clip.config, clip.config.vision

@@ -5,9 +5,13 @@ import ast
 import os
 import subprocess
 import sys
+import threading
+
+import torch
 
 import train
 from support import runs
+from support.rundir import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAPTERS = ["vit.py", "clip_text.py", "gat.py", "sigrl.py", "data.py", "train.py", "eval.py"]
@@ -20,6 +24,53 @@ def repo_file(path):
         return None
     rel = os.path.relpath(path, REPO)
     return None if rel.startswith("tests" + os.sep) else rel
+
+
+def test_one_training_step_runs_in_train_sigrl_gat_vit_and_one_more_file(tmp_path):
+    """From the first training forward to the return of the first optimiser step, the Python functions that run
+    live in at most 5 repository files (train.py, sigrl.py, gat.py, vit.py and one more), and loss.backward() and
+    opt.step() are called from train.py itself."""
+    cfg = runs.parse_args(["--world-train", "64", "--world-test", "16", "--epochs", "1", "--data-root",
+                           str(tmp_path / "world"), "--out", str(tmp_path / "run")])
+    run_dir = RunDir(cfg.out, None)
+    with run_dir.locked():
+        run = train.build(cfg, None, run_dir, torch.device("cpu"))
+    plan = train.epoch_plan(run.train_set.labels, cfg, 0)[:1]
+    batches = iter(train.epoch_loader(run.train_set, plan, cfg, 0))
+    steps = [[(next(batches), share) for _, share in step] for step in plan]  # loaded before the window opens
+
+    files, callers, window = set(), {}, {"open": False, "closed": False}
+
+    def profile(frame, event, arg):
+        if window["closed"] or event != "call":
+            return
+        code, here = frame.f_code, frame.f_code.co_filename
+        if not window["open"]:
+            window["open"] = code.co_name == "forward" and here.endswith(os.sep + "sigrl.py")
+            if not window["open"]:
+                return
+        mine = repo_file(here)
+        if mine:
+            files.add(mine)
+        caller = frame.f_back
+        if caller is not None and repo_file(caller.f_code.co_filename):
+            if here.endswith(os.path.join("torch", "_tensor.py")) and code.co_name == "backward":
+                callers.setdefault("backward", set()).add(repo_file(caller.f_code.co_filename))
+            if os.sep + os.path.join("torch", "optim") + os.sep in here:
+                callers.setdefault("step", set()).add(repo_file(caller.f_code.co_filename))
+                window["closed"] = True  # the optimiser step is the last thing in the window
+
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        train.train_one_epoch(run, steps, 1)
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    assert window["open"] and window["closed"], window
+    assert callers == {"backward": {"train.py"}, "step": {"train.py"}}, callers
+    assert {"train.py", "sigrl.py", "vit.py", "gat.py"} <= files, files
+    assert len(files) <= 5, sorted(files)
 
 
 def imports_of(path):

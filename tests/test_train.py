@@ -15,6 +15,7 @@ import torch
 import data
 import eval as evaluate
 import fixtures_clip
+from optional import World
 import fixtures_data
 import train
 from tools import twins
@@ -42,9 +43,10 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
     fixtures_clip.make_clip_checkpoint(d / "clip.pt", size="tiny", fmt="jit")
     env = dict(os.environ, SIGRL_CACHE=str(d / "cache"))
-    return {"dir": d, "clip": d / "clip.pt", "env": env,
-            "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
-            "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc")}
+    return World({"dir": d, "clip": d / "clip.pt", "env": env,
+                  "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
+                  "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc")},
+                 needs={"nus": "h5py"})
 
 
 def common(world, out, **extra):

@@ -10,8 +10,9 @@ where the checkpoint has a local branch, its explain picture (predict.py --expla
 Where ground truth is known (the demo's toy-world test images) the tags are marked as in the paper's Fig. 3:
 blue when right, red when wrong, and the ground-truth labels that were not tagged are listed struck through.
 
-The bars are scaled to the page's range of shown scores, not to [0, 1]: SigRL's scores are Eq. 13's values,
-of the order of 1 / sqrt(C) for C labels, not probabilities. The page's one inline script counts the photos
+The bars are scaled to the page's range of shown scores, not to [0, 1]: SigRL's scores are the reference
+code's normalised ones (the paper's Eq. 13 adds raw scores; the code divides each branch by its norm over the
+labels, then averages), of the order of 1 / sqrt(C) for C labels, not probabilities. The page's one inline script counts the photos
 the browser has drawn into <body data-photos-drawn>, which the browser test reads.
 """
 import html

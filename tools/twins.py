@@ -11,8 +11,9 @@ fused score and of each branch of Eq. 13 alone, in two passes over the test imag
 - the ZSL pass (the unseen labels alone, the protocol's): the twins' means here are the ZSL twins row of
   `eval.py --ckpt` and of train.py's log.
 
-Eq. 13 normalises each image's scores over the scored labels, and VFR sums its attention over them (Eq. 12 as
-the reference computes it), so a label's score depends on the set it is scored in: the two passes differ.
+The reference code normalises each image's scores over the scored labels (the paper's Eq. 13 adds the raw
+scores), and VFR sums its attention over them (Eq. 12 as the reference code computes it), so a label's score
+depends on the set it is scored in: the two passes differ.
 
 Epoch 0 is the run's own: train.initial_model rebuilt from the run's config and its CLIP file (the same seed,
 so the same initial heads), checked against log.jsonl's epoch-0 record when the run directory has one.
