@@ -1,20 +1,9 @@
 """SigRL: semantic-guided representation learning for multi-label recognition (ICME 2025).
 
-Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
-    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
-    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
-    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
-    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
-    nh attention heads              hd width of one head            V  vocabulary size (49408)
-    C  labels in the scored set     c  labels in one chunk of a fast path
-    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
-    n_ctx  CoOp's learned context tokens
-Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
-graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
-M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
-coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
-flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
-own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
+Shape legend: the book's one legend (README.md and every chapter's docstring; vit.py gives it in full). Here:
+    B images, P patch tokens, C labels in the scored set (c in one chunk; S seen, U unseen), D joint width,
+    K patches in the top-K; H (C, D) the label embeddings, G GMC's H-hat, F the patch features (B, P, D), and
+    SDA's / VFR's attentions the paper's a and a-hat. No letter has a second meaning anywhere in the book.
 
 Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, f (Eq. 5)
 -> f, a (Eq. 7) -> a, M -> M, Q -> Q, T -> T, O -> O, f-hat / a-hat (Eq. 10-11) -> f_hat / a_hat, M-hat -> M_hat.
@@ -29,16 +18,13 @@ Pipeline, following the reference code wherever it differs from the paper:
 A frozen teacher (a copy of the initial student) gives the target of the distillation loss on g.
 
 Two paths, one switch (SigRLConfig.fast; default True). The plain path computes SDA and VFR as written, on
-(B, P, C, D) tensors: the reference code's memory class, several such tensors alive at once (12 GB each in
-fp32 at B = 32, C = 925). The fast path exists because that does not fit a GPU at the paper's sizes, and it is
-exact because, for one class c, every step before the pooling touches only that class: the product
-patch * H[c], the tanh, the D -> D linear applied to each vector, and the softmax, which runs over the
-patches p, not over the classes. The pooling then sums over p (SDA: one row M[:, c] per class) or over c
-(VFR: a running sum over the chunks). So the fast path runs the plain path's own functions (`decouple`,
-`reconstruction_weight`) on at most `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
-autograd keeps only the chunk's inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a
-time in backward, so neither forward nor backward memory grows with B x P x C x D. The two paths give the
-same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
+(B, P, C, D) tensors: several alive at once, 12 GB each in fp32 at B = 32, C = 925, as in the reference code.
+The fast path exists because that does not fit a GPU, and it is exact because, for one class c, every step
+before the pooling touches only that class (the product patch * H[c], the tanh, the D -> D linear, the softmax
+over the patches p); the pooling then sums over p (SDA) or over c (VFR: a running sum over the chunks). So it
+runs the plain path's own functions (`decouple`, `reconstruction_weight`) on at most `class_chunk` classes at a
+time, each chunk under torch.utils.checkpoint, so neither forward nor backward memory grows with B x P x C x D.
+Both give the same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
 
 Precision. The commands run this file under the precision policy opened where the forward is called
 (support/precision.py: bf16 autocast on CUDA, plain fp32 on the CPU). Three lines here fix a dtype themselves,
@@ -389,14 +375,8 @@ if __name__ == "__main__":
     model = SigRL(visual, SigRLConfig(embed_dim=32, class_chunk=4)).eval()
     images, H = torch.randn(2, 3, 64, 64), torch.randn(10, 32)  # (B, 3, R, R), (C, D)
     with torch.no_grad():
-        tokens = visual.forward_tokens(images) @ visual.proj  # (B, 1+P, D)
-        patch, G = tokens[:, 1:], model.gmc(H)  # (B, P, D), (C, D)
-        T = model.sda(patch, H)  # (B, C, D), the plain path
-        print("tokens @ proj", tuple(tokens.shape), "| G", tuple(G.shape), "| T", tuple(T.shape),
-              "| M_hat", tuple(model.vfr(patch, T, G).shape))
         out = model(images, H)  # the fast path: 4 classes at a time
         model.config.fast = False
         plain = model(images, H)
     print({k: tuple(v.shape) for k, v in out._asdict().items()}, "| teacher_feat", tuple(model.teacher_feat(images).shape))
-    print("scores[0]", out.scores[0])
-    print(f"fast vs plain path: largest score difference {(out.scores - plain.scores).abs().max():.1e}")
+    print(f"scores[0] {out.scores[0]}\nfast vs plain path: largest difference {(out.scores - plain.scores).abs().max():.1e}")
