@@ -1,6 +1,6 @@
 """Evaluation under the paper's protocols, from a run checkpoint, from saved scores, or for zero-shot CLIP.
 
-    python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # needs nothing else
+    python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # beside zero-shot CLIP, from the run's CLIP file
     python eval.py --ckpt RUN_DIR/best.pt --calibrate T.json     # + per-class thresholds for predict.py
     python eval.py --scores S.npy --labels Y.npy --protocol nuswide|spml [--json PATH]
     python eval.py --baseline clip --clip ViT-B-16.pt --data nuswide --data-root DIR
@@ -12,6 +12,7 @@ micro top-3 / top-5 precision, recall, F1. SPML (Tables II-III): mAP of sigmoid(
 labels, precision / recall @1, @3, @5 averaged over images, and a derived F1. All figures in percent.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -27,14 +28,14 @@ from support import runs
 from support import tasks
 from support import thresholds
 from support.clip_files import load_clip
-from support.errors import UsageError
+from support.errors import CheckpointError, UsageError
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
 from data import ImageList, build_transform, spml_resize
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
 from support.paths import FOLDER, check_outputs as check_paths
 from support.score_files import read_scores
-from support.tables import BRANCHES, format_table
+from support.tables import BRANCHES, format_comparison, format_table
 
 @torch.no_grad()
 def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None, out=None):
@@ -175,10 +176,28 @@ def checkpoint_and_data(args):
     return ckpt, cfg, data, device
 
 
+def run_clip(args, cfg, ckpt):
+    """The run's own CLIP file (--clip where it has moved), for the zero-shot row beside the trained one; None, said in
+    one warning line, when it is not there or --no-zero-shot. Another CLIP file is refused: the row would not be the
+    run's baseline."""
+    path = args.clip or cfg.clip
+    if args.no_zero_shot or not os.path.isfile(path):
+        if not args.no_zero_shot:
+            print(f"warning: {path}: the run's CLIP file is not there, so the zero-shot CLIP row is left out (give "
+                  f"it with --clip)", file=sys.stderr)
+        return None
+    clip = load_clip(path)
+    if clip.sha256 != ckpt["clip_sha256"]:
+        raise CheckpointError(f"{path}: not the CLIP file the run {args.ckpt} started from (sha256 differs); give "
+                              f"the run's own with --clip, or --no-zero-shot")
+    return clip
+
+
 def eval_checkpoint(args):
     ckpt, cfg, data, device = checkpoint_and_data(args)
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
+    clip = run_clip(args, cfg, ckpt)  # read before any image is scored: a wrong file stops here
     parallel.ready()
     names, n_train = tasks.label_names(cfg, data)
     if args.calibrate:  # per-class thresholds on a split that is not the test split (support/thresholds.py)
@@ -193,13 +212,17 @@ def eval_checkpoint(args):
                              thresholds.checkpoint_entry(args.ckpt, ckpt["state"]["epoch"]), args.calibrate_n, args.seed)
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
                              splits=("test",) if cfg.task == "spml" else None, keep_scores=True)
+    # zero-shot CLIP, scored as open_clip scores it, on the same test images: what training is read against
+    zero_shot = None if clip is None else clip_baseline(clip, cfg, data, device)
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
         scores = results.pop("scores")
-        print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
-        print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
-            f"{zsl_groups.setting_name(split)} "
-            + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
-            for split, per in results["branch_map"].items()))
+        epoch = ckpt["state"]["epoch"]
+        print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {epoch}"))
+        rows = {COSINE: zero_shot} if zero_shot is not None else {}
+        print(format_comparison({**rows, f"SigRL, epoch {epoch}": results},
+                                title="\nThe same test images, the same protocol (percent):"))
+        if zero_shot is not None:
+            results["zero_shot_clip"] = zero_shot
         if args.calibrate or args.thresholds:  # the label set the thresholds are for: GZSL's (ZSL), all (SPML)
             results["thresholds"] = thresholds.report(args.calibrate or args.thresholds, cfg.task,
                                                       scores["gzsl" if cfg.task == "zsl" else "test"],
@@ -266,8 +289,8 @@ def eval_baseline(args):
     return results
 
 
-COSINE = "zero-shot CLIP, cosine (as open_clip scores it)"
-GLOBAL_SCORING = "the same CLIP, SigRL's global scoring (its global branch, epoch 0)"
+COSINE = "zero-shot CLIP"  # as open_clip scores it: the cosine of the image and each label's prompt
+GLOBAL_SCORING = "global, epoch 0"  # the same CLIP scored by SigRL's global branch, before any step
 
 
 def like_for_like(state, metrics, zero_shot=None):
@@ -277,7 +300,7 @@ def like_for_like(state, metrics, zero_shot=None):
     rows = {} if zero_shot is None else {COSINE: zero_shot}
     if state.get("epoch0"):
         global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
-        rows.update({GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
+        rows.update({GLOBAL_SCORING: global0, "SigRL, epoch 0":
                      {k: v for k, v in state["epoch0"].items() if k != "branches"}})
     rows[f"SigRL, epoch {state['epoch']}"] = metrics
     return rows
@@ -303,7 +326,11 @@ def parser():
     p.add_argument("--protocol", choices=["nuswide", "spml"], help="metric protocol for --scores")
     p.add_argument("--task", default="zsl", choices=["zsl", "spml"], help="--baseline: task")
     p.add_argument("--data", default="toy", choices=["toy", "nuswide", "coco", "voc"], help="--baseline: dataset")
-    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt)")
+    p.add_argument("--clip", default="", help="--baseline: the CLIP file (default for toy: toy/toyclip.pt); --ckpt: "
+                                              "the run's own, for the zero-shot row, if it has moved (default: the "
+                                              "one the run recorded)")
+    p.add_argument("--no-zero-shot", action="store_true", help="--ckpt: leave out the zero-shot CLIP row (it scores "
+                                                               "the test images a second time, with the CLIP alone)")
     checkpoint_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="--ckpt: run SDA/VFR's per-chunk work through torch.compile (as train.py --compile)")

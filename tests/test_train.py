@@ -74,7 +74,15 @@ def test_zsl_train_then_eval(world, tmp_path):
         assert {k: set(v) for k, v in record["branch_map"].items()} == {s: set(BRANCHES) for s in ZSL_SETTINGS}
     proc = cli("eval.py", "--ckpt", run / "last.pt", "--json", tmp_path / "r.json", env=world["env"])
     got = json.loads((tmp_path / "r.json").read_text())
-    assert set(got) == {*ZSL_SETTINGS, "branch_map"} and all(set(got[s]) == NUS_KEYS for s in ZSL_SETTINGS)
+    assert set(got) == {*ZSL_SETTINGS, "branch_map", "zero_shot_clip"}
+    assert all(set(got[s]) == NUS_KEYS for s in ZSL_SETTINGS)
+    # raw CLIP beside the trained model, from the run's own CLIP file: what eval.py --baseline clip gives alone
+    cli("eval.py", "--baseline", "clip", "--data", "nuswide", "--data-root", world["nus"], "--clip", world["clip"],
+        "--json", tmp_path / "clip.json", env=world["env"])
+    assert got["zero_shot_clip"] == json.loads((tmp_path / "clip.json").read_text())
+    zero_shot_row = next(line for line in proc.stdout.splitlines() if line.startswith("| zero-shot CLIP "))
+    assert f"| {got['zero_shot_clip']['zsl']['map']:.2f}" in zero_shot_row
+    assert any(line.startswith("| SigRL, epoch 1 ") for line in proc.stdout.splitlines())
     for setting in ZSL_SETTINGS:  # eval.py alone reproduces the end-of-epoch evaluation of train.py
         for k in NUS_KEYS:
             np.testing.assert_allclose(got[setting][k], log[1][setting][k], atol=1e-6, equal_nan=True)
