@@ -1,0 +1,141 @@
+"""Untrusted files are read, never run, and never trusted more than they prove: TorchScript CLIP archives read
+without their code, caches that check themselves, a damaged log kept on resume, no silent NaN, and one line (never
+a traceback) for the inputs a user gets wrong."""
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+import zipfile
+from typing import Tuple
+
+import pytest
+import torch
+from PIL import Image
+
+import fixtures_clip
+from support.clip_files import load_clip
+from support.torchscript_files import read_archive
+from vit import CheckpointError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def one_line(result, *needles):
+    err = result.stderr
+    assert result.returncode == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+def jit_state_dict(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in torch 2.14
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+def assert_identical(ours, theirs):
+    assert list(ours) == list(theirs)
+    for k, want in theirs.items():
+        got = ours[k]
+        assert (got.dtype, got.shape, got.stride()) == (want.dtype, want.shape, want.stride()), k
+        assert torch.equal(got, want), k
+
+
+# ------------------------------------------------------------------------ TorchScript archives, code never run
+class Scripted(torch.nn.Module):
+    """A scripted (not traced) module with a buffer, a shared submodule and non-tensor attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 3, bias=False)])
+        self.register_buffer("steps", torch.arange(6).view(2, 3)[:, 1])  # a view: offset 1, stride 3
+        self.sizes = [4, 3]
+        self.name = "scripted"
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(self.norm(x) if x.shape[-1] == 4 else x)
+        return x
+
+
+def test_official_layout_reads_like_jit_load(tmp_path):
+    """OpenAI's layout (traced, partly fp16, int buffers, cuda:0 storage tags) and a scripted module: the same
+    tensors, dtypes, strides and values as torch.jit.load's state dict (0 difference)."""
+    traced = tmp_path / "ViT-tiny.pt"
+    fixtures_clip.save_official(fixtures_clip.build_oracle("tiny", seed=2), traced, fmt="jit", gpu_tags=True)
+    ours = read_archive(traced)
+    assert ours["visual.conv1.weight"].dtype == torch.float16 and ours["context_length"].item() == 77
+    assert_identical(ours, jit_state_dict(traced))
+    scripted = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Scripted()), str(scripted))
+    ours = read_archive(scripted)
+    assert ours["steps"].tolist() == [1, 4]
+    assert_identical(ours, jit_state_dict(scripted))
+
+
+class Crafted(torch.nn.Module):
+    """Writes a file of its choosing when torch.jit.load restores it: its __setstate__ is compiled code."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.marker = marker
+
+    def forward(self, x):
+        return x + self.weight
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+        return (self.marker, self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        self.marker, self.training = state[0], state[2]
+        self.weight = state[1] + torch.from_file(self.marker, shared=True, size=2)  # creates the marker file
+
+
+def crafted(path, marker):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Crafted(str(marker))), str(path))
+    return path
+
+
+def test_crafted_archive_runs_no_code(tmp_path):
+    """The attack is real (torch.jit.load creates its marker); predict.py --clip on it: no marker, one line, rc 2."""
+    probe = crafted(tmp_path / "probe.pt", tmp_path / "probe-marker")
+    jit_state_dict(probe)
+    assert (tmp_path / "probe-marker").exists()
+    attack = crafted(tmp_path / "crafted.pt", tmp_path / "marker")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photos / "red.png")
+    result = run("predict.py", "--clip", attack, "--labels", "red,blue", photos)
+    one_line(result, str(attack), "__setstate__")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_archive_naming_a_foreign_global_is_refused(tmp_path):
+    """A data.pkl that would call os.system when unpickled: refused by name, before anything is called."""
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'marker'}",)
+
+    path = tmp_path / "global.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Payload(), protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+    with pytest.raises(CheckpointError) as err:
+        load_clip(path)
+    assert str(err.value).startswith(f"{path}: ") and "system" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "marker").exists()
