@@ -13,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+import eval as eval_cli
 import fixtures_clip
+import fixtures_run
+import predict
+from support import checkpoints
 from support.clip_files import load_clip
 from support.torchscript_files import read_archive
 from vit import CheckpointError
@@ -139,3 +143,69 @@ def test_archive_naming_a_foreign_global_is_refused(tmp_path):
         load_clip(path)
     assert str(err.value).startswith(f"{path}: ") and "system" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "marker").exists()
+
+
+# ------------------------------------------------------------------------------------------- no silent NaN
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A run checkpoint in train.py's format (untrained, on the toy world) and a folder of its test images."""
+    d = tmp_path_factory.mktemp("untrusted")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SIGRL_CACHE", str(d / "cache"))
+        ckpt, cfg, data, clip, names = fixtures_run.untrained_run(d)
+        photos = d / "photos"
+        photos.mkdir()
+        for path in data.test_paths[:3]:
+            Image.open(path).save(photos / os.path.basename(path))
+        yield {"dir": d, "ckpt": ckpt, "photos": photos, "cfg": cfg, "clip": clip, "names": names}
+
+
+def edited(untrained, tmp_path, change):
+    """A copy of the run checkpoint with `change(ckpt)` applied and its checksum made right again."""
+    ckpt = torch.load(untrained["ckpt"], weights_only=True)
+    change(ckpt)
+    ckpt["sha256"] = checkpoints.payload_sha256(ckpt)
+    path = tmp_path / "edited.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def called(main, capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_in(rc, err, *needles):
+    assert rc == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(("error", "warning", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("tensor", ["model.gmc.layer1.att", "label_emb"])
+def test_nonfinite_checkpoint_tensor_is_refused_at_load(untrained, tmp_path, capsys, tensor):
+    """One NaN weight, or an infinite row of label embeddings, in a checkpoint whose checksum is right."""
+    def change(ckpt):
+        if tensor == "label_emb":
+            ckpt["label_emb"][2] = float("inf")
+        else:
+            ckpt["model"][tensor[len("model."):]][0, 3] = float("nan")
+    rc, out, err = called(predict.main, capsys, "--ckpt", edited(untrained, tmp_path, change), untrained["photos"])
+    one_line_in(rc, err, tensor, "edited.pt")
+    assert out == ""
+
+
+def test_nonfinite_scores_stop_with_one_line(untrained, tmp_path, capsys):
+    """Finite weights whose forward pass overflows (ln_post's gains at 1e38): predict.py and eval.py stop with
+    one line naming an image, no table and no tags of nan."""
+    def change(ckpt):
+        ckpt["model"]["student.ln_post.weight"].fill_(1e38)
+    path = edited(untrained, tmp_path, change)
+    rc, out, err = called(predict.main, capsys, "--ckpt", path, untrained["photos"], "--workers", 0)
+    one_line_in(rc, err, "not finite", untrained["photos"])
+    assert out == ""
+    rc, out, err = called(eval_cli.main, capsys, "--ckpt", path, "--workers", 0, "--json", tmp_path / "m.json")
+    one_line_in(rc, err, "not finite")
+    assert "nan" not in out and not (tmp_path / "m.json").exists()
