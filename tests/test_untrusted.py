@@ -18,7 +18,11 @@ import fixtures_clip
 import fixtures_run
 import predict
 from support import checkpoints
+from clip_text import encode_labels
+from data import DataError, ImageList, build_transform
 from support.clip_files import load_clip
+from support.image_check import check_images
+from toy import world as toyworld
 from support.torchscript_files import read_archive
 from vit import CheckpointError
 
@@ -209,3 +213,83 @@ def test_nonfinite_scores_stop_with_one_line(untrained, tmp_path, capsys):
     rc, out, err = called(eval_cli.main, capsys, "--ckpt", path, "--workers", 0, "--json", tmp_path / "m.json")
     one_line_in(rc, err, "not finite")
     assert "nan" not in out and not (tmp_path / "m.json").exists()
+
+
+# --------------------------------------------------------------------------------- caches that check themselves
+def test_label_embedding_cache_entry_is_verified(tmp_path, capsys):
+    """16 floats changed inside the cached entry, the entry cut in half, another key's entry under this name:
+    each is recomputed after one warning line, never served (the values come from encode_text itself)."""
+    clip = load_clip(toyworld.TOYCLIP)
+    names, template = ["sun", "mug", "tree"], "There is a {} in the scene"
+    with torch.no_grad():
+        want = clip.encode_text(clip.tokenizer([template.format(n) for n in names])).float()  # (3, D)
+    first = encode_labels(clip, names, template=template, cache_dir=tmp_path)
+    torch.testing.assert_close(first, want, atol=1e-5, rtol=1e-5)
+    [entry] = tmp_path.glob("labels-*.pt")
+    good = entry.read_bytes()
+    other = encode_labels(clip, ["cat", "dog", "car"], template=template, cache_dir=tmp_path)
+    foreign = next(p for p in tmp_path.glob("labels-*.pt") if p != entry).read_bytes()
+
+    def tampered():
+        hit = torch.load(entry, weights_only=True)
+        hit["embeddings"].view(-1)[:16] += 0.5
+        torch.save(hit, entry)
+    for damage in (tampered, lambda: entry.write_bytes(good[:len(good) // 2]), lambda: entry.write_bytes(foreign)):
+        entry.write_bytes(good)
+        damage()
+        capsys.readouterr()
+        got = encode_labels(clip, names, template=template, cache_dir=tmp_path)
+        err = capsys.readouterr().err
+        assert torch.equal(got, first) and not torch.equal(got[:, :4], other[:, :4])
+        assert err.count("\n") == 1 and err.startswith(f"warning: {entry}") and "Traceback" not in err, err
+    capsys.readouterr()
+    assert torch.equal(encode_labels(clip, names, template=template, cache_dir=tmp_path), first)  # rewritten whole
+    assert capsys.readouterr().err == ""
+
+
+def images(folder, n=4):
+    folder.mkdir()
+    paths = []
+    for k in range(n):
+        Image.new("RGB", (24, 16), (60 * k, 90, 200 - 40 * k)).save(folder / f"im{k}.png")
+        paths.append(str(folder / f"im{k}.png"))
+    return paths
+
+
+def test_image_check_cache_is_verified(tmp_path, capsys, monkeypatch):
+    """A cache cut in half is one warning (it was a BadZipFile traceback); an image overwritten with random bytes
+    of its size, its modification time put back, is decoded again and found bad."""
+    monkeypatch.setenv("SIGRL_CACHE", str(tmp_path / "cache"))
+    paths = images(tmp_path / "img")
+    assert check_images(paths)[0].all()
+    [cache] = (tmp_path / "cache").glob("images-*.npz")
+    cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2])
+    capsys.readouterr()
+    good, bad, _ = check_images(paths)
+    err = capsys.readouterr().err
+    assert good.all() and not bad
+    assert err.count("\n") == 1 and err.startswith(f"warning: {cache}") and "Traceback" not in err, err
+    st = os.stat(paths[2])
+    with open(paths[2], "wb") as f:
+        f.write(os.urandom(st.st_size))
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(paths[2]).st_size, os.stat(paths[2]).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    good, bad, _ = check_images(paths)
+    assert good.tolist() == [True, True, False, True] and bad == [paths[2]]
+    assert capsys.readouterr().err == ""
+
+
+def test_image_failing_after_the_check_clears_the_verdicts(tmp_path, monkeypatch):
+    """An image that the check passed and that then fails to load: one DataError naming it and a command-line
+    step (not an internal function), and no cached verdict is left to pass it again."""
+    monkeypatch.setenv("SIGRL_CACHE", str(tmp_path / "cache"))
+    paths = images(tmp_path / "img")
+    assert check_images(paths)[0].all() and list((tmp_path / "cache").glob("images-*.npz"))
+    (tmp_path / "img" / "im1.png").write_bytes(b"not a PNG any more")
+    ds = ImageList(paths, [[0]] * len(paths), build_transform("zsl", False, 16))
+    with pytest.raises(DataError) as err:
+        ds[1]
+    line = str(err.value)
+    assert line.startswith(paths[1] + ": ") and "run the same command again" in line and "()" not in line
+    assert "\n" not in line and not list((tmp_path / "cache").glob("images-*.npz"))
+    assert check_images(paths)[0].tolist() == [True, False, True, True]
