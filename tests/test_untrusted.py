@@ -17,11 +17,13 @@ import eval as eval_cli
 import fixtures_clip
 import fixtures_run
 import predict
+import train as train_cli
 from support import checkpoints
 from clip_text import encode_labels
 from data import DataError, ImageList, build_transform
 from support.clip_files import load_clip
 from support.image_check import check_images
+from tools import plot
 from toy import world as toyworld
 from support.torchscript_files import read_archive
 from vit import CheckpointError
@@ -293,3 +295,28 @@ def test_image_failing_after_the_check_clears_the_verdicts(tmp_path, monkeypatch
     assert line.startswith(paths[1] + ": ") and "run the same command again" in line and "()" not in line
     assert "\n" not in line and not list((tmp_path / "cache").glob("images-*.npz"))
     assert check_images(paths)[0].tolist() == [True, False, True, True]
+
+
+# ----------------------------------------------------------------------------------------- resume keeps the log
+@pytest.mark.parametrize("damage", ["first line cut short", "byte 0xff", "nested 100000 deep", "not a record"])
+def test_resume_refuses_a_damaged_log_and_keeps_it(untrained, tmp_path, capsys, damage):
+    """A damaged line in log.jsonl: --resume is one line naming the line, and the log is left byte for byte
+    (the intact epoch-1 record after it used to be dropped; a 0xff byte was a UnicodeDecodeError traceback)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(untrained["ckpt"].read_bytes())
+    first = {"first line cut short": b'{"epoch": 0, "loss": {"tot', "byte 0xff": b'{"epoch": 0, "note": "\xff"}',
+             "nested 100000 deep": b"[" * 100000, "not a record": b"[0, 1]"}[damage]
+    log = first + b'\n{"epoch": 1, "loss": {"total": 0.5}}\n'
+    (run / "log.jsonl").write_bytes(log)
+    rc, out, err = called(train_cli.main, capsys, "--resume", run / "last.pt")
+    one_line_in(rc, err, f"{run / 'log.jsonl'}:1", "--resume")
+    assert (run / "log.jsonl").read_bytes() == log and sorted(os.listdir(run)) == ["last.pt", "log.jsonl"]
+
+
+@pytest.mark.parametrize("line", [b'{"epoch": 1, "loss": {"total": "\xff"}}', b"[" * 100000])
+def test_plot_reads_a_damaged_log_in_one_line(tmp_path, capsys, line):
+    (tmp_path / "log.jsonl").write_bytes(b'{"epoch": 0, "loss": {"total": 1.0}}\n' + line + b"\n")
+    rc, _, err = called(plot.main, capsys, tmp_path, "--out", tmp_path / "curves.png")
+    one_line_in(rc, err, "log.jsonl")
+    assert not (tmp_path / "curves.png").exists()
