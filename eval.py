@@ -235,6 +235,7 @@ def clip_zero_shot(clip, names, template, device):
 def clip_baseline(clip, cfg, data, device):
     """Zero-shot CLIP under the same protocol (clip_zero_shot's cosine scores)."""
     names, n_train = tasks.label_names(cfg, data)
+    tasks.check_prompts(clip.tokenizer, names, cfg)  # a --template too long is one line, not a tokenizer error
     transform, encode, score = clip_zero_shot(clip, tasks.prompt_names(names), cfg.template, device)
     s = predict(data.test_paths, transform, encode, {"all": score}, device, cfg.eval_batch_size,
                 cfg.workers, "clip")

@@ -121,7 +121,7 @@ def _json(path, weights, why):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
         raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
 
 

@@ -24,6 +24,7 @@ import zipfile
 
 import torch
 
+from support import cli
 from vit import CheckpointError
 
 # torch.<Type>Storage -> the dtype of its elements (every type torch.jit.save writes for a dense tensor)
@@ -165,6 +166,14 @@ def read_archive(path):
     return _tensors(root, path)
 
 
-if __name__ == "__main__":
-    for key, tensor in read_archive(sys.argv[1]).items():
+@cli.command
+def main(argv=None):
+    parser = cli.parser(prog="python -m support.torchscript_files",
+                        description="List a TorchScript archive's tensors without running its code.")
+    parser.add_argument("archive")
+    for key, tensor in read_archive(parser.parse_args(argv).archive).items():
         print(f"{key:60s} {str(tensor.dtype):15s} {tuple(tensor.shape)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
