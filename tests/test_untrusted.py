@@ -333,9 +333,10 @@ def test_plot_reads_a_damaged_log_in_one_line(tmp_path, capsys, line):
 
 
 # ---------------------------------------------------------------------------- one line where a line is promised
-def test_labels_are_checked_inside_the_prompt_template(untrained, capsys):
+def test_labels_are_checked_inside_the_prompt_template(untrained, tmp_path, capsys):
     """A label that fits CLIP's 77 tokens alone but not inside the template, and a --template too long for any
-    label: one line each (they were ValueError tracebacks)."""
+    label (predict.py, train.py): one line each (predict.py's were ValueError
+    tracebacks)."""
     clip, photos = untrained["clip"], untrained["photos"]
     n = 1
     while len(clip.tokenizer.encode(" ".join(["car"] * (n + 1)))) + 2 <= 77:
@@ -344,10 +345,15 @@ def test_labels_are_checked_inside_the_prompt_template(untrained, capsys):
     assert len(clip.tokenizer.encode(f"There is a {label} in the scene")) + 2 > 77
     rc, out, err = called(predict.main, capsys, "--clip", toyworld.TOYCLIP, "--labels", f"sun,{label}", photos)
     one_line_in(rc, err, "car car", "77")
-    rc, out, err = called(predict.main, capsys, "--clip", toyworld.TOYCLIP, "--labels", "sun,mug",
-                          "--template", "a photo of " + "very " * 80 + "{}", photos)
+    long = "a photo of " + "very " * 80 + "{}"
+    rc, out, err = called(predict.main, capsys, "--clip", toyworld.TOYCLIP, "--labels", "sun,mug", "--template", long,
+                          photos)
     one_line_in(rc, err, "--template", "77")
     assert out == ""
+    data = ["--data", "nuswide", "--data-root", untrained["cfg"].data_root, "--clip", toyworld.TOYCLIP, "--workers", 0]
+    rc, out, err = called(train_cli.main, capsys, "--task", "zsl", *data, "--template", long, "--out", tmp_path / "run")
+    one_line_in(rc, err, "--template", "77")
+    assert not (tmp_path / "run").exists()
 
 
 def thresholds_file(untrained, path, drop=None):
