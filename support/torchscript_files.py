@@ -9,11 +9,12 @@ can. The weights do not need that code. The archive is a zip holding
     state is a dict {attribute: value}; a tensor is `torch._utils._rebuild_tensor_v2(storage, offset, size,
     stride, requires_grad, hooks)`, and its storage a persistent id ("storage", torch.<Type>Storage, key,
     location, numel) whose bytes are the zip entry <name>/data/<key> (little-endian, as <name>/byteorder says);
-  - <name>/code/, constants.pkl, ...: the compiled program, which is never read here.
-`read_archive` unpickles data.pkl with an unpickler that knows six kinds of global (module objects, storage types,
-the tensor rebuild, OrderedDict and TorchScript's typed-container helpers) and builds each of them itself; any
-other global, or a module object whose state is not a plain dict (the mark of a `__setstate__` that would run
-code), is refused with one line naming the file. Tensors are collected under their dotted names, as
+  - <name>/code/ (the program as Python-like text), constants.pkl, ...: what torch.jit.load compiles.
+`read_archive` refuses an archive whose code/ defines a `__setstate__` (found in the text, never compiled),
+then unpickles data.pkl with an unpickler that knows six kinds of global (module objects, storage types, the
+tensor rebuild, OrderedDict and TorchScript's typed-container helpers) and builds each of them itself; any
+other global, or a module object whose state is not a plain dict (what a `__getstate__` of the archive's own
+wrote), is refused with one line naming the file. Tensors are collected under their dotted names, as
 `torch.jit.load(path).state_dict()` names them.
 """
 import collections
@@ -152,6 +153,10 @@ def read_archive(path):
             if order in z.namelist() and z.read(order).strip() not in (b"little", b""):
                 raise CheckpointError(f"{path}: its tensors are stored {z.read(order)[:10].decode(errors='replace')}"
                                       f"-endian; only little-endian archives are read")
+            for name in z.namelist():  # read as text, never compiled: a class that restores itself is refused
+                if name.startswith(f"{prefix}/code/") and name.endswith(".py") and b"def __setstate__" in z.read(name):
+                    raise CheckpointError(f"{path}: {name} defines __setstate__, code that torch.jit.load would run "
+                                          f"while loading; refused without running it (OpenAI's CLIP has none)")
             with z.open(pickles[0]) as f:
                 root = _Unpickler(f, z, prefix, path).load()
     except CheckpointError:

@@ -142,6 +142,20 @@ def test_crafted_archive_runs_no_code(tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
+def test_archive_whose_state_is_not_an_attribute_dict_is_refused(tmp_path):
+    """The crafted archive with its code's `def __setstate__` renamed (so the text check misses it): its module's
+    pickled state is a tuple, refused before anything reads it."""
+    path = crafted(tmp_path / "crafted.pt", tmp_path / "marker")
+    renamed = tmp_path / "renamed.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(renamed, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info).replace(b"def __setstate__", b"def __setstatf__"))
+    with pytest.raises(CheckpointError) as err:
+        load_clip(renamed)
+    assert str(err.value).startswith(f"{renamed}: __torch__.") and "Crafted" in str(err.value) and "tuple" in str(err.value)
+    assert not (tmp_path / "marker").exists()
+
+
 def test_archive_naming_a_foreign_global_is_refused(tmp_path):
     """A data.pkl that would call os.system when unpickled: refused by name, before anything is called."""
     class Payload:
