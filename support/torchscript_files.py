@@ -94,7 +94,7 @@ class _Unpickler(pickle.Unpickler):
             except KeyError:
                 raise CheckpointError(f"{self.path}: {name} is missing (a damaged TorchScript archive)") from None
             expected = numel * dtype.itemsize
-            if info.file_size != expected:  # also stops a compressed entry that would unpack to gigabytes
+            if info.file_size != expected:
                 raise CheckpointError(f"{self.path}: {name} holds {info.file_size} bytes, its record says "
                                       f"{expected} (a damaged TorchScript archive)")
             raw = self.archive.read(name)
@@ -149,6 +149,11 @@ def read_archive(path):
                 raise CheckpointError(f"{path}: a zip, but not a TorchScript archive (expected one <name>/data.pkl, "
                                       f"found {len(pickles)})")
             prefix = pickles[0].split("/")[0]
+            on_disk = os.path.getsize(path)
+            huge = [i.filename for i in z.infolist() if i.file_size > on_disk]
+            if huge:  # torch.jit.save stores entries uncompressed: one larger than the file would be a zip bomb
+                raise CheckpointError(f"{path}: {huge[0]} would unpack to more bytes than the whole archive holds; "
+                                      f"not an archive torch.jit.save wrote")
             order = f"{prefix}/byteorder"
             if order in z.namelist() and z.read(order).strip() not in (b"little", b""):
                 raise CheckpointError(f"{path}: its tensors are stored {z.read(order)[:10].decode(errors='replace')}"

@@ -429,3 +429,15 @@ def test_ctrl_c_is_one_line_in_every_command(command, capsys, monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", interrupted)
     rc, _, err = called(importlib.import_module(command).main, capsys)
     one_line_in(rc, err, "interrupted")
+
+
+def test_archive_entry_larger_than_the_file_is_refused(tmp_path):
+    """A compressed storage entry that would unpack to 50 MB from a file of kilobytes: refused before reading it."""
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        z.writestr("archive/data/0", bytes(50 << 20))
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match="archive/data/0 would unpack to more bytes"):
+        load_clip(path)
