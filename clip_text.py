@@ -36,7 +36,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from support import safe_io
+from support import caches, safe_io
 from support.tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
 from vit import Transformer, VisionConfig, VisionTransformer, infer_vision_config
 
@@ -150,6 +150,22 @@ def _encode_texts(clip, texts, chunk=256):
     return torch.cat(rows).float().cpu()  # (Nt, D)
 
 
+def _cached(path, key):
+    """The label embeddings cached at `path` for `key`, or None (not there; damaged or foreign: one warning)."""
+    try:
+        hit = torch.load(path, map_location="cpu", weights_only=True)
+        emb = hit["embeddings"]
+        if not hit.get("sha256") == caches.checksum(key, [emb]):  # also a hash collision's entry
+            raise ValueError("its checksum does not match its names, templates, CLIP file and values")
+        return emb
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001  torch.load raises many types on a damaged file (BadZipFile, ...)
+        caches.distrusted(path, f"damaged or foreign label-embedding cache entry ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:80]})")
+        return None
+
+
 def encode_labels(clip, names, template="There is a {} in the scene", templates=None, cache_dir=None):
     """Label embeddings H (C, D), fp32, NOT normalised: encode_text(template.format(name)) per name.
 
@@ -159,20 +175,18 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
     zero-shot recipe), then the mean direction is rescaled to the mean norm of the raw rows, so ensembled
     embeddings keep the scale of single-template ones (SigRL uses H unnormalised, so its scale matters).
     Results are cached in <cache_dir or $SIGRL_CACHE or ~/.cache/sigrl> under a hash of the checkpoint's
-    sha256, the names and the templates; a CLIP not loaded from a file (no sha256) is never cached.
+    sha256, the names and the templates, with a checksum of those and of the values (support/caches.py); a CLIP
+    not loaded from a file (no sha256) is never cached.
     """
     names, templates = list(names), [template] if templates is None else list(templates)
     cache = None
     if clip.sha256 is not None:
-        key = hashlib.sha256(json.dumps([clip.sha256, names, templates]).encode()).hexdigest()[:24]
-        cache_dir = cache_dir or os.environ.get("SIGRL_CACHE") or os.path.expanduser("~/.cache/sigrl")
-        cache = os.path.join(cache_dir, f"labels-{key}.pt")
-        try:
-            hit = torch.load(cache, map_location="cpu", weights_only=True)
-            if hit["names"] == names and hit["templates"] == templates:  # guards against a hash collision
-                return hit["embeddings"]
-        except Exception:  # noqa: BLE001  not there yet, or damaged (a crash, a full disk): computed again below
-            pass
+        key = [clip.sha256, names, templates]
+        cache_dir = cache_dir or caches.cache_dir()
+        cache = os.path.join(cache_dir, f"labels-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt")
+        hit = _cached(cache, key)
+        if hit is not None:
+            return hit
     per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # one (C, D) per template
     if len(per_template) == 1:
         emb = per_template[0]  # (C, D)
@@ -183,8 +197,8 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
     if cache is not None:
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            safe_io.atomic_write(cache, lambda f: torch.save({"names": names, "templates": templates,
-                                                                "embeddings": emb}, f))
+            entry = {"names": names, "templates": templates, "embeddings": emb, "sha256": caches.checksum(key, [emb])}
+            safe_io.atomic_write(cache, lambda f: torch.save(entry, f))
         except (OSError, safe_io.WriteError) as err:  # a cache that cannot be written only costs time
             print(f"warning: label embeddings not cached ({err})", file=sys.stderr)
     return emb

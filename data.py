@@ -41,7 +41,7 @@ from torchvision import transforms
 from support import cli, prepared
 from support.errors import DataError
 from support.prepared import prepare
-from support.image_check import check_images, shape_problem
+from support.image_check import check_images, forget_verdicts, shape_problem
 from support.parallel import seeded
 from support.paths import FOLDER, check_outputs, printable
 
@@ -179,7 +179,11 @@ class ImageList(torch.utils.data.Dataset):
         try:
             image = read_image(self.paths[i])
         except (OSError, ValueError) as e:  # missing, not an image, cut short
-            raise DataError(f"{self.paths[i]}: cannot read image ({e}); exclude it with check_images()") from e
+            forget_verdicts()  # the start-up check passed it: no cached verdict is trusted any more
+            raise DataError(f"{self.paths[i]}: cannot read image ({' '.join(str(e).split())}), though the start-up "
+                            f"check passed it (changed since, or its disk fails); replace or delete it, or run the "
+                            f"same command again: its start-up check then decodes every image anew and leaves out "
+                            f"the unreadable ones") from e
         with seeded((*self.key, i)) if self.key is not None else contextlib.nullcontext():
             image = self.transform(image)
         return image, torch.as_tensor(np.asarray(self.labels[i])), i

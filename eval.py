@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from support import checkpoints
 from support import cli
+from support import finite
 from support import parallel
 from support import precision
 from support.progress import progress
@@ -49,11 +50,12 @@ def predict(paths, transform, encode, scorers, device, batch_size, workers, desc
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")  # pinned: the copy below is asynchronous
     scores, done = {name: None for name in scorers}, 0  # each (n, C_name, ...) float32, allocated at the first batch
-    for images, _, _ in progress(loader, desc, unit="batch", out=out):
+    for images, _, index in progress(loader, desc, unit="batch", out=out):
         with precision.autocast(device):
             features = encode(images.to(device, non_blocking=True))
             for name, score in scorers.items():
                 s = score(features).float().cpu().numpy()  # (B, C_name, ...)
+                finite.check_scores(s, paths, index)  # a NaN score is one line, never a table of nan
                 if scores[name] is None:  # filled in place: no list of batches and its concatenated copy at once
                     scores[name] = np.empty((len(mine), *s.shape[1:]), dtype=np.float32)
                 scores[name][done:done + len(s)] = s
@@ -257,6 +259,7 @@ def clip_zero_shot(clip, names, template, device):
 def clip_baseline(clip, cfg, data, device):
     """Zero-shot CLIP under the same protocol (clip_zero_shot's cosine scores)."""
     names, n_train = tasks.label_names(cfg, data)
+    tasks.check_prompts(clip.tokenizer, names, cfg)  # a --template too long is one line, not a tokenizer error
     transform, encode, score = clip_zero_shot(clip, tasks.prompt_names(names), cfg.template, device)
     s = predict(data.test_paths, transform, encode, {"all": score}, device, cfg.eval_batch_size,
                 cfg.workers, "clip")

@@ -83,15 +83,13 @@ def read_labels(args):
     return names, source
 
 
-def check_names(names, source, tokenizer):
+def check_names(names, source, tokenizer, template):
     """Two names that CLIP's tokenizer reads as the same ids ('Cat' / 'cat': it lowercases and collapses
-    spaces) would be one label scored twice: refuse them, and names too long for the text tower."""
+    spaces) would be one label scored twice: refuse them, and names too long for the text tower in the prompt."""
+    tasks.check_template(tokenizer, template, names, "--template", source)
     first = {}
     for name in names:
-        try:
-            ids = tuple(tokenizer(name)[0].tolist())
-        except ValueError as e:
-            raise UsageError(f"{source}: label {name!r} is too long for the text encoder ({e})") from None
+        ids = tuple(tokenizer(name)[0].tolist())  # fits: the prompt holding it does
         if ids in first:
             same = "repeats" if first[ids] == name else "reads as the same tokens as"
             raise UsageError(f"{source}: label {name!r} {same} {first[ids]!r}; each label once")
@@ -131,7 +129,7 @@ def sigrl_tagger(args, labels, device):
         if clip.sha256 != ckpt["clip_sha256"]:
             raise CheckpointError(f"{clip_path}: not the CLIP file {args.ckpt} was trained from (sha256 differs); "
                                   f"its text embeddings would not match the trained model")
-        check_names(names, source, clip.tokenizer)
+        check_names(names, source, clip.tokenizer, ckpt["prompt"]["template"])
         H = encode_labels(clip, names, template=ckpt["prompt"]["template"])  # (C, D)
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     H = H.to(device)
@@ -147,7 +145,7 @@ def clip_tagger(args, labels, device):
         raise UsageError("--clip without --ckpt needs a label list: --labels \"a,b,c\" or --labels-file FILE")
     clip = load_clip(args.clip)
     names, source = labels
-    check_names(names, source, clip.tokenizer)
+    check_names(names, source, clip.tokenizer, args.template)
     transform, encode, score = evaluation.clip_zero_shot(clip, names, args.template, device)
     return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine")
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from support import safe_io
+from support import finite, safe_io
 from data import IMAGENET_MEAN, IMAGENET_STD
 from support.runs import Config
 from support.errors import UsageError
@@ -137,6 +137,7 @@ def check_structure(ckpt, path):
             found = "missing" if k not in got else "unexpected" if k not in want else f"of shape {tuple(got[k].shape)}"
             expected = "" if k not in got or k not in want else f", expected {tuple(want[k].shape)}"
             raise UsageError(f"{path}: model tensor {k} is {found}{expected} (a damaged or hand-edited checkpoint)")
+    finite.check_tensors({**{f"model.{k}": v for k, v in ckpt["model"].items()}, "label_emb": ckpt["label_emb"]}, path)
     if ckpt["label_emb"].shape[0] != len(ckpt["label_names"]):
         raise UsageError(f"{path}: {ckpt['label_emb'].shape[0]} label embeddings for {len(ckpt['label_names'])} "
                          f"label names")

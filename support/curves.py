@@ -49,7 +49,7 @@ def read_log(run_dir):
             record = json.loads(line)
             by_epoch[int(record["epoch"])] = record
             series([record])  # every figure a number, every group a dict: drawing it cannot fail later
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: nested too deep
             raise UsageError(f"{path}:{n}: not a train.py log record (JSON with an 'epoch', numeric losses "
                              f"and figures)") from None
     if not by_epoch:

@@ -122,23 +122,42 @@ def record(names, fitted, checkpoint, split, min_positives=MIN_POSITIVES):
 
 
 def read(path):
-    """A thresholds file, checked: {name: threshold} and the whole record. Anything else is a UsageError."""
+    """A thresholds file, checked entry by entry before any image is scored: {name: threshold} and the whole
+    record. Anything else is one UsageError line naming the entry."""
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file (expected a thresholds file from eval.py --calibrate)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read as a thresholds JSON file from eval.py --calibrate ({e})") from None
-    try:
-        assert rec["format"] == FORMAT
-        names = [entry["name"] for entry in rec["labels"]]
-        table = {entry["name"]: float(entry["threshold"]) for entry in rec["labels"]}
-        assert len(table) == len(names) and label_sha256(names) == rec["labels_sha256"]
-        assert not any(math.isnan(t) for t in table.values())
-    except (AssertionError, KeyError, TypeError, ValueError):
-        raise UsageError(f"{path}: not a thresholds file of format {FORMAT} (from eval.py --calibrate), or its "
-                         f"label names do not match its labels_sha256") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise UsageError(f"{path}: cannot read as a thresholds JSON file from eval.py --calibrate "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
+
+    def bad(entry, expected):
+        return UsageError(f"{path}: not a thresholds file of format {FORMAT} from eval.py --calibrate, unedited: "
+                          f"entry {entry} is missing or not {expected}")
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise bad('"format"', repr(FORMAT))
+    if not isinstance(rec.get("labels"), list) or not rec["labels"]:
+        raise bad('"labels"', "a non-empty list")
+    for k, entry in enumerate(rec["labels"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+            raise bad(f'"labels"[{k}]', 'an object with a "name" string')
+        t = entry.get("threshold")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+            raise bad(f'"labels"[{k}] ({entry["name"]!r}) "threshold"', "a number")
+    names = [entry["name"] for entry in rec["labels"]]
+    table = {entry["name"]: float(entry["threshold"]) for entry in rec["labels"]}
+    if len(table) != len(names):
+        raise bad('"labels"', "a list of distinct label names")
+    if rec.get("labels_sha256") != label_sha256(names):
+        raise bad('"labels_sha256"', "the sha256 of its label names (they were edited, or the file damaged)")
+    ckpt = rec.get("checkpoint")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("path"), str) and isinstance(ckpt.get("sha256"), str)
+            and isinstance(ckpt.get("epoch"), int)):
+        raise bad('"checkpoint"', 'an object with "path", "sha256" and "epoch"')
+    if not (isinstance(rec.get("split"), dict) and isinstance(rec["split"].get("about"), str)):
+        raise bad('"split"', 'an object with "about"')
     return table, rec
 
 

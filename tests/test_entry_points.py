@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.figure3", "tools.twins", "tools.bench", "tools.ablation", "tools.bench_parallel",
-            "tools.precision_check", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files", "support.tasks"]
+COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.figure3", "tools.twins", "tools.bench", "tools.ablation",
+            "tools.bench_parallel", "tools.precision_check", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files",
+            "support.tasks", "support.torchscript_files"]
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,7 @@ def cases(d):
         ("toy.shapes", [str(d / "missing" / "sheet.png")]), ("toy.shapes", [f]),
         ("support.clip_files", [m]), ("support.clip_files", [f]), ("support.clip_files", [c("pt")]),
         ("support.clip_files", [c("pt"), "--bpe", m]),
+        ("support.torchscript_files", [m]), ("support.torchscript_files", [c("pt")]), ("support.torchscript_files", [f]),
         ("support.tasks", ["--task", "spml", "--data", "coco", "--data-root", m]), ("support.tasks", ["--epochs", "0"]),
         ("support.tasks", ["--task", "spml", "--data", "coco", "--data-root", str(d / "coco")]),
     ]

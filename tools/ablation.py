@@ -47,6 +47,7 @@ def mean_std(results):
     return float(np.mean(results)), float(np.std(results))
 
 
+@cli.command  # Ctrl-C (while the toy world is written, say) is one line too
 def main(argv=None):
     parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
     p = cli.parser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")

@@ -120,7 +120,7 @@ def main(argv=None):
     try:
         spec = json.loads(text)
         spec = spec if {"device", "batch", "classes", "vision", "steps", "weights"} <= set(spec) else None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         spec = None
     if spec is None:
         raise runs.UsageError(f"--worker {text[:40]!r}: expected the JSON spec of a job, as tools.bench writes it")
