@@ -25,7 +25,7 @@ embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over the dataset's classes
 decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle cosine, updated every iteration.
 Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML, selected by clean-validation mAP);
 `--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of each invocation draws
-RUN_DIR/curves.png from RUN_DIR/log.jsonl.
+RUN_DIR/curves.png from RUN_DIR/log.jsonl, and rows.png: the rows a trained number is read against.
 """
 import contextlib
 import math
@@ -239,8 +239,9 @@ def fit(run, run_dir, resume, baseline):
         zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
     if metrics is None or not parallel.is_main():
         return None
-    print(f"curves written to {curves.write_curves(cfg.out)}")
     rows = evaluation.like_for_like(state, metrics, zero_shot)
+    drawn = curves.write_curves(cfg.out, rows if baseline and len(rows) > 1 else None)  # and rows.png beside it
+    print(f"curves written to {drawn}" + (" (and rows.png)" if baseline and len(rows) > 1 else ""))
     tables.print_run_end(cfg, state, metrics, rows if baseline else None)
     return rows
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
 
 from PIL import Image, ImageDraw
 
@@ -171,8 +170,9 @@ def side_by_side(panels):
     return picture
 
 
-def write_curves(run_dir, out=None):
-    """Draw the run's curves into `out` (default RUN_DIR/curves.png); returns the path."""
+def write_curves(run_dir, out=None, rows=None):
+    """Draw the run's curves into `out` (default RUN_DIR/curves.png), and with `rows` (eval.like_for_like's) the
+    rows chart into rows.png beside it; returns the curves' path."""
     losses, maps = series(read_log(run_dir))
     # a panel per loss term: their scales differ by orders of magnitude (ranking loss ~1, L1 distillation ~0.01)
     panels = [chart({term: pts}, f"loss {term} (mean over the epoch)") for term, pts in losses.items()]
@@ -180,6 +180,49 @@ def write_curves(run_dir, out=None):
     out = out or os.path.join(run_dir, "curves.png")
     draw.save(side_by_side(panels), out)
     return out
+
+
+def rows_chart(rows, title="The same test images, the same protocol: mAP (%)", size=(760, 330)):
+    """The rows a trained number is read against ({method: metrics}, eval.like_for_like's) as one dot per method
+    and setting (ZSL, its twin and novel groups, GZSL; SPML's test), each with its value: which row is above which
+    reads at a glance where a table of 4 x 4 figures does not."""
+    settings = [s for s in ("zsl", "zsl_twins", "zsl_novel", "gzsl", "test") if any(s in r for r in rows.values())]
+    values = {name: {s: r[s]["map"] for s in settings if s in r} for name, r in rows.items()}
+    ys = [v for per in values.values() for v in per.values()]
+    if not ys:
+        raise UsageError("no mAP to draw")
+    fnt, names = draw.font(12), list(rows)
+    W, H = size[0], size[1] + len(names) * (fnt.size + 6)
+    img = Image.new("RGB", (W, H), draw.WHITE)
+    d = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = LEFT, TOP, W - RIGHT, size[1] - BOTTOM
+    d.text((LEFT, 8), title, fill=draw.BLACK, font=fnt)
+    step = nice_step(max(ys) - min(ys))
+    ymin, ymax = math.floor(min(ys) / step) * step, math.ceil(max(ys) / step) * step
+    ymax = ymax if ymax > ymin else ymin + step
+    py = lambda y: y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)  # noqa: E731, mAP -> pixels
+    d.rectangle([x0, y0, x1, y1], outline=draw.BLACK)
+    for k in range(round((ymax - ymin) / step) + 1):
+        y = ymin + k * step
+        d.line([(x0, py(y)), (x1, py(y))], fill=(230, 230, 230))
+        d.text((x0 - 6 - fnt.getlength(f"{y:.4g}"), py(y) - fnt.size // 2 - 1), f"{y:.4g}", fill=draw.BLACK, font=fnt)
+    column = (x1 - x0) / len(settings)
+    for j, split in enumerate(settings):
+        label = zsl_groups.setting_name(split)
+        d.text((x0 + (j + 0.5) * column - fnt.getlength(label) / 2, y1 + 8), label, fill=draw.BLACK, font=fnt)
+        for i, name in enumerate(names):  # side by side within the setting's column, in the rows' order
+            if split not in values[name]:
+                continue
+            x, y = x0 + (j + (i + 1) / (len(names) + 1)) * column, py(values[name][split])
+            colour = PALETTE[i % len(PALETTE)]
+            d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+            label = f"{values[name][split]:.1f}"
+            d.text((x - fnt.getlength(label) / 2, y - fnt.size - 8), label, fill=colour, font=fnt)  # above the dot
+    for i, name in enumerate(names):
+        ly = size[1] + i * (fnt.size + 6)
+        d.ellipse([14, ly + 2, 24, ly + 12], fill=PALETTE[i % len(PALETTE)])
+        d.text((32, ly), name, fill=draw.BLACK, font=fnt)
+    return img
 
 
 @cli.command

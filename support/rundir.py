@@ -37,8 +37,8 @@ class RunDir:
     def check(self, resuming, overwrite, inputs=()):
         """Before anything is loaded: --out is (or can become) a writable folder, none of the files written into
         it is one of `inputs` ((what, path): the CLIP file), and a new run does not silently replace an old one."""
-        check_outputs([("--out", self.path, FOLDER)] + [("--out", self.file(name)) for name in FILES + ("curves.png",)],
-                      inputs)
+        drawn = ("curves.png", "rows.png")
+        check_outputs([("--out", self.path, FOLDER)] + [("--out", self.file(name)) for name in FILES + drawn], inputs)
         last = self.file("last.pt")
         if resuming:
             self._read_log()  # a damaged log stops the resume here, before the model is built or a file changed

@@ -266,6 +266,22 @@ def test_plot_curves(tmp_path, capsys):
     one_line_error(capsys, plot.main([str(tmp_path)]), "log.jsonl:1")
 
 
+def test_rows_chart_puts_each_row_at_its_value():
+    """One dot per row and setting, at the row's mAP: the dot of the highest value is drawn highest."""
+    rows = {"zero-shot CLIP": {"zsl": {"map": 61.0}, "gzsl": {"map": 65.0}},
+            "SigRL, epoch 2": {"zsl": {"map": 59.0}, "gzsl": {"map": 70.0}}}
+    picture = np.asarray(plot.rows_chart(rows).convert("RGB")).astype(int)
+    mid = picture.shape[1] // 2  # ZSL's column is left of the middle, GZSL's right of it
+
+    def dot_height(colour, columns):
+        hits = np.argwhere((np.abs(picture[:, columns] - colour).sum(-1) == 0))
+        return hits[:, 0].min()  # the top row of the dot (its label, drawn in the same colour, sits above it)
+
+    blue, orange = plot.PALETTE[0], plot.PALETTE[1]
+    assert dot_height(blue, slice(0, mid)) < dot_height(orange, slice(0, mid))  # ZSL: 61 above 59
+    assert dot_height(orange, slice(mid, None)) < dot_height(blue, slice(mid, None))  # GZSL: 70 above 65
+
+
 def test_offline_demo_writes_the_pictures(setup, monkeypatch, capsys):
     """`python predict.py` with no arguments, on a run that exists (the default one would be trained first)."""
     monkeypatch.setattr(predict, "DEMO_CKPT", str(setup["ckpt"]))

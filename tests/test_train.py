@@ -68,6 +68,7 @@ def test_zsl_train_then_eval(world, tmp_path):
     assert "epoch 1/1: 1/1 steps (100%), local " in proc.stdout and " step/s" in proc.stdout, proc.stdout
     log = read_log(run)
     assert [r["epoch"] for r in log] == [0, 1] and log[0]["step"] == 0 and log[0]["loss"] == {}  # before any step
+    assert (run / "curves.png").is_file() and (run / "rows.png").is_file()
     assert set(log[1]["loss"]) == {"local", "global"}
     for record in log:
         assert set(record) >= {*ZSL_SETTINGS, "loss", "branch_map"}
