@@ -179,6 +179,8 @@ def write_curves(run_dir, out=None, rows=None):
     panels.append(chart(maps, "mAP (%)"))
     out = out or os.path.join(run_dir, "curves.png")
     draw.save(side_by_side(panels), out)
+    if rows:
+        draw.save(rows_chart(rows), os.path.join(os.path.dirname(out), "rows.png"))
     return out
 
 
