@@ -1,13 +1,27 @@
 """CLIP's text tower and the whole `CLIP` module; label embeddings; CoOp prompts. (Files: support/clip_files.py.)
 
-Shape legend:
-    N texts, L context length (77), Wt text width (512), D joint embedding width (512), C classes,
-    V vocabulary size (49408), n_ctx learnable context tokens (CoOp)
+Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
+    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
+    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
+    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
+    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
+    nh attention heads              hd width of one head            V  vocabulary size (49408)
+    C  labels in the scored set     c  labels in one chunk of a fast path
+    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
+    n_ctx  CoOp's learned context tokens
+Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
+graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
+M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
+coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
+flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
+own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
 
-SigRL needs one text embedding per label, H in R^{C x D} (paper Eq. 1: h^i = CoOp(Y_i), the label embedding that every later equation reads). The
-reference code loads MKT's precomputed label_emb.pt: encode_text("There is a {name} in the scene") per label,
-not normalised. `encode_labels` recomputes exactly that from the CLIP file, so no opaque file is needed.
-`PromptLearner` is CoOp's learnable prompt, for prompt-tuning experiments (the reference code has none).
+SigRL needs one text embedding per label, H in R^{C x D}, the h^i that every later equation reads. The paper's
+Eq. 1 writes h^i = CoOp(Y_i), a learned prompt context; the reference code instead uses a fixed template: it
+loads MKT's precomputed label_emb.pt, encode_text("There is a {name} in the scene") per label, not normalised.
+This file follows the code: `encode_labels` recomputes exactly that from the CLIP file (the default prompt of
+every command), so no opaque file is needed. `PromptLearner` is CoOp's learnable prompt, Eq. 1 as printed;
+`python train.py --prompt coop` learns it jointly with SigRL (the reference code has none).
 
 Text encoder (OpenAI): token_embedding + positional_embedding -> causal pre-LN transformer -> ln_final at
 the EOT position (the largest token id) -> @ text_projection. Outputs are NOT normalised.
@@ -22,7 +36,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from support import safe_io
+from support import caches, safe_io
 from support.progress import working
 from support.tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
 from vit import Transformer, VisionConfig, VisionTransformer, infer_vision_config
@@ -107,23 +121,23 @@ class CLIP(nn.Module):
         return self.visual(images)
 
     def encode_text(self, tokens):
-        """Token ids (N, L) -> (N, D), pooled at the EOT token (the largest id in each row)."""
+        """Token ids (Nt, L) -> (Nt, D), pooled at the EOT token (the largest id in each row)."""
         L = self.config.context_length
-        assert tokens.dim() == 2 and tokens.shape[1] == L, f"expected token ids (N, {L}), got {tuple(tokens.shape)}"
-        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))  # (N, L, Wt)
+        assert tokens.dim() == 2 and tokens.shape[1] == L, f"expected token ids (Nt, {L}), got {tuple(tokens.shape)}"
+        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))  # (Nt, L, Wt) -> (Nt, D)
 
     def encode_text_embeddings(self, x, eot_index):
-        """Token embeddings (N, L, Wt) WITHOUT positions, EOT positions (N,) -> (N, D). For prompt learners."""
-        N, L, Wt = x.shape
-        assert (L, Wt) == tuple(self.positional_embedding.shape), f"expected (N, {L}, {Wt}), got {tuple(x.shape)}"
-        assert eot_index.shape == (N,), f"expected eot_index ({N},), got {tuple(eot_index.shape)}"
+        """Token embeddings (Nt, L, Wt) WITHOUT positions, EOT positions (Nt,) -> (Nt, D). For prompt learners."""
+        Nt, L, Wt = x.shape
+        assert (L, Wt) == tuple(self.positional_embedding.shape), f"expected (Nt, {L}, {Wt}), got {tuple(x.shape)}"
+        assert eot_index.shape == (Nt,), f"expected eot_index ({Nt},), got {tuple(eot_index.shape)}"
         # Causal mask: token i sees tokens j <= i (additive, -inf above the diagonal). Built per call (77 x 77
         # is nothing) rather than kept as a buffer, so the module holds exactly the checkpoint's tensors.
         mask = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype).triu(1)  # (L, L)
-        x = self.transformer(x + self.positional_embedding, mask)  # (N, L, Wt)
-        x = x[torch.arange(N, device=x.device), eot_index]  # (N, Wt)
+        x = self.transformer(x + self.positional_embedding, mask)  # (Nt, L, Wt)
+        x = x[torch.arange(Nt, device=x.device), eot_index]  # (Nt, Wt)
         # LayerNorm acts per token, so normalising only the pooled row equals ln_final over all, then pooling.
-        return self.ln_final(x) @ self.text_projection  # (N, Wt) @ (Wt, D) -> (N, D)
+        return self.ln_final(x) @ self.text_projection  # (Nt, Wt) @ (Wt, D) -> (Nt, D)
 
     def forward(self, images, tokens):
         return self.encode_image(images), self.encode_text(tokens)
@@ -134,7 +148,23 @@ class CLIP(nn.Module):
 def _encode_texts(clip, texts, chunk=256):
     device = clip.text_projection.device
     rows = [clip.encode_text(clip.tokenizer(texts[i:i + chunk]).to(device)) for i in range(0, len(texts), chunk)]
-    return torch.cat(rows).float().cpu()  # (N, D)
+    return torch.cat(rows).float().cpu()  # (Nt, D)
+
+
+def _cached(path, key):
+    """The label embeddings cached at `path` for `key`, or None (not there; damaged or foreign: one warning)."""
+    try:
+        hit = torch.load(path, map_location="cpu", weights_only=True)
+        emb = hit["embeddings"]
+        if not hit.get("sha256") == caches.checksum(key, [emb]):  # also a hash collision's entry
+            raise ValueError("its checksum does not match its names, templates, CLIP file and values")
+        return emb
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001  torch.load raises many types on a damaged file (BadZipFile, ...)
+        caches.distrusted(path, f"damaged or foreign label-embedding cache entry ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:80]})")
+        return None
 
 
 def encode_labels(clip, names, template="There is a {} in the scene", templates=None, cache_dir=None):
@@ -146,33 +176,31 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
     zero-shot recipe), then the mean direction is rescaled to the mean norm of the raw rows, so ensembled
     embeddings keep the scale of single-template ones (SigRL uses H unnormalised, so its scale matters).
     Results are cached in <cache_dir or $SIGRL_CACHE or ~/.cache/sigrl> under a hash of the checkpoint's
-    sha256, the names and the templates; a CLIP not loaded from a file (no sha256) is never cached.
+    sha256, the names and the templates, with a checksum of those and of the values (support/caches.py); a CLIP
+    not loaded from a file (no sha256) is never cached.
     """
     names, templates = list(names), [template] if templates is None else list(templates)
     cache = None
     if clip.sha256 is not None:
-        key = hashlib.sha256(json.dumps([clip.sha256, names, templates]).encode()).hexdigest()[:24]
-        cache_dir = cache_dir or os.environ.get("SIGRL_CACHE") or os.path.expanduser("~/.cache/sigrl")
-        cache = os.path.join(cache_dir, f"labels-{key}.pt")
-        try:
-            hit = torch.load(cache, map_location="cpu", weights_only=True)
-            if hit["names"] == names and hit["templates"] == templates:  # guards against a hash collision
-                return hit["embeddings"]
-        except Exception:  # noqa: BLE001  not there yet, or damaged (a crash, a full disk): computed again below
-            pass
+        key = [clip.sha256, names, templates]
+        cache_dir = cache_dir or caches.cache_dir()
+        cache = os.path.join(cache_dir, f"labels-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt")
+        hit = _cached(cache, key)
+        if hit is not None:
+            return hit
     with working(f"encoding {len(names)} labels x {len(templates)} prompt template(s)"):  # ViT-B/16 on a CPU: minutes
-        per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # T x (C, D)
+        per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # one (C, D) per template
     if len(per_template) == 1:
         emb = per_template[0]  # (C, D)
     else:
-        stack = torch.stack(per_template)  # (T, C, D)
+        stack = torch.stack(per_template)  # (templates, C, D)
         direction = nn.functional.normalize(stack, dim=-1).mean(0)  # (C, D)
         emb = nn.functional.normalize(direction, dim=-1) * stack.norm(dim=-1).mean(0, keepdim=True).T  # (C, D)
     if cache is not None:
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            safe_io.atomic_write(cache, lambda f: torch.save({"names": names, "templates": templates,
-                                                                "embeddings": emb}, f))
+            entry = {"names": names, "templates": templates, "embeddings": emb, "sha256": caches.checksum(key, [emb])}
+            safe_io.atomic_write(cache, lambda f: torch.save(entry, f))
         except (OSError, safe_io.WriteError) as err:  # a cache that cannot be written only costs time
             print(f"warning: label embeddings not cached ({err})", file=sys.stderr)
     return emb
@@ -229,7 +257,7 @@ if __name__ == "__main__":
     clip = CLIP(CLIPConfig(vision=VisionConfig(width=128, layers=2, patch=8, resolution=32, embed_dim=64),
                            embed_dim=64, vocab_size=vocab, text_width=128, text_layers=2)).eval()
     clip.bpe = bpe
-    tokens = clip.tokenizer(["There is a dog in the scene"])  # (N, L)
+    tokens = clip.tokenizer(["There is a dog in the scene"])  # (Nt, L)
     print("tokens", tokens[0, :12].tolist(), "...", tuple(tokens.shape))
     with torch.no_grad():
         print("encode_text", tuple(clip.encode_text(tokens).shape), "| encode_image",

@@ -1,6 +1,6 @@
 """Datasets: NUS-WIDE for (generalised) zero-shot, COCO-2014 / PASCAL VOC for single-positive multi-label.
 
-Layouts on disk, by loader (N images, S seen / U unseen labels, C classes):
+Layouts on disk, by loader (N images of a split, S seen / U unseen labels, C classes; the legend below):
   load_nuswide(root, out=None)  the prepared layout <out or root>/sigrl_nuswide/ (numpy + text), else BiAM's h5
       layout in root. `python data.py prepare nuswide --root DIR [--out DIR]` writes the prepared layout from the
       h5 layout or from the official release, derived as BiAM/LESA did. Images: <root>/Flickr/<folder>/<file>.
@@ -9,6 +9,22 @@ Layouts on disk, by loader (N images, S seen / U unseen labels, C classes):
 Every bad input raises DataError: one line naming the file and what was expected. The files on disk are
 machinery a first reading may skip: support/prepared.py writes and reads the prepared layouts, from the readers
 of other projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) in support/data_formats.py.
+
+Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
+    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
+    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
+    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
+    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
+    nh attention heads              hd width of one head            V  vocabulary size (49408)
+    C  labels in the scored set     c  labels in one chunk of a fast path
+    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
+    n_ctx  CoOp's learned context tokens
+Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
+graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
+M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
+coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
+flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
+own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
 """
 import argparse
 import contextlib
@@ -20,14 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torchvision import transforms as T
+from torchvision import transforms
 
 from support import cli, prepared
-from support.data_formats import DataError
+from support.errors import DataError
 from support.prepared import prepare
-from support.image_check import check_images
+from support.image_check import check_images, forget_verdicts, shape_problem
 from support.parallel import seeded
-from support.paths import FOLDER, check_outputs
+from support.paths import FOLDER, check_outputs, printable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # NUS-WIDE holds very large files, which the reference code opens too. It also sets LOAD_TRUNCATED_IMAGES, which
@@ -44,7 +60,7 @@ class NusWide:
     train_paths: list
     train_labels: np.ndarray  # int8 (N, S)
     test_paths: list
-    test_labels: np.ndarray  # int8 (M, S + U): seen columns, then unseen (the BiAM/MKT GZSL order)
+    test_labels: np.ndarray  # int8 (N, S + U): seen columns, then unseen (the BiAM/MKT GZSL order)
     layout: str  # "prepared" | "h5"
     files: dict = field(default_factory=dict)  # split -> the file its labels came from (for messages)
 
@@ -76,7 +92,7 @@ class Spml:
     val_paths: list
     val_labels: np.ndarray  # float32 (Nv, C) clean
     test_paths: list
-    test_labels: np.ndarray  # float32 (M, C) clean
+    test_labels: np.ndarray  # float32 (N, C) clean
     files: dict = field(default_factory=dict)  # split -> the file its labels came from (for messages)
 
 
@@ -118,18 +134,18 @@ def build_transform(task, train, resolution):
     spml:      Resize((2R, 2R)) bilinear (448 for 224) [+ flip in training]; spml_resize (below) resizes the
                normalised batch to R, as the reference model does.
     """
-    bicubic, R = T.InterpolationMode.BICUBIC, resolution
+    bicubic, R = transforms.InterpolationMode.BICUBIC, resolution
     if task == "zsl" and train:
-        steps = [T.RandomResizedCrop(R, scale=(0.08, 1.0), interpolation=bicubic), T.RandomHorizontalFlip(),
-                 T.RandAugment(2, 9, interpolation=bicubic, fill=[round(255 * m) for m in IMAGENET_MEAN])]
+        steps = [transforms.RandomResizedCrop(R, scale=(0.08, 1.0), interpolation=bicubic), transforms.RandomHorizontalFlip(),
+                 transforms.RandAugment(2, 9, interpolation=bicubic, fill=[round(255 * m) for m in IMAGENET_MEAN])]
     elif task == "zsl":
-        steps = [T.Resize(int(R / 0.875), interpolation=bicubic), T.CenterCrop(R)]
+        steps = [transforms.Resize(int(R / 0.875), interpolation=bicubic), transforms.CenterCrop(R)]
     elif task == "spml":
-        steps = [T.Resize((2 * R, 2 * R), interpolation=T.InterpolationMode.BILINEAR)]
-        steps += [T.RandomHorizontalFlip()] if train else []
+        steps = [transforms.Resize((2 * R, 2 * R), interpolation=transforms.InterpolationMode.BILINEAR)]
+        steps += [transforms.RandomHorizontalFlip()] if train else []
     else:
         raise ValueError(f"task must be 'zsl' or 'spml', got {task!r}")
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def spml_resize(images, resolution):
@@ -143,8 +159,8 @@ def view_transform(task, resolution):
     """The evaluation preprocessing up to the image the model sees, as a PIL image (no tensor, no
     normalisation; SPML's 2R x 2R resized to R): for drawing pictures of it, patch grid aligned."""
     steps = [t for t in build_transform(task, False, resolution).transforms
-             if not isinstance(t, (T.ToTensor, T.Normalize))]
-    return T.Compose(steps + [T.Resize((resolution, resolution))])
+             if not isinstance(t, (transforms.ToTensor, transforms.Normalize))]
+    return transforms.Compose(steps + [transforms.Resize((resolution, resolution))])
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -163,7 +179,11 @@ class ImageList(torch.utils.data.Dataset):
         try:
             image = read_image(self.paths[i])
         except (OSError, ValueError) as e:  # missing, not an image, cut short
-            raise DataError(f"{self.paths[i]}: cannot read image ({e}); exclude it with check_images()") from e
+            forget_verdicts()  # the start-up check passed it: no cached verdict is trusted any more
+            raise DataError(f"{self.paths[i]}: cannot read image ({' '.join(str(e).split())}), though the start-up "
+                            f"check passed it (changed since, or its disk fails); replace or delete it, or run the "
+                            f"same command again: its start-up check then decodes every image anew and leaves out "
+                            f"the unreadable ones") from e
         with seeded((*self.key, i)) if self.key is not None else contextlib.nullcontext():
             image = self.transform(image)
         return image, torch.as_tensor(np.asarray(self.labels[i])), i
@@ -174,11 +194,14 @@ def read_image(path):
     pictures, Fig. 3) goes through here, so a picture always shows the pixels that were scored.
     EXIF orientation is applied (a phone stores a portrait photo sideways with Orientation = 6; every viewer
     turns it upright). 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: convert("RGB") alone clips every value
-    above 255, so a 16-bit photograph would come out nearly white."""
+    above 255, so a 16-bit photograph would come out nearly white. An image whose shape would make the resize
+    unbounded (support/image_check.MAX_ASPECT) is refused with a ValueError before its pixels are decoded."""
     with Image.open(path) as im:
+        if shape_problem(im.size):
+            raise ValueError(shape_problem(im.size))
         im = ImageOps.exif_transpose(im)  # a copy turned upright, or `im` itself when there is nothing to turn
         if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # "I" is how some Pillow versions open 16-bit PNGs
-            wide = np.asarray(im, dtype=np.float64)  # (H, W) in 0 .. 65535
+            wide = np.asarray(im, dtype=np.float64)  # (rows, columns) in 0 .. 65535
             return Image.fromarray(np.round(np.clip(wide, 0, 65535) * (255 / 65535)).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
 
@@ -200,7 +223,7 @@ def _show(a):
     if a.check_images:
         _, bad, why = check_images(paths)
         print(f"{len(bad)} of {len(paths)} images missing or unreadable" +
-              (": " + ", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why)) if bad else ""))
+              (": " + printable(", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why))) if bad else ""))
 
 
 def demo():

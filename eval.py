@@ -1,6 +1,6 @@
 """Evaluation under the paper's protocols, from a run checkpoint, from saved scores, or for zero-shot CLIP.
 
-    python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # needs nothing else
+    python eval.py --ckpt RUN_DIR/last.pt [--json PATH]          # beside zero-shot CLIP, from the run's CLIP file
     python eval.py --ckpt RUN_DIR/best.pt --calibrate T.json     # + per-class thresholds for predict.py
     python eval.py --scores S.npy --labels Y.npy --protocol nuswide|spml [--json PATH]
     python eval.py --baseline clip --clip ViT-B-16.pt --data nuswide --data-root DIR
@@ -12,6 +12,7 @@ micro top-3 / top-5 precision, recall, F1. SPML (Tables II-III): mAP of sigmoid(
 labels, precision / recall @1, @3, @5 averaged over images, and a derived F1. All figures in percent.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -19,22 +20,23 @@ import torch
 import torch.nn.functional as F
 
 from support import checkpoints
+from support import cli
+from support import finite
 from support import parallel
 from support import precision
 from support.progress import progress
 from support import runs
-from support import safe_io
 from support import tasks
 from support import thresholds
-from support.clip_files import CheckpointError, load_clip
+from support.clip_files import load_clip
+from support.errors import CheckpointError, UsageError
 from clip_text import CLIP_MEAN, CLIP_STD, encode_labels
-from data import DataError, ImageList, build_transform, spml_resize
+from data import ImageList, build_transform, spml_resize
 from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
-from support.runs import UsageError
 from support.paths import FOLDER, check_outputs as check_paths
 from support.score_files import read_scores
-from support.tables import BRANCHES, format_table
+from support.tables import BRANCHES, format_comparison, format_table
 
 @torch.no_grad()
 def predict(paths, transform, encode, scorers, device, batch_size, workers, desc, key=None, out=None):
@@ -48,11 +50,12 @@ def predict(paths, transform, encode, scorers, device, batch_size, workers, desc
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          pin_memory=device.type == "cuda")  # pinned: the copy below is asynchronous
     scores, done = {name: None for name in scorers}, 0  # each (n, C_name, ...) float32, allocated at the first batch
-    for images, _, _ in progress(loader, desc, unit="batch", out=out):
+    for images, _, index in progress(loader, desc, unit="batch", out=out):
         with precision.autocast(device):
             features = encode(images.to(device, non_blocking=True))
             for name, score in scorers.items():
                 s = score(features).float().cpu().numpy()  # (B, C_name, ...)
+                finite.check_scores(s, paths, index)  # a NaN score is one line, never a table of nan
                 if scores[name] is None:  # filled in place: no list of batches and its concatenated copy at once
                     scores[name] = np.empty((len(mine), *s.shape[1:]), dtype=np.float32)
                 scores[name][done:done + len(s)] = s
@@ -143,15 +146,16 @@ def sigmoid(x):
 
 
 def check_outputs(args, data=None):
-    """support/paths.py's rule for --json / --figure / --calibrate / --figure-html, before any work (with `data`:
-    its test images too)."""
-    given = [("the checkpoint", args.ckpt), ("the score file", args.scores), ("the label file", args.labels),
-             ("the CLIP file", args.clip), ("the thresholds file", args.thresholds)]
+    """support/paths.py's rule for the outputs (--json, --calibrate; tools.figure3's --out and --html), before any
+    work (with `data`: its test images too). `args` is any of these commands' flags; a flag it lacks is unset."""
+    flag = lambda name: getattr(args, name, None)  # noqa: E731
+    given = [("the checkpoint", flag("ckpt")), ("the score file", flag("scores")), ("the label file", flag("labels")),
+             ("the CLIP file", flag("clip")), ("the thresholds file", flag("thresholds"))]
     if data is not None:
         given += [("a test label file", f) for f in data.files.values()]
         given += [("a test image", p) for p in data.test_paths]
-    check_paths([("--json", args.json), ("--figure", args.figure), ("--calibrate", args.calibrate),
-                 ("--figure-html", args.figure_html, FOLDER)], given)
+    check_paths([("--json", flag("json")), ("--out", flag("figure")), ("--calibrate", flag("calibrate")),
+                 ("--html", flag("figure_html"), FOLDER)], given)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -166,7 +170,7 @@ def checkpoint_and_data(args):
     parallel.start(device)
     parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # a toy run's world, written again if it was removed
     # only the images this command reads are checked: the test split, and for --calibrate the split it fits on
-    check = None if args.calibrate else ("test",)
+    check = None if getattr(args, "calibrate", None) else ("test",)
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg, check=check))  # one process at a time may write files
     tasks.check_labels_match(ckpt, cfg, data, args.ckpt)
     tasks.report_changed_test(ckpt, cfg, data, args.ckpt)
@@ -174,10 +178,28 @@ def checkpoint_and_data(args):
     return ckpt, cfg, data, device
 
 
+def run_clip(args, cfg, ckpt):
+    """The run's own CLIP file (--clip where it has moved), for the zero-shot row beside the trained one; None, said in
+    one warning line, when it is not there or --no-zero-shot. Another CLIP file is refused: the row would not be the
+    run's baseline."""
+    path = args.clip or cfg.clip
+    if args.no_zero_shot or not os.path.isfile(path):
+        if not args.no_zero_shot:
+            print(f"warning: {path}: the run's CLIP file is not there, so the zero-shot CLIP row is left out (give "
+                  f"it with --clip)", file=sys.stderr)
+        return None
+    clip = load_clip(path)
+    if clip.sha256 != ckpt["clip_sha256"]:
+        raise CheckpointError(f"{path}: not the CLIP file the run {args.ckpt} started from (sha256 differs); give "
+                              f"the run's own with --clip, or --no-zero-shot")
+    return clip
+
+
 def eval_checkpoint(args):
     ckpt, cfg, data, device = checkpoint_and_data(args)
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     model = model.compile_heads() if args.compile else model
+    clip = run_clip(args, cfg, ckpt)  # read before any image is scored: a wrong file stops here
     parallel.ready()
     names, n_train = tasks.label_names(cfg, data)
     if args.calibrate:  # per-class thresholds on a split that is not the test split (support/thresholds.py)
@@ -192,13 +214,17 @@ def eval_checkpoint(args):
                              thresholds.checkpoint_entry(args.ckpt, ckpt["state"]["epoch"]), args.calibrate_n, args.seed)
     results = evaluate_model(model, cfg, data, ckpt["label_emb"], ckpt["resolution"], device,
                              splits=("test",) if cfg.task == "spml" else None, keep_scores=True)
+    # zero-shot CLIP, scored as open_clip scores it, on the same test images: what training is read against
+    zero_shot = None if clip is None else clip_baseline(clip, cfg, data, device)
     if results is not None:  # rank 0 (the other torchrun processes scored their share)
         scores = results.pop("scores")
-        print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {ckpt['state']['epoch']}"))
-        print("branch mAP (Eq. 13's local and global scores alone): " + "; ".join(
-            f"{zsl_groups.setting_name(split)} "
-            + ", ".join(f"{b} {'-' if m is None else f'{m:.2f}'}" for b, m in per.items())
-            for split, per in results["branch_map"].items()))
+        epoch = ckpt["state"]["epoch"]
+        print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {epoch}"))
+        rows = {COSINE: zero_shot} if zero_shot is not None else {}
+        print(format_comparison({**rows, f"SigRL, epoch {epoch}": results},
+                                title="\nThe same test images, the same protocol (percent):"))
+        if zero_shot is not None:
+            results["zero_shot_clip"] = zero_shot
         if args.calibrate or args.thresholds:  # the label set the thresholds are for: GZSL's (ZSL), all (SPML)
             results["thresholds"] = thresholds.report(args.calibrate or args.thresholds, cfg.task,
                                                       scores["gzsl" if cfg.task == "zsl" else "test"],
@@ -233,6 +259,7 @@ def clip_zero_shot(clip, names, template, device):
 def clip_baseline(clip, cfg, data, device):
     """Zero-shot CLIP under the same protocol (clip_zero_shot's cosine scores)."""
     names, n_train = tasks.label_names(cfg, data)
+    tasks.check_prompts(clip.tokenizer, names, cfg)  # a --template too long is one line, not a tokenizer error
     transform, encode, score = clip_zero_shot(clip, tasks.prompt_names(names), cfg.template, device)
     s = predict(data.test_paths, transform, encode, {"all": score}, device, cfg.eval_batch_size,
                 cfg.workers, "clip")
@@ -266,25 +293,34 @@ def eval_baseline(args):
     return results
 
 
-COSINE = "zero-shot CLIP, cosine (as open_clip scores it)"
-GLOBAL_SCORING = "the same CLIP, SigRL's global scoring (its global branch, epoch 0)"
+COSINE = "zero-shot CLIP"  # as open_clip scores it: the cosine of the image and each label's prompt
+GLOBAL_SCORING = "global, epoch 0"  # the same CLIP scored by SigRL's global branch, before any step
 
 
-def like_for_like(state, metrics):
-    """The rows a trained number is read against: the CLIP through SigRL's global branch before any step (the
-    like-for-like zero-shot baseline: the distillation keeps that branch near it), SigRL at epoch 0 (untrained
-    heads) and SigRL trained, each with the mAP of both branches."""
-    rows = {}
+def like_for_like(state, metrics, zero_shot=None):
+    """The rows a trained number is read against: zero-shot CLIP's cosine (when `zero_shot` is given), the CLIP
+    through SigRL's global branch before any step (the like-for-like zero-shot baseline: the distillation keeps
+    that branch near it), SigRL at epoch 0 (untrained heads) and SigRL trained, each with both branches' mAP."""
+    rows = {} if zero_shot is None else {COSINE: zero_shot}
     if state.get("epoch0"):
         global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
-        rows = {GLOBAL_SCORING: global0, "SigRL, epoch 0 (untrained heads)":
-                {k: v for k, v in state["epoch0"].items() if k != "branches"}}
+        rows.update({GLOBAL_SCORING: global0, "SigRL, epoch 0":
+                     {k: v for k, v in state["epoch0"].items() if k != "branches"}})
     rows[f"SigRL, epoch {state['epoch']}"] = metrics
     return rows
 
 
+def checkpoint_flags(p):
+    """--data-root, --device, --workers: of every command that scores a run checkpoint (eval.py, tools.figure3,
+    tools.twins)."""
+    p.add_argument("--data-root", default="", help="dataset folder (default: the one the run recorded; --baseline: "
+                                                   "the dataset's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the run's)")
+
+
 def parser():
-    p = runs.Parser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
+    p = cli.Parser(description=__doc__.split("\n\n")[0] + "\n" + __doc__.split("\n\n")[1],
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
@@ -294,71 +330,39 @@ def parser():
     p.add_argument("--protocol", choices=["nuswide", "spml"], help="metric protocol for --scores")
     p.add_argument("--task", default="zsl", choices=["zsl", "spml"], help="--baseline: task")
     p.add_argument("--data", default="toy", choices=["toy", "nuswide", "coco", "voc"], help="--baseline: dataset")
-    p.add_argument("--data-root", default="", help="dataset folder (--ckpt: overrides the recorded one)")
-    p.add_argument("--clip", default="", help="--baseline: CLIP checkpoint (default for toy: toy/toyclip.pt); "
-                                              "--twins: the run's own CLIP file, if it is no longer where it was")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the run's own for --ckpt, the preset's for --baseline)")
+    p.add_argument("--clip", default="", help="--baseline: the CLIP file (default for toy: toy/toyclip.pt); --ckpt: "
+                                              "the run's own, for the zero-shot row, if it has moved (default: the "
+                                              "one the run recorded)")
+    p.add_argument("--no-zero-shot", action="store_true", help="--ckpt: leave out the zero-shot CLIP row (it scores "
+                                                               "the test images a second time, with the CLIP alone)")
+    checkpoint_flags(p)
     p.add_argument("--compile", action="store_true",
                    help="--ckpt: run SDA/VFR's per-chunk work through torch.compile (as train.py --compile)")
     p.add_argument("--json", help="also write the figures (percent) to this JSON file")
-    p.add_argument("--figure", metavar="OUT.png", help="--ckpt: draw the paper's Fig. 3 instead of evaluating: "
-                   "test images with their ground truth and top-k predictions (blue correct, red wrong, missed "
-                   "ground truth struck through); ZSL shows the unseen labels")
-    p.add_argument("--figure-n", type=int, default=8, help="--figure: how many test images (drawn with --seed; default 8)")
-    p.add_argument("--figure-images", nargs="+", help="--figure: these test images instead (paths or file names)")
-    p.add_argument("--figure-k", type=int, default=3, help="--figure: predictions shown per image (default 3)")
-    p.add_argument("--figure-html", metavar="OUT_DIR", help="--figure: also an HTML gallery of the same images")
-    p.add_argument("--seed", type=int, default=0, help="--figure: which images are drawn; --calibrate (ZSL): which "
-                                                       "training images")
+    p.add_argument("--seed", type=int, default=0, help="--calibrate (ZSL): which training images")
     p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "
                    "maximiser) on SPML's validation split or, for ZSL, a slice of the training images; write them "
                    "here for predict.py --thresholds, and report them on the test split")
     p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used (default 5000)")
     p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
-    p.add_argument("--twins", action="store_true", help="--ckpt, ZSL: instead of evaluating, set each unseen twin "
-                   "(another word for a seen label) beside its seen word, per-label AP of the fused score and each "
-                   "branch, epoch 0 -> trained, in the GZSL and the ZSL pass (epoch 0 rebuilt from the run's CLIP)")
     return p
 
 
+@parallel.command  # under torchrun (--ckpt, --baseline), rank 0 alone prints; an error is one line, exit code 2
 def main(argv=None):
-    parallel.quiet_unless_main()  # under torchrun (--ckpt, --baseline, --figure), rank 0 alone prints
-    try:
-        args = parser().parse_args(argv)
-        if args.scores and not (args.labels and args.protocol):
-            raise UsageError("--scores needs --labels and --protocol")
-        if args.figure and not (args.ckpt and not args.json and args.figure_n >= 1 and args.figure_k >= 1):
-            raise UsageError("--figure goes with --ckpt (not --json; it draws instead of evaluating); "
-                             "--figure-n and --figure-k must be >= 1")
-        if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
-                                                         and args.calibrate_n >= 1):
-            raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
-        if args.twins and not (args.ckpt and not (args.figure or args.calibrate or args.thresholds)):
-            raise UsageError("--twins goes with --ckpt (not --figure, --calibrate or --thresholds)")
-        check_outputs(args)
-        if args.thresholds:
-            thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
-        if args.figure:
-            from tools import figure3  # the paper's Fig. 3 (and its gallery): a picture, not a metric
-            return figure3.draw_figure(args) or 0
-        if args.twins:
-            from tools import twins  # a per-label look at the ZSL twins row (tools/twins.py)
-            results = twins.report(args)
-        else:
-            results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
-        if args.json and parallel.is_main():
-            runs.write_json(results, args.json)
-            print(f"figures written to {args.json}")
-    except (CheckpointError, DataError, UsageError, safe_io.WriteError, parallel.Stopped) as err:
-        parallel.report(err, runs.error_line(err))
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 2
-    finally:
-        parallel.finish()
-    return 0
+    args = parser().parse_args(argv)
+    if args.scores and not (args.labels and args.protocol):
+        raise UsageError("--scores needs --labels and --protocol")
+    if (args.calibrate or args.thresholds) and not (args.ckpt and not (args.calibrate and args.thresholds)
+                                                     and args.calibrate_n >= 1):
+        raise UsageError("--calibrate (or --thresholds, not both) goes with --ckpt; --calibrate-n must be >= 1")
+    check_outputs(args)
+    if args.thresholds:
+        thresholds.read(args.thresholds)  # a bad file stops here, before any image is scored
+    results = eval_checkpoint(args) if args.ckpt else eval_scores(args) if args.scores else eval_baseline(args)
+    if args.json and parallel.is_main():
+        runs.write_json(results, args.json)
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
     python predict.py --clip ViT-B-16.pt --labels "cat,dog" photos/  # zero-shot CLIP (cosine), no SigRL
     python predict.py --ckpt RUN/last.pt photos/ --explain maps/    # one PNG per image: the maps below
 
-SigRL's scores depend on the label list. Eq. 13 divides each image's local and global score vectors by their
-L2 norms over the labels being scored, GMC builds its graph over the list, and VFR sums its attention over it.
+SigRL's scores depend on the label list. The paper's Eq. 13 adds the raw scores, but the reference code, which
+this implementation follows, divides each image's local and global score vectors by their L2 norms over the
+labels being scored; GMC builds its graph over the list, and VFR sums its attention over it.
 Adding or removing a label changes every other label's score and can change their order: compare scores
 within one list, and do not carry a --threshold from one list to another (with C labels a score is of the
 order of 1/sqrt(C)). This is why the paper scores its 81 unseen labels as one list (ZSL) and all 1006 as
@@ -18,9 +19,10 @@ branch's norm over one label is its own size: every score is +1, 0 or -1.
 
 --explain: per image, the image as the model saw it and, for each of its top labels, two maps on the patch
 grid (8 x 8 for the toy CLIP, 14 x 14 for ViT-B/16): (1) the similarity <M_hat[p], H[c]> of each reconstructed
-patch feature to the label, whose top-k patches (outlined) average to the local score before Eq. 13's
-normalisation, and (2) SDA's attention over the patches for that label (its softmax over the patches),
-averaged over the D channels. Both come from SigRL.explain, which runs the same code as the scores.
+patch feature to the label, whose top-k patches (outlined) average to the local score before the reference
+code's normalisation over the labels, and (2) SDA's attention over the patches for that label (its softmax
+over the patches), averaged over the D channels. Both come from tools/explain.py's `maps`, which runs the same
+code as the scores.
 
 With no arguments: tags 6 toy-world test images with the default run runs/zsl-toy/last.pt (trained first with
 `python train.py` when absent, a few minutes), each tag marked right or wrong against their ground truth,
@@ -41,6 +43,7 @@ import torch
 from PIL import Image
 
 from support import checkpoints
+from support import cli
 from tools import explain as explain_maps
 from tools import figure3
 from tools import gallery
@@ -48,13 +51,13 @@ import eval as evaluation
 from support import runs
 from support import tasks
 from support import thresholds
-from support.clip_files import CheckpointError, file_sha256, load_clip
+from support.clip_files import file_sha256, load_clip
+from support.errors import CheckpointError, DataError, UsageError, WriteError, error_line
 from clip_text import encode_labels
-from data import DataError, build_transform
+from data import build_transform
 from support.image_folders import find_images
-from support.paths import FOLDER, check_outputs as check_paths
-from support.runs import UsageError
-from support.safe_io import WriteError, atomic_write
+from support.paths import FOLDER, check_outputs as check_paths, inner_folder, line_breaking, printable
+from support.safe_io import atomic_write
 from support.tokenizer import N_RESERVED
 
 DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
@@ -78,18 +81,20 @@ def read_labels(args):
         return None
     if not names or any(not n for n in names):
         raise UsageError(f"{source}: an empty label name (expected names separated by commas, or one a line)")
+    for n in names:  # a name is one line of a table, a page and --save-scores' .label_names.txt
+        if line_breaking(n):
+            raise UsageError(f"{source}: label '{printable(n)}' holds a control character "
+                             f"({printable(line_breaking(n))}); expected printable names")
     return names, source
 
 
-def check_names(names, source, tokenizer):
+def check_names(names, source, tokenizer, template):
     """Two names that CLIP's tokenizer reads as the same ids ('Cat' / 'cat': it lowercases and collapses
-    spaces) would be one label scored twice: refuse them, and names too long for the text tower."""
+    spaces) would be one label scored twice: refuse them, and names too long for the text tower in the prompt."""
+    tasks.check_template(tokenizer, template, names, "--template", source)
     first = {}
     for name in names:
-        try:
-            ids = tuple(tokenizer(name)[0].tolist())
-        except ValueError as e:
-            raise UsageError(f"{source}: label {name!r} is too long for the text encoder ({e})") from None
+        ids = tuple(tokenizer(name)[0].tolist())  # fits: the prompt holding it does
         if ids in first:
             same = "repeats" if first[ids] == name else "reads as the same tokens as"
             raise UsageError(f"{source}: label {name!r} {same} {first[ids]!r}; each label once")
@@ -130,7 +135,7 @@ def sigrl_tagger(args, labels, device):
         if clip.sha256 != ckpt["clip_sha256"]:
             raise CheckpointError(f"{clip_path}: not the CLIP file {args.ckpt} was trained from (sha256 differs); "
                                   f"its text embeddings would not match the trained model")
-        check_names(names, source, clip.tokenizer)
+        check_names(names, source, clip.tokenizer, ckpt["prompt"]["template"])
         H = encode_labels(clip, names, template=ckpt["prompt"]["template"])  # (C, D)
     model = checkpoints.model_from_checkpoint(ckpt).to(device)
     H = H.to(device)
@@ -146,7 +151,7 @@ def clip_tagger(args, labels, device):
         raise UsageError("--clip without --ckpt needs a label list: --labels \"a,b,c\" or --labels-file FILE")
     clip = load_clip(args.clip)
     names, source = labels
-    check_names(names, source, clip.tokenizer)
+    check_names(names, source, clip.tokenizer, args.template)
     transform, encode, score = evaluation.clip_zero_shot(clip, names, args.template, device)
     return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine", clip_sha256=clip.sha256)
 
@@ -215,12 +220,23 @@ def side_files(save_scores):
 def check_outputs(args, images=()):
     """support/paths.py's rule, before the first image is scored: no output replaces an input (the checkpoint,
     CLIP file, labels file, an image; --explain not among the folders of images) or another output. With
-    `images`, the images found and the PNGs --explain will write are checked too."""
+    `images`, the images found and every file --explain and --html will write (the PNGs, index.html, images/)
+    are checked too, and so are the names --save-scores writes one a line."""
     outputs = [("--json", args.json), ("--csv", args.csv), ("--save-scores", args.save_scores),
                ("--explain", args.explain, FOLDER)]
     outputs += [("--save-scores", side) for side in side_files(args.save_scores)] if args.save_scores else []
     outputs += [("--explain", target) for target in explain_maps.explain_targets(images, args.explain)] if args.explain else []
-    outputs += [("--html", args.html, FOLDER)]
+    if args.html:
+        outputs += gallery.outputs("--html", args.html, len(images))
+        html_maps = os.path.join(args.html, "explain")
+        if not (args.explain and os.path.realpath(args.explain) == os.path.realpath(html_maps)):  # else: listed
+            outputs += [("--html", html_maps, FOLDER)] + [("--html", target) for target in
+                                                          explain_maps.explain_targets(images, html_maps)]
+    for path in images if args.save_scores else ():  # .images.txt holds one path a line
+        if line_breaking(path):
+            raise UsageError(f"--save-scores: image '{printable(path)}' has a control character "
+                             f"({printable(line_breaking(path))}) in its path, which would shift the rows of "
+                             f"{side_files(args.save_scores)[0]}: rename it, or leave out --save-scores")
     given = [("the checkpoint", args.ckpt), ("the CLIP file", args.clip), ("the labels file", args.labels_file),
              ("the thresholds file", args.thresholds)]
     given += [("images" if os.path.isdir(i) else "an image", i) for i in args.inputs]
@@ -248,18 +264,32 @@ def demo(args):
     truth = {data.test_paths[i]: {names[c] for c in np.flatnonzero(data.test_labels[i] == 1)} for i in chosen}
     print("note: toy-world test images, so each tag is marked [right] or [wrong] against their ground truth",
           file=sys.stderr)
-    return tag(args, truth) or evaluation.main(["--ckpt", DEMO_CKPT, "--figure", os.path.join(run_dir, "figure.png"),
-                                                "--workers", "0"])
+    return tag(args, truth) or figure3.main(["--ckpt", DEMO_CKPT, "--out", os.path.join(run_dir, "figure.png"),
+                                             "--workers", "0"])
 
 
-def write_gallery(args, tagger, paths, scores, picks, known, device):
-    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch."""
-    local = tagger.model is not None and not tagger.model.config.global_only
-    maps = explain_maps.explain(tagger, paths, picks, os.path.join(args.html, "explain"), device) if local else None
+def write_gallery(args, tagger, paths, scores, picks, known, device, written=None):
+    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch, in
+    OUT_DIR/explain/: those --explain has just drawn (`written`) are copied there, not computed again."""
+    maps = None
+    if tagger.model is not None and not tagger.model.config.global_only:
+        os.makedirs(args.html, exist_ok=True)
+        folder = inner_folder(args.html, "explain")  # never through a link that leads out of OUT_DIR
+        if written is None:
+            maps = explain_maps.explain(tagger, paths, picks, folder, device)
+        else:
+            maps = explain_maps.explain_targets(paths, folder)
+            for source, target in zip(written, maps):
+                if os.path.realpath(source) == os.path.realpath(target):  # --explain OUT_DIR/explain
+                    continue
+                with open(source, "rb") as f:
+                    png = f.read()
+                atomic_write(target, lambda f, png=png: f.write(png))
     rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
             f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
     notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
-             f"label list per image (Eq. 13): compare them within this page."]
+             f"label list per image (the reference code's step; the paper's Eq. 13 adds raw scores): compare them "
+             f"within this page."]
     index = gallery.write(args.html, tagger.kind, notes, paths, tagger.names, scores,
                           [{n for n, _ in p} for p in picks], known, maps)
     print(f"gallery: {len(paths)} images written to {index}", file=sys.stderr)
@@ -268,10 +298,11 @@ def write_gallery(args, tagger, paths, scores, picks, known, device):
 def tag_line(path, pick, truth):
     """An image's printed tags; with ground truth (the demo), each says right or wrong, then what was missed."""
     if truth is None:
-        return f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick) or "(no label at or above its threshold)")
+        return printable(f"{path}: " + (", ".join(f"{n} {s:.4f}" for n, s in pick)
+                                        or "(no label at or above its threshold)"))
     missed = [n for n in sorted(truth) if n not in {m for m, _ in pick}]
-    return (f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
-            + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
+    return printable(f"{path}: " + ", ".join(f"{n} {s:.4f} [{'right' if n in truth else 'wrong'}]" for n, s in pick)
+                     + f" | ground truth not tagged: {', '.join(missed) or 'none'}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -298,13 +329,17 @@ def tag(args, truth=None):
     warning = toy_clip_warning(tagger, paths)
     if warning:
         print(warning, file=sys.stderr)
+    bad = [n for n in tagger.names if line_breaking(n)] if args.save_scores else []
+    if bad:  # the checkpoint's own names (a --labels list is checked as it is read)
+        raise UsageError(f"--save-scores: label '{printable(bad[0])}' holds a control character, which would shift "
+                         f"the columns of {side_files(args.save_scores)[1]}: leave out --save-scores")
     if tagger.model is not None and len(tagger.names) < 2:
-        print(f"warning: {tagger.kind}: one label: Eq. 13 divides each branch's score by its norm over the labels, "
-              f"here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
+        print(f"warning: {tagger.kind}: one label: the reference code divides each branch's score by its norm over "
+              f"the labels (the paper's Eq. 13 adds raw scores), here its own size, so every score is +1, 0 or -1 (the signs of the two branches); give two labels "
               f"or more to rank them, or --clip for cosine scores (see --help)", file=sys.stderr)
     elif tagger.model is not None:
         print(f"note: {tagger.kind}: scores are normalised over these {len(tagger.names)} labels per image "
-              f"(Eq. 13); they change when the label list changes (see --help)", file=sys.stderr)
+              f"(as the reference code normalises them); they change when the label list changes (see --help)", file=sys.stderr)
     scores = evaluation.predict(paths, tagger.transform, tagger.encode, {"all": tagger.score}, device,
                                 args.batch_size, args.workers, "tagging", out=sys.stderr)["all"]  # (N, C)
     picks = [ranked(row, tagger.names, args.top_k, args.threshold) for row in scores]
@@ -312,16 +347,17 @@ def tag(args, truth=None):
     for path, pick, t in zip(paths, picks, known or [None] * len(paths)):
         print(tag_line(path, pick, t))
     write_outputs(args, paths, tagger.names, scores, picks)
+    written = None
     if args.explain:
         written = explain_maps.explain(tagger, paths, picks, args.explain, device)
         print(f"explain: {len(written)} PNGs written to {args.explain}", file=sys.stderr)
     if args.html:
-        write_gallery(args, tagger, paths, scores, picks, known, device)
+        write_gallery(args, tagger, paths, scores, picks, known, device, written)
     return 0
 
 
 def parser():
-    p = runs.Parser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    p = cli.Parser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files and folders (walked for image files)")
     p.add_argument("--ckpt", help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
@@ -369,7 +405,7 @@ def main(argv=None):
             raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
         return demo(args) if offline_demo else tag(args)
     except (CheckpointError, DataError, UsageError, WriteError) as err:
-        print(f"error: {runs.error_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (outputs already written are whole; the others were not written)", file=sys.stderr)

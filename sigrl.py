@@ -1,33 +1,38 @@
 """SigRL: semantic-guided representation learning for multi-label recognition (ICME 2025).
 
-Shape legend
-    B  images in the batch              P  patch tokens per image (196 at 224 px with 16 px patches)
-    C  classes in the scored label set  c  classes in one chunk of the fast path (<= class_chunk)
-    D  joint embedding width (512)      W  ViT width (768 for ViT-B/16)
+Shape legend: the book's one legend (README.md and every chapter's docstring; vit.py gives it in full). Here:
+    B images, P patch tokens, C labels in the scored set (c in one chunk; S seen, U unseen), D joint width,
+    K patches in the top-K; H (C, D) the label embeddings, G GMC's H-hat, F the patch features (B, P, D), and
+    SDA's / VFR's attentions the paper's a and a-hat. No letter has a second meaning anywhere in the book.
 
-Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, M -> M,
-T -> T, O -> O, M-hat -> M_hat.  Pipeline, following the reference code wherever it differs from the paper:
+Symbols (paper -> code): F_patch -> patch, F_class -> g, h^i / H -> H (label_emb), H-hat (Eq. 4) -> G, f (Eq. 5)
+-> f, a (Eq. 7) -> a, M -> M, Q -> Q, T -> T, O -> O, f-hat / a-hat (Eq. 10-11) -> f_hat / a_hat, M-hat -> M_hat.
+Pipeline, following the reference code wherever it differs from the paper:
     tokens = student.forward_tokens(images)            (B, 1+P, W), ln_post on every token
     g = tokens[:, 0] @ proj,  patch = tokens[:, 1:] @ proj        (B, D), (B, P, D), one projection
     G = GMC(H)                    graph over labels, Eq. 2-4 (see gat.py)     (C, D)
     T = SDA(patch, H)             semantic decoupling, Eq. 5-9                (B, C, D)
     M_hat = VFR(patch, T, G)      reconstruction, unnumbered step + Eq. 10-12 (B, P, D)
-    scores                        Eq. 13                                      (B, C)
+    scores                        Eq. 13 sums the two branches' raw scores;  (B, C)
+                                  the reference code normalises each over the classes, then averages
 A frozen teacher (a copy of the initial student) gives the target of the distillation loss on g.
 
 Two paths, one switch (SigRLConfig.fast; default True). The plain path computes SDA and VFR as written, on
-(B, P, C, D) tensors: the reference code's memory class, several such tensors alive at once (12 GB each in
-fp32 at B = 32, C = 925). The fast path exists because that does not fit a GPU at the paper's sizes, and it is
-exact because, for one class c, every step before the pooling touches only that class: the product
-patch * H[c], the tanh, the D -> D linear applied to each vector, and the softmax, which runs over the
-patches p, not over the classes. The pooling then sums over p (SDA: one row M[:, c] per class) or over c
-(VFR: a running sum over the chunks). So the fast path runs the plain path's own functions (`decouple`,
-`reconstruction_weight`) on at most `class_chunk` classes at a time, each chunk under torch.utils.checkpoint:
-autograd keeps only the chunk's inputs and output and rebuilds the (B, P, c, D) intermediates one chunk at a
-time in backward, so neither forward nor backward memory grows with B x P x C x D. The two paths give the
-same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
+(B, P, C, D) tensors: several alive at once, 12 GB each in fp32 at B = 32, C = 925, as in the reference code.
+The fast path exists because that does not fit a GPU, and it is exact because, for one class c, every step
+before the pooling touches only that class (the product patch * H[c], the tanh, the D -> D linear, the softmax
+over the patches p); the pooling then sums over p (SDA) or over c (VFR: a running sum over the chunks). So it
+runs the plain path's own functions (`decouple`, `reconstruction_weight`) on at most `class_chunk` classes at a
+time, each chunk under torch.utils.checkpoint, so neither forward nor backward memory grows with B x P x C x D.
+Both give the same numbers up to float rounding (tests/test_sigrl.py compares values and gradients).
+
+Precision. The commands run this file under the precision policy opened where the forward is called
+(support/precision.py: bf16 autocast on CUDA, plain fp32 on the CPU). Three lines here fix a dtype themselves,
+each saying why: the softmax over the patches keeps its input's dtype, VFR's sum over the classes accumulates
+in fp32, and the score matmuls run in fp32 with autocast off (`score_matmul`). On the CPU all three are no-ops.
 """
 import copy
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -37,8 +42,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gat import GMC
-from support import precision
-from support.compiling import class_chunks, compiled
+from support.compiling import compiled  # --compile only (SigRL.compile_heads); the default path never calls it
 
 
 @dataclass
@@ -48,7 +52,7 @@ class SigRLConfig:
     sda: bool = True  # False: T := H for every image
     vfr: bool = True  # False: M_hat := patch (MKT's top-k on raw patch tokens); needs gmc = sda = False
     global_only: bool = False  # scores = normalised global score; the heads are not built
-    topk: int = 16  # local score = mean of the top-k patch similarities (k = min(topk, P))
+    topk: int = 16  # local score = mean of the top-K patch similarities (K = min(topk, P))
     fast: bool = True  # False: the plain path on full (B, P, C, D) and (C, C, hidden) tensors; same numbers
     class_chunk: int = 64  # fast path: classes per SDA/VFR step (near-equal chunks); memory only
     gat_chunk: int = 16  # fast path: query labels per GATv2 step (gat.py); memory only
@@ -57,53 +61,68 @@ class SigRLConfig:
     dropout: float = 0.3  # GMC dropout (input, attention coefficients, between the layers)
 
 
-class SigRLMaps(NamedTuple):
-    similarity: torch.Tensor  # (B, P, C) <M_hat[b,p,:], H[c,:]>; the local score is the mean of its top k over p
-    attention: Optional[torch.Tensor]  # (B, P, C) SDA's attention over the patches, mean over channels; or None
-
-
 class SigRLOutput(NamedTuple):
     scores: torch.Tensor  # (B, C) fused score, what metrics and losses use
-    local: Optional[torch.Tensor]  # (B, C) normalised local score; None when global_only
-    glob: torch.Tensor  # (B, C) normalised global score
+    local: Optional[torch.Tensor]  # (B, C) local score, normalised over C (reference code); None when global_only
+    glob: torch.Tensor  # (B, C) global score, normalised over C (reference code)
     feat: torch.Tensor  # (B, D) student class-token embedding g (for L_global)
 
 
 # ---- SDA and VFR: the paper's computation, on any number of classes ------------------------------------------
 def sda_attention(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """SDA's attention alpha (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5 and 7)."""
-    # Eq. 5: A[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:]))
-    x = patch[:, :, None, :] * H.to(patch.dtype)  # (B, P, 1, D) * (C, D) -> (B, P, C, D), in the compute dtype
-    A = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
-    # Eq. 7 (one FC, as the code): alpha[b,:,c,d] = softmax over p of A[b,:,c,d], per class and channel
-    return A.softmax(dim=1, dtype=precision.softmax_dtype(A))  # (B, P, C, D)
+    """SDA's attention a (B, P, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5 and 7)."""
+    # Eq. 5: f[b,p,c,:] = fc_sda(tanh(F[b,p,:] * H[c,:])); H is cast to patch's dtype so that under bf16 autocast
+    # the product, the step's largest tensor, is not promoted to fp32
+    x = patch[:, :, None, :] * H.to(patch.dtype)  # (B, P, 1, D) * (C, D) -> (B, P, C, D)
+    f = fc_sda(x.tanh_())  # (B, P, C, D); tanh in place saves one such tensor (the product's backward needs no x)
+    # Eq. 7 without its FC and tanh (the reference code has Eq. 5's FC only): a[b,:,c,d] = softmax over p of
+    # f[b,:,c,d]. dtype=f.dtype: CUDA's autocast would store it in fp32, twice the bytes, for no measured gain
+    return f.softmax(dim=1, dtype=f.dtype)  # (B, P, C, D)
 
 
 def decouple(fc_sda: nn.Linear, patch: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """SDA's category-specific features M (B, C, D) of patch (B, P, D) for the classes H (C, D) (Eq. 5-7)."""
-    alpha = sda_attention(fc_sda, patch, H)  # (B, P, C, D)
-    # Eq. 6, as the code pools (over p, per class): M[b,c,:] = sum_p alpha[b,p,c,:] * F[b,p,:]
-    return torch.einsum("bpcd,bpd->bcd", alpha, patch)  # (B, C, D)
+    a = sda_attention(fc_sda, patch, H)  # (B, P, C, D)
+    # Eq. 6 sums over the classes; the reference code pools over the patches, per class: M[b,c,:] = sum_p a * F
+    return torch.einsum("bpcd,bpd->bcd", a, patch)  # (B, P, C, D) x (B, P, D) -> (B, C, D)
 
 
 def reconstruction_weight(fc_vfr: nn.Linear, patch: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
-    """VFR's sum_c alpha'[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D) (Eq. 10-11)."""
-    # Eq. 10: A'[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))
+    """VFR's sum_c a_hat[b,p,c,:] (B, P, D) of patch (B, P, D) for the fused class features O (B, C, D): Eq. 10-11,
+    and the sum over the classes that the reference code does in Eq. 12's place."""
+    # Eq. 10: f_hat[b,p,c,:] = fc_vfr(tanh(F[b,p,:] * O[b,c,:])); O in patch's dtype, as H in sda_attention
     x = patch[:, :, None, :] * O[:, None].to(patch.dtype)  # (B, P, 1, D) * (B, 1, C, D) -> (B, P, C, D)
-    A = fc_vfr(x.tanh_())  # (B, P, C, D); tanh in place, as in decouple
-    # Eq. 11: alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]; then summed over the classes (Eq. 12, as the code),
-    # accumulated in fp32 (a sum over up to 1006 classes; autocast's choice here differs between devices)
-    return A.softmax(dim=1, dtype=precision.softmax_dtype(A)).sum(dim=2, dtype=precision.at_least_fp32(A))  # (B, P, D)
+    f_hat = fc_vfr(x.tanh_())  # (B, P, C, D); tanh in place, as in sda_attention
+    # Eq. 11: a_hat[b,:,c,d] = softmax over p of f_hat[b,:,c,d] (kept in its input's dtype, as in sda_attention)
+    a_hat = f_hat.softmax(dim=1, dtype=f_hat.dtype)  # (B, P, C, D)
+    # then summed over the classes (the reference code's Eq. 12), accumulated in fp32, or fp64 for an fp64
+    # model: a sum over up to 1006 classes, where autocast's choice differs between devices
+    return a_hat.sum(dim=2, dtype=torch.promote_types(a_hat.dtype, torch.float32))  # (B, P, D)
+
+
+def class_chunks(x: torch.Tensor, chunk: int, dim: int = 0) -> tuple:
+    """x split along `dim` (the classes) into ceil(C / chunk) near-equal chunks of at most `chunk` (925 at 64:
+    15 chunks of 61-62). Near-equal, not `chunk` then a remainder: a last chunk of one class would cost
+    torch.compile (--compile) a graph of its own. Each class is computed alone, so the split changes no result."""
+    return x.tensor_split(max(1, math.ceil(x.shape[dim] / chunk)), dim=dim)
+
+
+def score_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 (fp64 for an fp64 model) with autocast off: mAP ranks up to 107,859 images per class, and
+    bf16's 8 bits of mantissa would make ties that the stable sort breaks by row index."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    with torch.autocast(a.device.type, enabled=False):
+        return a.to(dtype) @ b.to(dtype)
 
 
 class SDA(nn.Module):
     """Semantic decoupling attention (paper Eq. 5-9): patch F (B, P, D), H (C, D) -> T (B, C, D).
 
-        A[b,p,c,:]     = fc_sda(tanh(F[b,p,:] * H[c,:]))       Eq. 5; fc_sda: D -> D with bias
-        alpha[b,:,c,d] = softmax over p of A[b,:,c,d]           Eq. 7, without its second FC and tanh
-        M[b,c,:]       = sum_p alpha[b,p,c,:] * F[b,p,:]        Eq. 6, as the code computes it (B, C, D)
-        Q[b]           = rownorm(ReLU(M[b]^T H))                Eq. 8, as the code computes it (D, D)
-        T[b]           = M[b] Q[b]                              Eq. 9; semantic-decoupled features (B, C, D)
+        f[b,p,c,:]     = fc_sda(tanh(F[b,p,:] * H[c,:]))       Eq. 5; fc_sda: D -> D with bias
+        a[b,:,c,d]     = softmax over p of f[b,:,c,d]           Eq. 7, without its FC and tanh (reference code)
+        M[b,c,:]       = sum_p a[b,p,c,:] * F[b,p,:]            Eq. 6 as the reference code computes it (B, C, D)
+        Q[b]           = ReLU(M[b]^T H)                         Eq. 8 as the reference code computes it (D, D)
+        T[b]           = M[b] Norm(Q[b])                        Eq. 9; Norm: each row to unit L2 norm (B, C, D)
     That is the reference code's form; the paper's differs: Eq. 5 and 7 show two FC layers (the code: one);
     Eq. 6 sums over the classes (the code pools over the patches, one feature per class); Eq. 8-9 re-weight
     with a C x C cosine matrix (the code: the D x D matrix Q). This file follows the code.
@@ -124,29 +143,23 @@ class SDA(nn.Module):
             step = compiled(decouple) if self.fused else decouple
             M = torch.cat([checkpoint(step, self.fc_sda, patch, H_c, use_reentrant=False)  # (B, c, D) each
                            for H_c in class_chunks(H, chunk)], dim=1)  # (B, C, D)
-        # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU. A positive scalar passes through the
-        # ReLU and the row normalisation removes it (except on rows of norm < 1e-12, which stay ~0 either way),
-        # so it is left out.
-        # Eq. 8, as the code: Q[b] = rownorm(ReLU(M[b]^T H)), a D x D matrix where the paper has a C x C one
+        # The reference divides M^T H by ||M||_F * ||H||_F before the ReLU: a positive scalar, which Norm removes
+        # (rows of norm < 1e-12 stay ~0 either way), so it is left out.
+        # Eq. 8 as the reference code computes it: Q[b] = ReLU(M[b]^T H), a D x D matrix where the paper has C x C
         Q = torch.relu(M.transpose(1, 2) @ H)  # (B, D, C) @ (C, D) -> (B, D, D)
-        Q = F.normalize(Q, dim=-1, eps=1e-12)  # (B, D, D), each row to unit L2 norm
-        T = M @ Q  # Eq. 9: (B, C, D) @ (B, D, D) -> (B, C, D)
+        # Eq. 9: T[b] = M[b] Norm(Q[b]), Norm taking each row of Q to unit L2 norm
+        T = M @ F.normalize(Q, dim=-1, eps=1e-12)  # (B, C, D) @ (B, D, D) -> (B, C, D)
         return T
-
-    def attention(self, patch: torch.Tensor, H: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
-        """alpha averaged over the D channels (B, P, C): where SDA looks for each class, a distribution over the
-        patches (for pictures: predict.py --explain). With `chunk`, that many classes at a time."""
-        return torch.cat([sda_attention(self.fc_sda, patch, H_c).mean(dim=-1)  # (B, P, c) each
-                          for H_c in H.split(chunk or len(H))], dim=2)  # (B, P, C)
 
 
 class VFR(nn.Module):
     """Visual feature reconstruction (paper Eq. 10-12): patch F (B, P, D), T (B, C, D), G (C, D) -> M_hat (B, P, D).
 
-        O[b,c,:]        = fc_o([T[b,c,:] ; G[c,:]])             unnumbered in the paper; fc_o: 2D -> D, no bias
-        A'[b,p,c,:]     = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))     Eq. 10; fc_vfr: D -> D with bias
-        alpha'[b,:,c,d] = softmax over p of A'[b,:,c,d]         Eq. 11
-        M_hat[b,p,:]    = F[b,p,:] * sum_c alpha'[b,p,c,:]      Eq. 12, as the code computes it
+        O[b,c,:]        = fc_o([T[b,c,:] ; G[c,:]])             unnumbered: the paper writes FC([H-hat ; T]);
+                                                                the code concatenates T first; fc_o: 2D -> D
+        f_hat[b,p,c,:]  = fc_vfr(tanh(F[b,p,:] * O[b,c,:]))     Eq. 10; fc_vfr: D -> D with bias
+        a_hat[b,:,c,d]  = softmax over p of f_hat[b,:,c,d]      Eq. 11
+        M_hat[b,p,:]    = F[b,p,:] * sum_c a_hat[b,p,c,:]       Eq. 12 as the reference code computes it
     The paper's Eq. 12 sums the attention over the patches; the code sums it over the classes, keeping one
     reconstructed feature per patch, and this file follows the code.
     """
@@ -161,8 +174,10 @@ class VFR(nn.Module):
         """chunk None: the plain path; an int: the fast path, `chunk` classes at a time (module docstring)."""
         (B, P, D), C = patch.shape, G.shape[0]
         assert T.shape == (B, C, D) and G.shape == (C, D), f"expected T (B, C, D), G (C, D); got {T.shape}, {G.shape}"
-        # O = FC([H-hat ; T]): the paper leaves this step unnumbered
-        O = self.fc_o(torch.cat([T, G.expand(B, C, D)], dim=-1))  # (B, C, 2D) -> (B, C, D)
+        # unnumbered in the paper, O = FC([H-hat ; T]); the reference code concatenates [T ; G], so the first
+        # D columns of fc_o.weight multiply T and the last D multiply G
+        TG = torch.cat([T, G.expand(B, C, D)], dim=-1)  # (B, C, D) ; (B, C, D) -> (B, C, 2D)
+        O = self.fc_o(TG)  # (B, C, 2D) -> (B, C, D)
         if chunk is None:
             weight = reconstruction_weight(self.fc_vfr, patch, O)  # (B, P, D), through (B, P, C, D) tensors
         else:
@@ -170,7 +185,7 @@ class VFR(nn.Module):
             weight = 0  # a running sum over the chunks: one chunk's (B, P, D) term alive at a time
             for O_c in class_chunks(O, chunk, dim=1):  # (B, c, D)
                 weight = weight + checkpoint(step, self.fc_vfr, patch, O_c, use_reentrant=False)  # (B, P, D)
-        M_hat = patch * weight  # Eq. 12, summed over the classes as the code does: (B, P, D)
+        M_hat = patch * weight  # Eq. 12, summed over the classes as the reference code does: (B, P, D)
         return M_hat
 
 
@@ -205,8 +220,8 @@ class SigRL(nn.Module):
         return cls(copy.deepcopy(clip.visual), config)
 
     def compile_heads(self) -> "SigRL":
-        """Run the fast path's SDA and VFR chunks through torch.compile (support/compiling.py). Not saved with the
-        weights; the first calls at each new shape are slow while it compiles."""
+        """Run the fast path's SDA and VFR chunks through torch.compile (--compile; support/compiling.py). Not
+        saved with the weights; the first calls at each new shape are slow while it compiles."""
         for module in (self.sda, self.vfr):
             if module is not None:
                 module.fused = True
@@ -243,23 +258,27 @@ class SigRL(nn.Module):
         assert G is None or not self.training, "a precomputed G would skip GMC's dropout and gradients"
         B, P, D = patch.shape
 
-        # Eq. 13, global part: s_global[b,c] = <g[b], H[c]>, L2-normalised over the classes of each image
-        glob = F.normalize(precision.fp32_matmul(g, H.T), dim=-1)  # (B, D) @ (D, C) -> (B, C), fp32
+        # Eq. 13 adds the raw scores: s = <h, F_class> + Top-K(<h, M_hat_p>). The reference code instead divides
+        # each branch by its L2 norm over the classes of each image, then averages the two; this follows the code.
+        # Global branch: s_global[b,c] = <g[b], H[c]>, then the reference code's normalisation over c
+        s_global = score_matmul(g, H.T)  # (B, D) @ (D, C) -> (B, C), fp32
+        glob = F.normalize(s_global, dim=-1)  # (B, C), each image's row to unit L2 norm (reference code)
         if cfg.global_only:
             return SigRLOutput(glob, None, glob, g)
 
-        # Eq. 13, local part: s_local[b,c] = mean of the top-k over p of <M_hat[b,p,:], H[c,:]>, normalised
-        # like the global part; then score = (s_local + s_global) / 2
+        # Local branch: s_local[b,c] = mean of the top-k over p of <M_hat[b,p,:], H[c,:]> (the paper's Top-K; the
+        # reference code takes the mean of the K largest), then normalised over c as the global branch
         sim = self.local_similarity(patch, H, G)  # (B, P, C)
-        local = sim.topk(min(cfg.topk, P), dim=1).values.mean(dim=1)  # (B, k, C) -> (B, C)
-        local = F.normalize(local, dim=-1)  # (B, C)
-        scores = (local + glob) / 2  # (B, C)
+        top = sim.topk(min(cfg.topk, P), dim=1).values  # (B, P, C) -> (B, K, C)
+        local = F.normalize(top.mean(dim=1), dim=-1)  # (B, K, C) -> (B, C), each row to unit L2 norm (reference code)
+        scores = (local + glob) / 2  # (B, C): the reference code's average where Eq. 13 has a sum
         assert scores.shape == (B, H.shape[0]), f"expected scores (B, C) = {(B, H.shape[0])}, got {tuple(scores.shape)}"
         return SigRLOutput(scores, local, glob, g)
 
     def local_similarity(self, patch: torch.Tensor, H: torch.Tensor, G=None) -> torch.Tensor:
         """<M_hat[b,p,:], H[c,:]> (B, P, C): every reconstructed patch feature against every label (SDA, GMC, VFR
-        as configured). Its top-k mean over the patches is the local score before Eq. 13's normalisation."""
+        as configured). Its top-k mean over the patches is the local score before the reference code's
+        normalisation over the classes."""
         B, chunk = patch.shape[0], self.config.class_chunk if self.config.fast else None  # fast or plain path
         if self.vfr is None:
             M_hat = patch  # (B, P, D)
@@ -267,27 +286,14 @@ class SigRL(nn.Module):
             G = self.label_graph(H) if G is None else G  # (C, D)
             T = self.sda(patch, H, chunk) if self.sda is not None else H.expand(B, -1, -1)  # (B, C, D)
             M_hat = self.vfr(patch, T, G, chunk)  # (B, P, D)
-        return precision.fp32_matmul(M_hat, H.T)  # (B, P, D) @ (D, C) -> (B, P, C), fp32 (support/precision.py)
-
-    @torch.no_grad()
-    def explain(self, patch: torch.Tensor, H: torch.Tensor, G=None) -> SigRLMaps:
-        """Where each class's local score comes from (for pictures; predict.py --explain), for encoded images:
-        the similarity map whose top-k patches `score` averages (the same call), and SDA's attention over the
-        patches averaged over channels (None without SDA)."""
-        assert not self.config.global_only, "a global-only model has no local score to explain"
-        chunk = self.config.class_chunk if self.config.fast else None
-        attention = self.sda.attention(patch, H, chunk) if self.sda is not None else None  # (B, P, C)
-        return SigRLMaps(self.local_similarity(patch, H, G), attention)
+        return score_matmul(M_hat, H.T)  # (B, P, D) @ (D, C) -> (B, P, C), fp32
 
     @torch.no_grad()
     def teacher_feat(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's class-token embedding (B, D), target of L_global. Computed along the student's path
-        (encode: every token through proj, then the class token), not the tower's forward (the class token, then
-        proj): the same operations on the same shapes, so while the student still equals its teacher (at the same
-        precision) the L1 is exactly 0 with no gradient, not the sign of rounding noise, whatever the batch size.
-        It opens no autocast of its own: called inside the student's (train.py), it runs at the student's
-        precision (support/precision.py, rule 1; the reference runs an fp16 teacher beside an fp32 student).
-        """
+        """The frozen teacher's class-token embedding (B, D), target of L_global, computed along the student's path
+        (`encode`: every token through proj), not the tower's forward: while the student equals its teacher the L1
+        is exactly 0 with no gradient, not rounding noise. It opens no autocast: inside the student's (train.py)
+        it runs at the student's precision (the reference runs an fp16 teacher beside an fp32 student)."""
         tokens = self.teacher.forward_tokens(images) @ self.teacher.proj  # (B, 1+P, W) @ (W, D) -> (B, 1+P, D)
         return tokens[:, 0]  # (B, D)
 
@@ -304,40 +310,61 @@ class SigRL(nn.Module):
 
 
 # ---- The zero-shot losses (paper Eq. 15-16; train.py adds them); SPML's are in protocol/spml_losses.py ----
+# Each loss twice, as SDA and VFR are: written out as a loop (to read), then vectorised (what training calls).
+# tests/test_losses.py checks the two equal, values and gradients, on random inputs and on the golden vectors.
+def ranking_loss_plain(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_local (Eq. 15) of scores (B, C) against labels (B, C) in {+1, -1, 0}, one image and one pair at a time."""
+    per_image = []
+    for s, y in zip(scores, labels):  # one image k: s (C,), y (C,)
+        total, violating = s.new_zeros(()), 0
+        for p in (y == 1).nonzero()[:, 0].tolist():  # each positive label p (y = 0 takes no part)
+            for n in (y == -1).nonzero()[:, 0].tolist():  # each negative label n
+                hinge = torch.relu(1 + s[n] - s[p])  # Eq. 15: max(1 + s_n - s_p, 0)
+                total = total + hinge
+                violating += int(hinge > 0)  # a count: a constant for autograd
+        # Eq. 15 sums; the reference code divides each image by its count of strictly violating pairs (+ 1e-8)
+        per_image.append(total / (violating + 1e-8))
+    return torch.stack(per_image).mean()  # the reference code: the mean over all B images, where Eq. 15 sums over k
+
+
 def ranking_loss_per_image(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eq. 15's per-image ranking loss l (B,) of scores (B, C) against labels (B, C) in {+1, -1, 0}, as the
-    reference computes it (MKT's models/rank_loss.py), which differs from the paper's plain sum:
-
-        h[b, p, n] = max(1 + s[b, n] - s[b, p], 0)    for p with y = +1, n with y = -1 (y = 0 takes no part)
-        l[b]       = sum_{p, n} h / (V[b] + 1e-8),     V[b] = #{(p, n): h > 0}, a count (constant for autograd)
-
-    So each image is divided by its number of strictly violating pairs (an exact-margin pair counts nowhere)
-    and an image with none gives 0. The (B, C, C) pair tensor is the definition written out: 27M entries at
-    B = 32, C = 925, small beside the ViT's activations.
+    """ranking_loss_plain's per-image terms l (B,), all pairs at once in a (B, C, C) tensor, as the reference code
+    (MKT's models/rank_loss.py) computes them: h[b, p, n] = max(1 + s[b, n] - s[b, p], 0) for y_p = +1, y_n = -1;
+    l[b] = sum_{p, n} h / (V[b] + 1e-8), V[b] = #{(p, n): h > 0}. So an exact-margin pair counts nowhere and an
+    image with no violating pair gives 0. The pair tensor has 27M entries at B = 32, C = 925: small beside the ViT.
     """
     if scores.dim() != 2 or scores.shape != labels.shape:
         raise ValueError(f"ranking_loss: expected two (B, C) tensors of equal shape, got {tuple(scores.shape)} "
                          f"and {tuple(labels.shape)}")
     if not bool(((labels == 1) | (labels == 0) | (labels == -1)).all()):
         raise ValueError(f"ranking_loss labels must take values in (-1, 0, 1), got {torch.unique(labels)[:10].tolist()}")
-    pair = (labels == 1)[:, :, None] & (labels == -1)[:, None, :]  # (B, C_p, C_n)
-    hinge = torch.relu(1 + scores[:, None, :] - scores[:, :, None]) * pair  # (B, C_p, C_n)
+    pair = (labels == 1)[:, :, None] & (labels == -1)[:, None, :]  # (B, C, 1) & (B, 1, C) -> (B, C, C): [b, p, n]
+    hinge = torch.relu(1 + scores[:, None, :] - scores[:, :, None]) * pair  # (B, C, C): 1 + s_n - s_p, pairs only
     violations = (hinge > 0).sum(dim=(1, 2)).to(hinge.dtype)  # (B,)
-    return hinge.sum(dim=(1, 2)) / (violations + 1e-8)  # (B,)
+    return hinge.sum(dim=(1, 2)) / (violations + 1e-8)  # (B, C, C) -> (B,)
 
 
 def ranking_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_local (Eq. 15), on the fused score as the reference trains it: the mean over all B images (scalar)."""
+    """L_local (Eq. 15) as training computes it, on the fused score as the reference trains it: the mean of
+    ranking_loss_per_image over all B images (scalar)."""
     return ranking_loss_per_image(scores, labels).mean()
 
 
+def l1_distill_plain(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Eq. 16, L_global, of the student's class-token features g (B, D) and the frozen teacher's (B, D), one image
+    at a time."""
+    total = student.new_zeros(())
+    for g, target in zip(student, teacher.detach()):  # one image k: (D,) each; the teacher is a fixed target
+        total = total + (target - g).abs().sum()  # Eq. 16: ||CLIP(X_k) - F_class||_1, neither normalised
+    return total / student.numel()  # the reference code: the mean over all B x D entries, not the sum
+
+
 def l1_distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """L_global (Eq. 16): the mean of |g - CLIP(X)| over all B x D entries of the student's class-token feature g
-    and the frozen teacher's (B, D); neither is normalised, and the teacher is a fixed target (detached)."""
+    """L_global (Eq. 16) as training computes it: the mean of |g - CLIP(X)| over all B x D entries (scalar)."""
     if student.dim() != 2 or student.shape != teacher.shape:
-        raise ValueError(f"l1_distill: expected two (B, C) tensors of equal shape, got {tuple(student.shape)} "
+        raise ValueError(f"l1_distill: expected two (B, D) tensors of equal shape, got {tuple(student.shape)} "
                          f"and {tuple(teacher.shape)}")
-    return (student - teacher.detach()).abs().mean()
+    return (student - teacher.detach()).abs().mean()  # (B, D) -> ()
 
 
 if __name__ == "__main__":
@@ -348,16 +375,8 @@ if __name__ == "__main__":
     model = SigRL(visual, SigRLConfig(embed_dim=32, class_chunk=4)).eval()
     images, H = torch.randn(2, 3, 64, 64), torch.randn(10, 32)  # (B, 3, R, R), (C, D)
     with torch.no_grad():
-        tokens = visual.forward_tokens(images) @ visual.proj  # (B, 1+P, D)
-        patch, G = tokens[:, 1:], model.gmc(H)  # (B, P, D), (C, D)
-        T = model.sda(patch, H)  # (B, C, D), the plain path
-        print("tokens @ proj", tuple(tokens.shape), "| G", tuple(G.shape), "| T", tuple(T.shape),
-              "| M_hat", tuple(model.vfr(patch, T, G).shape))
-        maps = model.explain(patch, H)  # what the local score looks at, per patch and class
-        print("explain: similarity", tuple(maps.similarity.shape), "| SDA attention", tuple(maps.attention.shape))
         out = model(images, H)  # the fast path: 4 classes at a time
         model.config.fast = False
         plain = model(images, H)
     print({k: tuple(v.shape) for k, v in out._asdict().items()}, "| teacher_feat", tuple(model.teacher_feat(images).shape))
-    print("scores[0]", out.scores[0])
-    print(f"fast vs plain path: largest score difference {(out.scores - plain.scores).abs().max():.1e}")
+    print(f"scores[0] {out.scores[0]}\nfast vs plain path: largest difference {(out.scores - plain.scores).abs().max():.1e}")

@@ -4,17 +4,31 @@
     python train.py --task zsl --data nuswide --data-root DIR --clip ViT-B-16.pt     # Table I
     python train.py --task spml --data coco --data-root DIR --clip ViT-B-16.pt --loss em   # Table II/III
 
-ZSL (paper Eq. 14): L = L_local + L_global, where L_local (Eq. 15) is the BiAM/MKT ranking loss on the fused
-score of the 925 seen labels and L_global (Eq. 16) is the L1 distance between the student's and the frozen
-teacher's class-token embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over the dataset's classes.
-AdamW with layer-wise lr decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle
-cosine, updated every iteration. Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML,
-selected by clean-validation mAP); `--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of
-each invocation draws RUN_DIR/curves.png from RUN_DIR/log.jsonl (tools/plot.py).
+The recipe (the reference code's values for each table; every flag and its help: support/runs.py's Config;
+--task/--data pick the column, any flag overrides it; the toy world's column is explained there):
+
+    flag               zsl/nuswide  zsl/toy  spml/coco  spml/voc  spml/toy
+    --epochs           20           2        10         10        2
+    --batch-size       32           32       16         8         32
+    --lr               0.0001       0.001    1e-05      1e-05     0.0002
+    --weight-decay     0.05         0.05     0.0        0.0       0.05
+    --warmup-epochs    2.0          1.0      0.0        0.0       1.0
+    --layer-decay      0.65         0.65     1.0        1.0       0.65
+    --fix-layer        10           2        10         10        2
+    --topk             16           5        16         16        5
+    --alpha / --beta   (SPML EM / EM_APL)             0.1 / 0.9  0.2 / 0.02
+    AdamW, no weight decay on 1-D parameters; min lr 1e-7; prompt "There is a {} in the scene"; seed 42
+
+ZSL (paper Eq. 14): L = L_local + L_global, where L_local (Eq. 15) is the ranking loss on the fused score of the
+seen labels and L_global (Eq. 16) is the L1 distance between the student's and the frozen teacher's class-token
+embeddings. SPML: IUN / EM / EM_APL on sigmoid(score) over the dataset's classes. AdamW with layer-wise lr
+decay and the first `fix_layer` blocks frozen, linear warm-up then half-cycle cosine, updated every iteration.
+Every epoch writes RUN_DIR/last.pt atomically (and best.pt for SPML, selected by clean-validation mAP);
+`--resume RUN_DIR/last.pt` continues exactly where it stopped. The end of each invocation draws
+RUN_DIR/curves.png from RUN_DIR/log.jsonl, and rows.png: the rows a trained number is read against.
 """
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,23 +45,23 @@ from support import checkpoints
 import eval as evaluation
 from support import parallel
 from support import precision
-from tools import plot
+from support import curves
 from support import runs
 from support import tables
 from support import tasks
-from support.clip_files import CheckpointError, load_clip
+from support.clip_files import load_clip
+from support.errors import ONE_LINE, CheckpointError, DataError, Diverged, UsageError, WriteError, error_line
 from clip_text import PromptLearner, encode_labels
-from data import DataError, ImageList, build_transform, spml_resize
-from protocol.spml_losses import apl_update, spml_loss
+from data import ImageList, build_transform, spml_resize
+from protocol import apl
+from protocol.spml_losses import spml_loss
 from support.rundir import RunDir
-from support.runs import UsageError
-from support.divergence import Diverged, check_step
+from support import divergence
 from support.progress import progress
-from support.safe_io import WriteError
 from sigrl import SigRL, l1_distill, ranking_loss
 
 
-# ----------------------------------------------------------------------------- optimiser and schedule
+# ----------------------------------------------------------------------------- optimiser, schedule, batches
 def param_groups(model, cfg):
     """AdamW groups: block i of L (1-based) gets lr x decay^(L + 1 - i); the embeddings (frozen when
     fix_layer > 0) get decay^(L + 1); everything after the blocks (ln_post, proj, GMC, SDA, VFR, CoOp
@@ -73,17 +87,6 @@ def param_groups(model, cfg):
     return [dict(g, lr=cfg.lr * g["lr_scale"]) for g in groups.values()]
 
 
-def initial_model(cfg):
-    """(the CLIP file's model, SigRL as a run starts): seeded with --seed, the heads at their initial weights and
-    the first --fix-layer blocks frozen. A run's epoch 0 is this model; eval.py --twins rebuilds it from here."""
-    checkpoints.seed_everything(cfg.seed)
-    clip = load_clip(cfg.clip)  # (its modules draw their initial weights from the seeded generator, then load)
-    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
-                            topk=cfg.topk, class_chunk=cfg.class_chunk)
-    freeze_early_layers(model.student, cfg.fix_layer)
-    return clip, model
-
-
 def freeze_early_layers(student, fix_layer):
     """Freeze the patch embedding, class token, positional embedding, ln_pre and the first fix_layer blocks."""
     frozen = [student.conv1, student.ln_pre, *student.transformer.resblocks[:fix_layer]] if fix_layer > 0 else []
@@ -104,16 +107,161 @@ def lr_at(step, steps_per_epoch, cfg):
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def epoch_plan(labels, cfg, epoch):
+    """The epoch's optimiser steps, each a list of this process's micro-batches (indices (n,), share), share = n /
+    the global batch's images. The order depends on (seed, epoch) only (the permutation DataLoader(shuffle=True)
+    draws from the same generator), so a resumed run, and every torchrun process, sees the same global batches."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed * 10_007 + epoch)).numpy()
+    # ZSL: the reference drops the images without a seen positive from each batch (they have no positive-negative
+    # pair for Eq. 15), here before they are loaded; SPML keeps every image
+    usable = (labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(labels), bool)  # (N,)
+    plan = []
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start:start + cfg.batch_size]
+        batch = batch[usable[batch]]  # (n_batch,)
+        if len(batch):  # a batch with no usable image is no step at all, on every process
+            plan.append(parallel.micro_batches(batch, cfg.accum))  # --accum, and this process's part under torchrun
+    return plan
+
+
 def epoch_loader(train_set, plan, cfg, epoch):
-    """Loads the plan's micro-batches in order (parallel.epoch_plan: the order depends only on (seed, epoch), so a
-    resumed run sees the same batches); image i's augmentation in epoch e draws from (seed, e, i)."""
+    """Loads the plan's micro-batches in order; image i's augmentation in epoch e draws from (seed, e, i), whichever
+    process or worker loads it."""
     keyed = ImageList(train_set.paths, train_set.labels, train_set.transform, key=(cfg.seed, epoch))
     return torch.utils.data.DataLoader(keyed, batch_sampler=[idx.tolist() for step in plan for idx, _ in step],
                                        num_workers=cfg.workers, persistent_workers=False,
                                        pin_memory=torch.cuda.is_available())
 
 
-# ----------------------------------------------------------------------------- the run: build, then fit
+# ----------------------------------------------------------------------------- the loop
+def train_one_epoch(run, steps, n_steps):
+    """One epoch: `steps` yields each optimiser step's micro-batches [((images, labels, index), share)], share = the
+    micro-batch's fraction of the global batch's images (one process, no --accum: one micro-batch, share 1).
+    Returns each loss term's mean over the epoch."""
+    cfg, model, net, opt, state, device = run.cfg, run.model, run.net, run.opt, run.state, run.device
+    dtype = precision.compute_dtype(device)  # bf16 on CUDA, fp32 on the CPU (the policy: where autocast opens below)
+    totals = {}
+    bar = progress(steps, f"epoch {state['epoch'] + 1}/{cfg.epochs}", total=n_steps, unit="step")
+    for n, step in enumerate(bar, 1):
+        lr = lr_at(state["step"], run.steps_per_epoch, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_scale"]  # layer-wise decay
+        opt.zero_grad(set_to_none=True)
+        terms = {}
+        for k, ((images, labels, index), share) in enumerate(step):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if cfg.task == "spml":
+                images = spml_resize(images, model.student.resolution)
+            H = run.label_emb()[:run.n_train]  # (S, D) the training labels; CoOp recomputes them for every backward
+            # Precision, stated once: on CUDA the forward runs under bf16 autocast (the towers, GMC and the head's
+            # (B, P, C, D) chain in bf16; the score matmuls in fp32, so mAP's ranking sees no bf16 ties); on the CPU
+            # in fp32. The teacher runs inside the student's autocast: at step 0 Eq. 16's L1 is exactly 0.
+            # GMC's dropout draws from (seed, step): one mask per step, the same on every process and micro-batch.
+            with parallel.accumulating(net, skip_sync=k < len(step) - 1), \
+                    parallel.seeded((cfg.seed, state["step"]), device), \
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = net(images, H)
+                target = model.teacher_feat(images) if cfg.task == "zsl" else None  # (B, D)
+            scores = out.scores.float()  # (B, S)
+            if cfg.task == "zsl":
+                L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
+                L_global = l1_distill(out.feat.float(), target.float())  # Eq. 16
+                loss = L_local + L_global  # Eq. 14
+                parts = {"local": L_local, "global": L_global}
+            else:
+                obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
+                true = torch.from_numpy(run.data.train_true[index.numpy()]).float().to(device)
+                loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
+                parts = {cfg.loss: loss}
+            # loss is this micro-batch's mean: weighted by its share of the global batch's images, the gradients add
+            # up to the global batch's mean; DDP averages over the processes, hence x their number
+            (loss * share * parallel.size()).backward()
+            for name, v in parts.items():
+                terms[name] = terms.get(name, 0.0) + share * v.detach()
+        terms = parallel.sum_over_ranks(terms)  # the global batch's loss terms, the same on every process
+        # divergence: a non-finite or exploded loss stops the run before it reaches a checkpoint, naming the images
+        batch = [run.data.train_paths[i] for (_, _, index), share in step if share > 0 for i in index.tolist()]
+        total = sum(terms.values()).item()
+        state["first_loss"] = total if state["first_loss"] is None else state["first_loss"]
+        if not math.isfinite(total) or total > divergence.EXPLODED * max(1.0, abs(state["first_loss"])):
+            raise divergence.stop(state, batch, total)
+        opt.step()
+        divergence.check_weights(state, batch, opt)  # a finite loss can hide overflowing weights
+        state["step"] += 1
+        totals = {name: totals.get(name, 0.0) + v.item() for name, v in terms.items()}
+        bar.set_postfix({name: f"{v / n:.4f}" for name, v in totals.items()} | {"lr": f"{lr:.1e}"})
+    return {name: v / max(n_steps, 1) for name, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- the epochs
+def fit(run, run_dir, resume, baseline):
+    """Epoch 0 (the model as built), then train epoch after epoch, each scored and checkpointed; returns the
+    rows a trained number is read against (see `run`)."""
+    cfg, model, state, data, device, names = run.cfg, run.model, run.state, run.data, run.device, run.names
+    if resume is None:  # epoch 0: the model as built, before any step, scored like the trained one
+        t0 = time.time()
+        with torch.no_grad():
+            label_emb = run.label_emb().detach()  # (C_all, D)
+        state["epoch0"] = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device,
+                                                    branch_metrics=True)  # None on torchrun's other processes
+        if parallel.is_main():
+            record = {"epoch": 0, "step": 0, "seconds": round(time.time() - t0, 1), "loss": {},
+                      **{k: v for k, v in state["epoch0"].items() if k != "branches"}}
+            print(tables.format_epoch(record))
+            run_dir.log(record)
+    end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
+    metrics = resume["metrics"] if resume is not None else None
+    while state["epoch"] < end:
+        run_dir.phase = f"during epoch {state['epoch'] + 1}"
+        t0 = time.time()
+        run.net.train()
+        plan = epoch_plan(run.train_set.labels, cfg, state["epoch"])
+        batches = iter(epoch_loader(run.train_set, plan, cfg, state["epoch"]))
+        steps = ([(next(batches), share) for _, share in step] for step in plan)  # loaded as the loop asks
+        losses = train_one_epoch(run, steps, len(plan))
+        state["epoch"] += 1
+        with torch.no_grad():
+            label_emb = run.label_emb().detach()  # (C_all, D)
+        if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
+            apl.apl_round(model, label_emb, data, state, cfg, device)  # SPML EM_APL's soft negatives
+        metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
+        if not parallel.is_main():
+            continue  # the other processes scored their share of the images; rank 0 keeps the books
+        improved = cfg.task == "spml" and (state["best"] is None or metrics["val"]["map"] > state["best"]["val_map"])
+        if improved:  # protocol: the first epoch with the highest clean-validation mAP; report its test mAP
+            state["best"] = {"epoch": state["epoch"], "val_map": metrics["val"]["map"],
+                             "test_map": metrics["test"]["map"]}
+        record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
+                  "loss": losses, **metrics}
+        print(tables.format_epoch(record))
+        ckpt = checkpoints.make_checkpoint(cfg, model, run.opt, state, checkpoints.rng_state(), metrics, names,
+                                           run.n_train, label_emb)
+        run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
+    run_dir.phase = "after the last epoch"
+    zero_shot = None
+    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs > 0:
+        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
+    if metrics is None or not parallel.is_main():
+        return None
+    rows = evaluation.like_for_like(state, metrics, zero_shot)
+    drawn = curves.write_curves(cfg.out, rows=rows if baseline and len(rows) > 1 else None)  # and rows.png beside it
+    print(f"curves written to {drawn}" + (" (and rows.png)" if baseline and len(rows) > 1 else ""))
+    tables.print_run_end(cfg, state, metrics, rows if baseline else None)
+    return rows
+
+
+# ----------------------------------------------------------------------------- building a run
+def initial_model(cfg):
+    """(the CLIP file's model, SigRL as a run starts): seeded with --seed, the heads at their initial weights and
+    the first --fix-layer blocks frozen. A run's epoch 0 is this model; eval.py --twins rebuilds it from here."""
+    checkpoints.seed_everything(cfg.seed)
+    clip = load_clip(cfg.clip)  # (its modules draw their initial weights from the seeded generator, then load)
+    model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,
+                            topk=cfg.topk, class_chunk=cfg.class_chunk)
+    freeze_early_layers(model.student, cfg.fix_layer)
+    return clip, model
+
+
 @dataclass
 class Run:
     """What a training run holds between steps: build() makes it, fit() trains it."""
@@ -164,12 +312,8 @@ def build(cfg, resume, run_dir, device):
     if cfg.task == "spml":
         state["obs"] = torch.from_numpy(np.asarray(data.train_obs, dtype=np.float32))  # (N, C)
         state["unlabel_num"] = (state["obs"] == 0).sum(0)  # (C,) fixed for the whole run (APL)
-    if resume is not None:
-        model.load_state_dict_trainable(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        state.update({**resume["state"], "data": data_record})  # the data as it is now (checked above)
-        checkpoints.set_rng_state(resume["rng"])
-        print(f"resumed {cfg.resume} after epoch {state['epoch']} (step {state['step']})")
+    if resume is not None:  # the weights, the optimiser, the state and the random generators of last.pt
+        checkpoints.restore(resume, model, opt, state, cfg.resume)
     parallel.ready()  # every process checked everything; from here on they exchange gradients
     net = parallel.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
     if parallel.is_main():
@@ -178,153 +322,8 @@ def build(cfg, resume, run_dir, device):
             state["best"] = run_dir.best_on_disk(state["best"])
         runs.write_run_record(record, cfg.out, resuming=resume is not None)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    split = parallel.size() * cfg.accum
-    print(f"{cfg.task} / {cfg.data}: {len(train_set)} training images, {n_train} training labels, "
-          f"{len(names)} labels in all, {n_trainable / 1e6:.2f}M trainable parameters, {device}"
-          f"{', SDA/VFR compiled' if any(m is not None and m.fused for m in (model.sda, model.vfr)) else ''}"
-          + (f", batch {cfg.batch_size} = {parallel.size()} process(es) x {cfg.accum} micro-batch(es) of "
-             f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")
+    print(runs.describe(cfg, model, len(train_set), n_train, len(names), device, parallel.size()))
     return Run(cfg, model, net, opt, label_emb_fn, data, train_set, names, n_train, device, state, steps_per_epoch)
-
-
-def fit(run, run_dir, resume, baseline):
-    """Epoch 0 (the model as built), then train epoch after epoch, each scored and checkpointed; returns the
-    rows a trained number is read against (see `run`)."""
-    cfg, model, state, data, device, names = run.cfg, run.model, run.state, run.data, run.device, run.names
-    if resume is None:  # epoch 0: the model as built, before any step, scored like the trained one
-        t0 = time.time()
-        with torch.no_grad():
-            label_emb = run.label_emb().detach()  # (C_all, D)
-        state["epoch0"] = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device,
-                                                    branch_metrics=True)  # None on torchrun's other processes
-        if parallel.is_main():
-            record = {"epoch": 0, "step": 0, "seconds": round(time.time() - t0, 1), "loss": {},
-                      **{k: v for k, v in state["epoch0"].items() if k != "branches"}}
-            print(tables.format_epoch(record))
-            run_dir.log(record)
-    end = cfg.epochs if not cfg.stop_after else min(cfg.epochs, state["epoch"] + cfg.stop_after)
-    metrics = resume["metrics"] if resume is not None else None
-    # the reference drops the images without a seen positive from each batch (ZSL); SPML keeps every image
-    usable = (run.train_set.labels == 1).any(axis=1) if cfg.task == "zsl" else np.ones(len(run.train_set), bool)
-    while state["epoch"] < end:
-        run_dir.phase = f"during epoch {state['epoch'] + 1}"
-        t0 = time.time()
-        run.net.train()
-        # each step: one global batch, as this process's micro-batches (index, share of the batch's images)
-        plan = parallel.epoch_plan(usable, cfg.batch_size, cfg.accum, cfg.seed, state["epoch"])
-        batches = iter(epoch_loader(run.train_set, plan, cfg, state["epoch"]))
-        totals = {}
-        bar = progress(plan, f"epoch {state['epoch'] + 1}/{cfg.epochs}", unit="step")
-        for n_steps, step in enumerate(bar, 1):
-            lr = lr_at(state["step"], run.steps_per_epoch, cfg)
-            for group in run.opt.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            terms = train_step(run, [(next(batches), share) for _, share in step])
-            totals = {k: totals.get(k, 0.0) + v for k, v in terms.items()}
-            bar.set_postfix({k: f"{v / n_steps:.4f}" for k, v in totals.items()} | {"lr": f"{lr:.1e}"})
-        losses = {k: v / max(len(plan), 1) for k, v in totals.items()}  # each term's mean over the epoch
-        state["epoch"] += 1
-        with torch.no_grad():
-            label_emb = run.label_emb().detach()  # (C_all, D)
-        if cfg.task == "spml" and cfg.loss == "em_apl" and state["epoch"] >= cfg.apl_warmup:
-            apl_round(model, label_emb, data, state, cfg, device)
-        metrics = evaluation.evaluate_model(model, cfg, data, label_emb, model.student.resolution, device)
-        if not parallel.is_main():
-            continue  # the other processes scored their share of the images; rank 0 keeps the books
-        improved = cfg.task == "spml" and (state["best"] is None or metrics["val"]["map"] > state["best"]["val_map"])
-        if improved:  # protocol: the first epoch with the highest clean-validation mAP; report its test mAP
-            state["best"] = {"epoch": state["epoch"], "val_map": metrics["val"]["map"],
-                             "test_map": metrics["test"]["map"]}
-        record = {"epoch": state["epoch"], "step": state["step"], "seconds": round(time.time() - t0, 1),
-                  "loss": losses, **metrics}
-        print(tables.format_epoch(record))
-        ckpt = checkpoints.make_checkpoint(cfg, model, run.opt, state, checkpoints.rng_state(), metrics, names,
-                                           run.n_train, label_emb)
-        run_dir.end_epoch(record, ckpt, improved, checkpoints.save_checkpoint)  # log, best.pt, then last.pt
-    run_dir.phase = "after the last epoch"
-    zero_shot = None
-    if baseline and cfg.data == "toy" and state["epoch"] == cfg.epochs > 0:
-        zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
-    if metrics is None or not parallel.is_main():
-        return None
-    print(f"curves written to {plot.write_curves(cfg.out)}")
-    print(tables.format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
-                                            f"({os.path.join(cfg.out, 'last.pt')})"))
-    if cfg.task == "spml" and state["best"]:
-        print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
-              f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
-    rows = evaluation.like_for_like(state, metrics)
-    if zero_shot is not None:
-        rows = {evaluation.COSINE: zero_shot, **rows}
-    if baseline and len(rows) > 1:
-        print(tables.format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))
-    return rows
-
-
-def train_step(run, micro_batches):
-    """One optimiser step on one global batch, given as this process's micro-batches ((images, labels, index),
-    share), share = the micro-batch's fraction of the global batch's images (one process, no --accum: a single
-    micro-batch of share 1). Returns the global batch's loss terms."""
-    cfg, model, net, opt, state, data, device = run.cfg, run.model, run.net, run.opt, run.state, run.data, run.device
-    opt.zero_grad(set_to_none=True)
-    step_terms = {}
-    for k, ((images, labels, index), share) in enumerate(micro_batches):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if cfg.task == "spml":
-            images = spml_resize(images, model.student.resolution)
-        label_emb = run.label_emb()[:run.n_train]  # (S, D); CoOp recomputes it for every backward
-        with parallel.accumulating(net, skip_sync=k < len(micro_batches) - 1):
-            # GMC's dropout draws from (seed, step): one mask per step, the same on every rank and micro-batch
-            with parallel.seeded((cfg.seed, state["step"]), device), precision.autocast(device):
-                out = net(images, label_emb)
-                target = model.teacher_feat(images) if cfg.task == "zsl" else None  # (B, D), at the student's precision
-            scores = out.scores.float()  # (B, S)
-            if cfg.task == "zsl":
-                L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
-                L_global = l1_distill(out.feat.float(), target.float())  # Eq. 16
-                loss = L_local + L_global  # Eq. 14
-                terms = {"local": L_local, "global": L_global}
-            else:
-                obs = state["obs"][index].to(device)  # (B, C): 1 observed, 0 unobserved, < 0 APL soft negative
-                true = torch.from_numpy(data.train_true[index.numpy()]).float().to(device)
-                loss, _ = spml_loss(cfg.loss, scores, obs, true=true, alpha=cfg.alpha, beta=cfg.beta)
-                terms = {cfg.loss: loss}
-            parallel.backward(loss, share)  # the micro-batch's and the process's part of the global batch's gradient
-        for name, v in terms.items():
-            step_terms[name] = step_terms.get(name, 0.0) + share * v.detach()
-    step_terms = parallel.sum_over_ranks(step_terms)  # the global batch's loss terms, the same on every process
-    # so every process reaches the same verdict (and after the step, gradients and weights are the same everywhere)
-    batch = [data.train_paths[i] for (_, _, index), share in micro_batches if share > 0 for i in index.tolist()]
-    check_step(state, batch, loss=sum(step_terms.values()))
-    opt.step()
-    check_step(state, batch, opt=opt)
-    state["step"] += 1
-    return {name: v.item() for name, v in step_terms.items()}
-
-
-APL_FLIPS = 1  # a key of its own for the flips of the APL pass (the training epochs use (seed, epoch, image))
-
-
-@torch.no_grad()
-def apl_round(model, label_emb, data, state, cfg, device):
-    """EM_APL (Zhou et al. 2022): after epoch e >= warm-up, the unobserved entries with the lowest
-    probability in each class become soft negatives (obs = -p); probabilities come from the training
-    pipeline (its random flip keyed by (seed, epoch, APL_FLIPS, image)) with the model in eval mode, as in the
-    reference."""
-    model.eval()
-    transform = build_transform("spml", True, model.student.resolution)
-    encode, scorers = evaluation.sigrl_scorers(model, {"all": label_emb.to(device)}, model.student.resolution,
-                                               spml=True)
-    scores = evaluation.predict(data.train_paths, transform, encode, scorers, device, cfg.eval_batch_size,
-                                cfg.workers, "APL", key=(cfg.seed, state["epoch"], APL_FLIPS))
-    obs = None
-    if parallel.is_main():  # rank 0 has every image's score: the new labels are computed once, then shared
-        obs = apl_update(state["obs"].numpy().astype(np.float64), evaluation.sigmoid(scores["all"]),
-                         state["unlabel_num"].numpy(), cfg.epochs, cfg.apl_warmup, cfg.neg_proportion)
-        obs = torch.from_numpy(obs).float()
-    state["obs"] = parallel.from_main(obs)
-    model.train()
 
 
 # ----------------------------------------------------------------------------- the command
@@ -333,8 +332,8 @@ def main(argv=None):
     try:
         run(runs.parse_args(argv))
         return 0
-    except (CheckpointError, DataError, UsageError, WriteError, parallel.Stopped) as err:
-        parallel.report(err, runs.error_line(err))
+    except (*ONE_LINE, parallel.Stopped) as err:
+        parallel.report(err, error_line(err))
     except KeyboardInterrupt:
         print("error: interrupted before the run directory was opened; nothing was written", file=sys.stderr)
     finally:
@@ -364,7 +363,7 @@ def run(cfg, baseline=True):
                 raise parallel.Stopped(str(err)) from None  # every process stops on these; rank 0 says so
             if not (run_dir.started or isinstance(err, KeyboardInterrupt)):
                 raise  # found while validating: the run directory was not touched
-            what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else runs.error_line(err)
+            what = f"interrupted {run_dir.phase}" if isinstance(err, KeyboardInterrupt) else error_line(err)
             raise UsageError(run_dir.stopped(what, resumable=not isinstance(err, Diverged))) from None
 
 

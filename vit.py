@@ -1,15 +1,30 @@
 """The CLIP visual tower (a ViT), written out by hand, plus the transformer blocks the text tower shares.
 
-Shape legend:
-    B batch, N tokens in a sequence, P patches (= (R / patch)^2), W transformer width,
-    H heads (= W // 64), hd head width (= 64), R image resolution, D joint embedding width (proj columns)
+Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
+    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
+    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
+    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
+    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
+    nh attention heads              hd width of one head            V  vocabulary size (49408)
+    C  labels in the scored set     c  labels in one chunk of a fast path
+    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
+    n_ctx  CoOp's learned context tokens
+Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
+graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
+M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
+coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
+flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
+own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
+Here P = (R / patch)^2, nh = W // 64 and hd = 64; D is the columns of proj.
 
 SigRL uses the CLIP ViT-B/16 visual tower as its student and a frozen copy as its teacher:
     tokens = ln_post(ViT(x))            (B, 1+P, W)   -> `VisionTransformer.forward_tokens`
     g      = tokens[:, 0] @ proj        (B, D)        -> `VisionTransformer.forward` (= CLIP encode_image)
     F      = tokens[:, 1:] @ proj       (B, P, D)     patch features, computed by the SigRL head
-The paper's text says "ViT-B/16 pre-trained on ImageNet-1K"; the reference code loads CLIP's visual weights.
-`load_timm_vit` covers the ImageNet reading of the paper.
+The paper's text says "ViT-B/16 pre-trained on ImageNet-1K"; the reference code loads CLIP's visual weights, and
+so does this implementation: SigRL needs CLIP's proj into the label space, which an ImageNet ViT has not, so
+no command trains one. `load_timm_vit` only reads a timm ImageNet checkpoint into this tower (a loader tested
+against timm), for inspecting that tower; it is not the paper's backbone made trainable.
 
 Parameter names ARE the OpenAI checkpoint key names (`conv1`, `class_embedding`, `ln_pre`,
 `transformer.resblocks.N.attn.in_proj_weight`, ...), so a CLIP state dict loads with no renaming.
@@ -23,9 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from support.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A weights file or state dict that is not what we expected; the message is one line naming the source."""
 
 
 def check_keys(state_dict, expected, source):
@@ -63,14 +77,14 @@ class Attention(nn.Module):
         nn.init.normal_(self.in_proj_weight, std=width ** -0.5)
 
     def forward(self, x, attn_mask=None):
-        B, N, W = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, N, W)
-        q, k, v = (t.view(B, N, self.heads, W // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
-        # One fused kernel computes  softmax(Q K^T / sqrt(hd) + attn_mask) V  per head (attn_mask is additive:
-        # 0 or -inf); where the backend allows, it never stores the (B, H, N, N) score matrix. test_vit.py checks
+        B, L, W = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, L, W)
+        q, k, v = (t.view(B, L, self.heads, W // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
+        # One fused kernel computes  softmax(q k^T / sqrt(hd) + attn_mask) v  per head (attn_mask is additive:
+        # 0 or -inf); where the backend allows, it never stores the (B, nh, L, L) score matrix. test_vit.py checks
         # it against that formula written out.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, hd)
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, W))  # (B, N, W)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, L, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, W))  # (B, L, W)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -88,8 +102,8 @@ class ResidualAttentionBlock(nn.Module):
         ))
 
     def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)  # (B, N, W)
-        return x + self.mlp(self.ln_2(x))  # (B, N, W)
+        x = x + self.attn(self.ln_1(x), attn_mask)  # (B, L, W)
+        return x + self.mlp(self.ln_2(x))  # (B, L, W)
 
 
 class Transformer(nn.Module):
@@ -102,9 +116,9 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, quick_gelu, eps) for _ in range(layers))
 
     def forward(self, x, attn_mask=None):
-        assert x.dim() == 3 and x.shape[-1] == self.width, f"expected (B, N, {self.width}), got {tuple(x.shape)}"
+        assert x.dim() == 3 and x.shape[-1] == self.width, f"expected (B, L, {self.width}), got {tuple(x.shape)}"
         for block in self.resblocks:
-            x = block(x, attn_mask)  # (B, N, W)
+            x = block(x, attn_mask)  # (B, L, W)
         return x
 
 

@@ -16,9 +16,10 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from support import safe_io
+from support import finite, safe_io
 from data import IMAGENET_MEAN, IMAGENET_STD
-from support.runs import Config, UsageError
+from support.runs import Config
+from support.errors import UsageError
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 
@@ -136,6 +137,7 @@ def check_structure(ckpt, path):
             found = "missing" if k not in got else "unexpected" if k not in want else f"of shape {tuple(got[k].shape)}"
             expected = "" if k not in got or k not in want else f", expected {tuple(want[k].shape)}"
             raise UsageError(f"{path}: model tensor {k} is {found}{expected} (a damaged or hand-edited checkpoint)")
+    finite.check_tensors({**{f"model.{k}": v for k, v in ckpt["model"].items()}, "label_emb": ckpt["label_emb"]}, path)
     if ckpt["label_emb"].shape[0] != len(ckpt["label_names"]):
         raise UsageError(f"{path}: {ckpt['label_emb'].shape[0]} label embeddings for {len(ckpt['label_names'])} "
                          f"label names")
@@ -182,3 +184,14 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def restore(resume, model, opt, state, path):
+    """train.py --resume: the trainable weights, the optimiser, the run's state and the random generators of the
+    checkpoint `resume` (read from `path`), so the run continues exactly where it stopped. state["data"] stays
+    as the caller set it: the data as it is now, checked against the checkpoint's."""
+    model.load_state_dict_trainable(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    state.update({**resume["state"], "data": state["data"]})
+    set_rng_state(resume["rng"])
+    print(f"resumed {path} after epoch {state['epoch']} (step {state['step']})")

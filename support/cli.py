@@ -10,15 +10,14 @@ import argparse
 import functools
 import sys
 
+from support.errors import ONE_LINE, UsageError
 
-def errors():
-    """The exceptions whose message is already the one line (imported here, not at the top: clip_files and
-    data_formats use this module too)."""
-    from support.clip_files import CheckpointError
-    from support.data_formats import DataError
-    from support.runs import UsageError
-    from support.safe_io import WriteError
-    return CheckpointError, DataError, UsageError, WriteError
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one UsageError line (exit code 2 in main), not usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
 
 
 def command(main):
@@ -27,7 +26,7 @@ def command(main):
     def wrapped(argv=None):
         try:
             return main(argv) or 0
-        except errors() as err:
+        except ONE_LINE as err:
             line = " ".join(str(err).split())
         except OSError as err:  # a file that cannot be opened or written, found before the command's own checks
             line = f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")
@@ -39,8 +38,7 @@ def command(main):
 
 
 def parser(**kw):
-    """argparse whose errors are one UsageError line (runs.Parser), for the helpers."""
-    from support.runs import Parser
+    """argparse whose errors are one UsageError line, for the helpers."""
     return Parser(**kw)
 
 

@@ -21,7 +21,8 @@ import re
 
 import torch
 
-from vit import CheckpointError, check_keys
+from vit import check_keys
+from support.errors import CheckpointError
 
 
 @dataclass

@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import sys
-import warnings
 import zipfile
 
 import torch
@@ -32,7 +31,9 @@ from support.progress import working
 from support.clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
 from clip_text import CLIP, OFFICIAL_VOCAB, CLIPConfig
 from support.tokenizer import find_bpe
-from vit import CheckpointError, check_keys
+from support.torchscript_files import is_torchscript, read_archive
+from vit import check_keys
+from support.errors import CheckpointError
 
 # openai/CLIP's model list (clip/clip.py, _MODELS["ViT-B/16"]); the path holds the file's sha256.
 OFFICIAL_SHA256 = "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
@@ -63,7 +64,7 @@ def file_sha256(path):
 
 
 def _unreadable(path, err):
-    """Why neither torch.jit.load nor torch.load could read `path`, in a few words."""
+    """Why torch.load could not read `path` (not a TorchScript archive), in a few words."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
@@ -106,18 +107,14 @@ def read_file(path):
         except Exception as err:  # its own SafetensorError, OSError, ...
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: "
                                   f"{str(err)[:100]})") from None
+    if is_torchscript(path):
+        # OpenAI's release. Its tensors are unpickled without torch.jit.load, which would compile the archive's
+        # code and run it (a class's __setstate__ runs while loading), so a crafted file could do anything.
+        return read_archive(path), "TorchScript archive"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit; OpenAI ships it
-            # A path, not a reused handle: openai/CLIP's clip.load reuses one that jit.load has read to its end,
-            # so its torch.load fallback fails (EOFError) on plain state dicts with current torch.
-            # map_location: a file traced on a GPU carries cuda:0 storages.
-            return torch.jit.load(path, map_location="cpu").state_dict(), "TorchScript archive"
-    except RuntimeError:  # not TorchScript: a plain state dict, or garbage
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), "state dict"
-        except Exception as err:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError, ...)
-            raise CheckpointError(f"{path}: {_unreadable(path, err)}") from None
+        return torch.load(path, map_location="cpu", weights_only=True), "state dict"
+    except Exception as err:  # torch raises many types here (RuntimeError, UnpicklingError, EOFError, ...)
+        raise CheckpointError(f"{path}: {_unreadable(path, err)}") from None
 
 
 def _json(path, weights, why):
@@ -126,7 +123,7 @@ def _json(path, weights, why):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep
         raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
 
 

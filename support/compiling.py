@@ -8,22 +8,16 @@ forward at C = 81 / 925, 0.83x / 0.91x forward + backward; on a GPU: python -m t
 
 Why it recompiled: even with dynamic=True, torch.compile specialises a size of 1, so a last batch of one image
 (predict --explain) and a last class chunk of one class each cost a new graph (20-60 s on a CPU). So:
-  - `class_chunks` splits C classes into near-equal chunks of at most `chunk` (925 at 64: 15 chunks of 61-62,
-    never a chunk of 1 unless C = 1); every class is computed alone, so the split never changes a result;
+  - sigrl.class_chunks splits C classes into near-equal chunks of at most `chunk` (925 at 64: 15 chunks of
+    61-62, never a chunk of 1 unless C = 1); every class is computed alone, so the split never changes a result;
   - `compiled` runs a batch of one image as two copies of it and keeps the first (images are independent),
     and hands the compiled body contiguous tensors (strides are guarded too: a slice of the tokens, a chunk of O
     and a copy would each get a graph).
 What remains is one graph per mode (with and without gradients), per function: 4 in all.
 """
 import functools
-import math
 
 import torch
-
-
-def class_chunks(x: torch.Tensor, chunk: int, dim: int = 0) -> tuple:
-    """x split along `dim` (the classes) into ceil(C / chunk) near-equal chunks, each of at most `chunk`."""
-    return x.tensor_split(max(1, math.ceil(x.shape[dim] / chunk)), dim=dim)
 
 
 @functools.cache

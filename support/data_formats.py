@@ -15,6 +15,8 @@ import pickle
 import numpy as np
 from tqdm import tqdm
 
+from support.errors import DataError
+
 LABELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "labels")
 NUS_H5 = ("features/nus_wide_train.h5", "features/nus_wide_test.h5", "img_names.pkl", "test_img_names.pkl")
 NUS_RAW = "ImageList/Imagelist.txt"
@@ -33,9 +35,6 @@ DOWNLOADS = {
                 ".../voc2007/VOCtest_06-Nov-2007.tar"),
 }
 
-
-class DataError(ValueError):
-    """A bad dataset on disk; the message is one line naming the file and what was expected."""
 
 
 def read_lines(path, source=None):
@@ -191,7 +190,7 @@ def format_coco(root):
                 d = json.load(f)
             these = [(int(c["id"]), str(c["name"])) for c in d["categories"]]
             pairs = [(str(int(a["image_id"])), int(a["category_id"])) for a in d["annotations"]]
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON, a non-integer id
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:  # bad JSON, a non-integer id
             raise DataError(f"{path}: expected COCO instances json with categories and annotations ({e})") from e
         if cats is not None and these != cats:
             raise DataError(f"{path}: category list differs from instances_train2014.json")
@@ -278,7 +277,7 @@ def changed_source(folder, root):
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         files, kind = list(record["files"]), record["kind"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
         raise DataError(f"{path}: not the record of sources this project writes ({e}); delete {folder} to have "
                         f"it prepared again") from None
     now = fingerprint(root, files)

@@ -3,8 +3,11 @@ damaged file is reported at the start (never a crash hours into an epoch, never 
 
 NUS-WIDE has 269,648 images; decoding them costs minutes per start. So the verdicts are cached, one file per
 list of paths, in <$SIGRL_CACHE or ~/.cache/sigrl>/images-<hash of the list>.npz, each verdict keyed by the
-file's size and modification time: a second start over unchanged files only stats them, and a file that changed
-is decoded again. The decode runs in one thread per core (PIL decodes without the GIL). Under torchrun,
+file's size, modification time and status-change time (ctime: a file rewritten with its size and modification
+time put back still has a new one), the whole entry checksummed (support/caches.py): a second start over
+unchanged files only stats them, a file that changed is decoded again, and a damaged cache is one warning. An
+image that fails to load after passing the check (`forget_verdicts`) clears the cached verdicts, so the next
+start decodes every image again. The decode runs in one thread per core (PIL decodes without the GIL). Under torchrun,
 tasks.load_dataset runs on rank 0 first (parallel.in_turn), so rank 0 decodes and the others read its cache.
 """
 import hashlib
@@ -15,15 +18,24 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from support import safe_io
+from support import caches, safe_io
 from support.progress import progress
 
 BLOCK = 4096  # paths per block of work: 270k paths never mean 270k pending futures
+MAX_ASPECT = 50  # longer side / shorter side at most. Evaluation resizes the shorter side to 256 pixels (at
+# R = 224), so a 30000 x 1 strip (a PNG of under 200 bytes) becomes 7.7 million pixels long: its transform peaked
+# at 7.9 GiB more memory, a 50 x 1 one at 13 MiB (measured on CPU, torchvision's Resize, PIL images).
 
 
-def cache_dir():
-    """Where sigrl caches what it can recompute (label embeddings, image verdicts): $SIGRL_CACHE or ~/.cache/sigrl."""
-    return os.environ.get("SIGRL_CACHE") or os.path.expanduser("~/.cache/sigrl")
+def shape_problem(size):
+    """Why an image of `size` (width, height) is refused before any resize, in words, or ''."""
+    w, h = size
+    if min(w, h) < 1:
+        return f"{w} x {h} pixels: empty"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return (f"{w} x {h} pixels: one side over {MAX_ASPECT} times the other, too thin to resize by its shorter "
+                f"side within bounded memory; crop it")
+    return ""
 
 
 def cores():
@@ -38,6 +50,8 @@ def unreadable(path):
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as im:
+            if shape_problem(im.size):
+                return shape_problem(im.size)
             frames = getattr(im, "n_frames", 1)
             im.draft("RGB", (64, 64))
             try:
@@ -58,25 +72,42 @@ def unreadable(path):
 def _stat(path):
     try:
         st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
     except OSError:
-        return -1, -1
+        return -1, -1, -1
 
 
 def _cache_file(paths):
     digest = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    return os.path.join(cache_dir(), f"images-{digest}.npz")
+    return os.path.join(caches.cache_dir(), f"images-{digest}.npz")
 
 
-def _read_cache(path, n):
+def _read_cache(path, paths):
+    """(stats (N, 3), reasons (N,)) cached at `path` for this list of paths, or None (not there yet; damaged or
+    written for other paths: one warning, and everything is decoded again)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            size, mtime, reasons = z["size"], z["mtime"], z["reasons"]
-        if len(size) == len(mtime) == len(reasons) == n:
-            return size, mtime, reasons
-    except (OSError, ValueError, KeyError):  # not there yet, or damaged: everything is decoded again
-        pass
-    return None
+            stats, reasons, check = z["stats"], z["reasons"], str(z["sha256"])
+        if check != caches.checksum(paths, [stats, reasons]) or stats.shape != (len(paths), 3):
+            raise ValueError("its checksum does not match its paths and verdicts")
+        return stats, reasons
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001  np.load raises BadZipFile, EOFError, ValueError, KeyError, ...
+        caches.distrusted(path, f"damaged or foreign image-check cache ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:80]})")
+        return None
+
+
+def forget_verdicts():
+    """Delete every cached image verdict: an image failed to load after the check passed it (rewritten since,
+    or its disk fails), so no verdict is trusted; the next start decodes every image again."""
+    for name in os.listdir(caches.cache_dir()) if os.path.isdir(caches.cache_dir()) else []:
+        if name.startswith("images-") and name.endswith(".npz"):
+            try:
+                os.remove(os.path.join(caches.cache_dir(), name))
+            except FileNotFoundError:  # another DataLoader worker removed it first
+                pass
 
 
 def check_images(paths, workers=None, cache=True, desc="checking images", out=None):
@@ -84,13 +115,13 @@ def check_images(paths, workers=None, cache=True, desc="checking images", out=No
     mtime match the cache are reused. The caller reports len(bad) and a few of them once, then drops them.
     out: where progress lines go when not on a terminal (support/progress.py; default stdout)."""
     paths = [os.fspath(p) for p in paths]
-    stats = np.array([_stat(p) for p in paths], dtype=np.int64).reshape(-1, 2)  # (N, 2): size, mtime_ns
+    stats = np.array([_stat(p) for p in paths], dtype=np.int64).reshape(-1, 3)  # (N, 3): size, mtime_ns, ctime_ns
     reasons = np.full(len(paths), None, dtype=object)
     file = _cache_file(paths) if cache and paths else None
-    hit = _read_cache(file, len(paths)) if file else None
+    hit = _read_cache(file, paths) if file else None
     if hit is not None:
-        same = (hit[0] == stats[:, 0]) & (hit[1] == stats[:, 1]) & (stats[:, 0] >= 0)
-        reasons[same] = hit[2][same]
+        same = (hit[0] == stats).all(axis=1) & (stats[:, 0] >= 0)  # (N,)
+        reasons[same] = hit[1][same]
     todo = [i for i in range(len(paths)) if reasons[i] is None]
     if todo:
         with ThreadPoolExecutor(workers or cores()) as pool:
@@ -99,9 +130,10 @@ def check_images(paths, workers=None, cache=True, desc="checking images", out=No
                 reasons[block] = list(pool.map(unreadable, [paths[i] for i in block]))
         if file:
             try:
-                os.makedirs(cache_dir(), exist_ok=True)
-                safe_io.atomic_write(file, lambda f: np.savez(f, size=stats[:, 0], mtime=stats[:, 1],
-                                                              reasons=reasons.astype(str)))
+                os.makedirs(caches.cache_dir(), exist_ok=True)
+                text = reasons.astype(str)  # (N,)
+                safe_io.atomic_write(file, lambda f: np.savez(f, stats=stats, reasons=text,
+                                                              sha256=caches.checksum(paths, [stats, text])))
             except (OSError, safe_io.WriteError) as err:  # a cache that cannot be written only costs time
                 print(f"warning: image check not cached ({err})", file=sys.stderr)
     good = np.array([not r for r in reasons], dtype=np.bool_)

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 from support.image_check import check_images
-from support.runs import UsageError
+from support.errors import UsageError
+from support.paths import printable
 
 IMAGE_EXTENSIONS = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
 
@@ -41,10 +42,10 @@ def find_images(inputs):
         else:
             raise UsageError(f"{item}: no such file or folder (expected images or folders of images)")
     for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
+        print(f"skipped {printable(path)}: {why}", file=sys.stderr)
     good, bad, why = check_images(paths, cache=False, out=sys.stderr) if paths else (np.zeros(0, bool), [], [])
     for path, reason in zip(bad, why):
-        print(f"skipped {path}: cannot be read as an image ({reason})", file=sys.stderr)
+        print(f"skipped {printable(path)}: cannot be read as an image ({printable(reason)})", file=sys.stderr)
     paths = [p for p, ok in zip(paths, good) if ok]
     if not paths:
         raise UsageError(f"no readable images in {', '.join(inputs)}")

@@ -9,7 +9,7 @@ With it, the run computes what one process would, whatever N and --accum K are:
     --batch-size B. Rank r takes the r-th of N near-equal parts of each batch and cuts it into K micro-batches.
   * The losses are means over the images of the global batch. Each micro-batch's mean is weighted by its share of
     the batch's images (n_micro / n_batch) and by N, because DistributedDataParallel averages the gradients of the
-    N ranks: the sum is the gradient of the global batch's mean, as in one process (train.train_step).
+    N ranks: the sum is the gradient of the global batch's mean, as in one process (train.train_one_epoch).
   * The random numbers are keyed, not streamed: image i's augmentation in epoch e draws from (seed, e, i), GMC's
     dropout in step s from (seed, s). So every rank and every micro-batch of a step uses the same dropout mask,
     and an image is augmented the same way whichever rank or worker loads it.
@@ -22,6 +22,7 @@ With it, the run computes what one process would, whatever N and --accum K are:
     exits, and torchrun stops the others.
 """
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -32,11 +33,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from support.errors import ONE_LINE, Stopped, error_line
+
 _training = False  # True once every rank passed ready(): an error after that is one rank's own
 
-
-class Stopped(Exception):
-    """Raised on every rank when some rank failed before training started; its message is that rank's error."""
 
 
 def size():
@@ -116,6 +116,24 @@ def report(error, line=None):
         print(f"error: rank {rank()}: {line}", file=sys.__stderr__)
 
 
+def command(main):
+    """main(argv) of a command that may run under torchrun (eval.py, tools.figure3, tools.twins): rank 0 alone
+    prints; a project error is one line and exit code 2 on every process (`report`); Ctrl-C is one line."""
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        quiet_unless_main()
+        try:
+            return main(argv) or 0
+        except (*ONE_LINE, Stopped) as err:
+            report(err, error_line(err))
+        except KeyboardInterrupt:
+            print("error: interrupted; nothing was written", file=sys.stderr)
+        finally:
+            finish()
+        return 2
+    return wrapped
+
+
 def in_turn(fn):
     """fn() on rank 0 first, then on the first rank of every other node, then on all the others, and its result.
     fn may write shared files (the toy world, prepared label files): one writer at a time keeps them whole, whether
@@ -130,27 +148,14 @@ def in_turn(fn):
 
 
 # ----------------------------------------------------------------------------- training
-def epoch_plan(usable, batch_size, accum, seed, epoch):
-    """This rank's part of one epoch: a list with one entry per optimiser step, each a list of micro-batches
-    (indices (n,), share), where share = n / the number of images of the step's global batch.
-
-    The order depends on (seed, epoch) only: the permutation DataLoader(shuffle=True) draws from the same generator,
-    cut into global batches of batch_size (the last one may be short). `usable` (N,) bool marks the images that
-    count: ZSL drops images without a seen positive from each batch, as the reference code does, here before they
-    are loaded. A batch with no usable image is no step at all, on every rank. A rank left with nothing (a short
-    last batch, fewer images than ranks) borrows the batch's first image with share 0: DDP needs every rank in
-    every gradient exchange."""
-    order = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed * 10_007 + epoch)).numpy()
-    plan = []
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        batch = batch[usable[batch]]  # (n_batch,)
-        if len(batch) == 0:
-            continue
-        mine = np.array_split(batch, size())[rank()]
-        micro = [(m, len(m) / len(batch)) for m in np.array_split(mine, accum) if len(m)]
-        plan.append(micro or [(batch[:1], 0.0)])
-    return plan
+def micro_batches(batch, accum):
+    """This process's part of one global batch (indices (n_batch,)) cut into `accum` micro-batches: a list of
+    (indices (n,), share), share = n / n_batch. Process r takes the r-th of N near-equal parts. A process left with
+    nothing (a short last batch, fewer images than processes) borrows the batch's first image with share 0: DDP
+    needs every process in every gradient exchange."""
+    mine = np.array_split(batch, size())[rank()]
+    micro = [(m, len(m) / len(batch)) for m in np.array_split(mine, accum) if len(m)]
+    return micro or [(batch[:1], 0.0)]
 
 
 def wrap(model, device):
@@ -168,13 +173,6 @@ def accumulating(net, skip_sync):
     """DDP exchanges gradients at the end of each backward; within a step, all micro-batches but the last only add
     to the local gradients (no_sync), and the last one's backward exchanges their sum."""
     return net.no_sync() if skip_sync and isinstance(net, DistributedDataParallel) else contextlib.nullcontext()
-
-
-def backward(loss, share):
-    """Backward of one micro-batch's mean loss as its part of the global batch's mean: weighted by its share of the
-    global batch's images, the micro-batches' gradients add up to the gradient of the global batch's mean; DDP
-    averages over the N processes, so the product is taken N times (x size())."""
-    (loss * share * size()).backward()
 
 
 def sum_over_ranks(values):

@@ -8,7 +8,8 @@ replaced atomically, and at the end of epoch E they are written in this order:
 so whatever prefix of these writes a SIGKILL, a power cut or a full disk allows, last.pt holds a whole epoch
 E-1 or E, and --resume makes the rest agree with it: log.jsonl is cut back to last.pt's epoch (the epoch after
 it is trained again), and the best epoch is read from best.pt itself, so a best.pt written just before the
-crash is neither lost nor named wrongly. `--overwrite` removes the old run's files only when everything else
+crash is neither lost nor named wrongly. A log.jsonl with a damaged line refuses the resume in one line and is
+left as it is. `--overwrite` removes the old run's files only when everything else
 has been checked, just before the first step.
 """
 import json
@@ -17,7 +18,7 @@ import os
 from support import safe_io
 from support.checkpoints import load_run_checkpoint
 from support.paths import FOLDER, check_outputs
-from support.runs import UsageError
+from support.errors import UsageError
 
 FILES = ("last.pt", "best.pt", "log.jsonl", "config.json")  # last.pt first: without it there is no run to resume
 
@@ -36,9 +37,11 @@ class RunDir:
     def check(self, resuming, overwrite, inputs=()):
         """Before anything is loaded: --out is (or can become) a writable folder, none of the files written into
         it is one of `inputs` ((what, path): the CLIP file), and a new run does not silently replace an old one."""
-        check_outputs([("--out", self.path, FOLDER)] + [("--out", self.file(name)) for name in FILES + ("curves.png",)],
-                      inputs)
+        drawn = ("curves.png", "rows.png")
+        check_outputs([("--out", self.path, FOLDER)] + [("--out", self.file(name)) for name in FILES + drawn], inputs)
         last = self.file("last.pt")
+        if resuming:
+            self._read_log()  # a damaged log stops the resume here, before the model is built or a file changed
         if not resuming and os.path.exists(last) and not overwrite:
             raise UsageError(f"{last} exists: pass --resume {last} to continue it, --out NEW_DIR, or --overwrite")
 
@@ -98,15 +101,26 @@ class RunDir:
         return f"{what}; {last} holds epoch {self.saved}; continue with --resume {last}"
 
     def _read_log(self):
-        """The whole records of log.jsonl; a line cut short by a crash (older versions appended) is dropped."""
-        records = []
-        if os.path.exists(self.file("log.jsonl")):
-            with open(self.file("log.jsonl"), encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break
+        """The records of log.jsonl. The log is replaced whole at each write, so a line that is not one JSON record
+        with an epoch (cut short, a stray byte, edited) is damage: the resume is refused, the log kept as it is,
+        and no intact record dropped (they used to be, from the first bad line on)."""
+        path, records = self.file("log.jsonl"), []
+        if not os.path.exists(path):
+            return records
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                if not (isinstance(record, dict) and isinstance(record.get("epoch"), int)):
+                    raise ValueError("not a record with an integer 'epoch'")
+            except (ValueError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError; nesting too deep
+                raise UsageError(f"{path}:{n}: not a whole log record ({' '.join(str(err).split())[:80]}); the log "
+                                 f"is left as it is: repair or delete that line (one epoch's JSON record a line), "
+                                 f"then --resume again") from None
+            records.append(record)
         return records
 
     def _write_log(self):

@@ -18,15 +18,14 @@ import torchvision
 
 from support.clip_files import OFFICIAL_SHA256
 from protocol.spml_losses import SPML_DEFAULTS
+from support import cli
 from support import precision
 from support import reproducible
 from support import safe_io
+from support.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
-
-class UsageError(ValueError):
-    """A bad command line or a file of the wrong kind; printed as one line, exit code 2."""
 
 
 def _f(default, help, **kw):
@@ -131,15 +130,8 @@ def presets_table():
     return "\n".join("  " + line for line in lines)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one UsageError line (exit code 2 in main), not usage + error."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
-
 def parser():
-    p = Parser(
+    p = cli.Parser(
         description="Train SigRL. With no arguments: zero-shot multi-label recognition on the offline toy "
                     "world with its tiny CLIP (a few minutes on a laptop CPU).",
         epilog="Defaults that depend on the preset (--task/--data pick the paper's recipe for that table; any\n"
@@ -289,10 +281,12 @@ def write_run_record(record, out, resuming):
     write_json(record, path)
 
 
-def error_line(err):
-    """The one line a command prints for `err`. An error raised in a DataLoader worker arrives with the
-    worker's traceback in its message; the user needs its last line only."""
-    text = str(err)
-    if "Original Traceback" in text:
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
+def describe(cfg, model, n_images, n_train, n_labels, device, processes):
+    """The line train.py prints when a run is built: the data, the model, the device and how a step is split."""
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    compiled = any(m is not None and m.fused for m in (model.sda, model.vfr))
+    split = processes * cfg.accum
+    return (f"{cfg.task} / {cfg.data}: {n_images} training images, {n_train} training labels, {n_labels} labels in "
+            f"all, {n_trainable / 1e6:.2f}M trainable parameters, {device}{', SDA/VFR compiled' if compiled else ''}"
+            + (f", batch {cfg.batch_size} = {processes} process(es) x {cfg.accum} micro-batch(es) of "
+               f"{cfg.batch_size // split}" if split > 1 else "") + f", -> {cfg.out}")

@@ -16,6 +16,9 @@ import contextlib
 import errno
 import os
 import signal
+import stat
+
+from support.errors import WriteError
 
 try:
     import fcntl
@@ -24,9 +27,6 @@ except ImportError:  # Windows: no flock; runs are not locked there
 
 LOCK = ".lock"
 
-
-class WriteError(Exception):
-    """A file could not be written, or a folder is in use by another process; the message is one line."""
 
 
 def _reason(err):
@@ -80,6 +80,34 @@ def remove_leftovers(folder):
                 os.remove(os.path.join(folder, name))
 
 
+PID_BYTES = 20  # what a lock file holds: this module writes a pid and nothing else
+
+
+def _open_lock(path):
+    """The lock file, opened for reading and writing without following a link: made new (O_EXCL), or else an
+    existing regular file with one name whose content is a pid, as this module writes it. Anything else (a
+    symbolic or hard link to another file, a file of other content) is refused, never truncated."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644), "r+")
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDWR | nofollow)
+    except OSError as err:
+        if err.errno == errno.ELOOP or os.path.islink(path):
+            raise WriteError(f"{path} is a symbolic link, not a lock file this program wrote; remove it") from None
+        raise
+    f = os.fdopen(fd, "r+")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > PID_BYTES or \
+            not f.read(PID_BYTES + 1).strip().isdigit() and st.st_size:
+        f.close()
+        raise WriteError(f"{path} is not a lock file this program wrote (expected a file holding a process id); "
+                         f"remove it if it is not yours")
+    return f
+
+
 @contextlib.contextmanager
 def locked(folder, wait=False):
     """Hold folder/.lock for the duration; a second process is refused with the first one's pid (or, with
@@ -114,7 +142,7 @@ def _acquire(folder, path, wait):
     `path` (its holder removed it on release, between this process's open and its flock)."""
     while True:
         try:
-            f = open(path, "a+")
+            f = _open_lock(path)
         except OSError as err:
             raise WriteError(f"cannot write into {folder} ({err.strerror})") from None
         if fcntl is None:

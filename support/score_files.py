@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from support.runs import UsageError
+from support.errors import UsageError
 
 
 def _read_array(path, flag):

@@ -1,5 +1,7 @@
 """The Markdown tables and epoch lines every command prints: one row per setting (ZSL, its twin and novel groups,
 GZSL; SPML's test), figures in percent, ready to paste into a paper draft."""
+import os
+
 from protocol import zsl_groups
 
 NUS_COLUMNS = ["map", "p@3", "r@3", "f1@3", "p@5", "r@5", "f1@5"]
@@ -28,27 +30,38 @@ def format_table(results, title=""):
     return "\n".join(lines)
 
 
+def _aligned(rows):
+    """Markdown rows (lists of cells) with every column padded to its widest cell, so the table reads in a terminal."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
+
+
 def format_comparison(rows, title="", spread=None):
-    """Methods side by side on the headline figures, plus the mAP of each branch (Eq. 13's local and global
-    scores alone) for the rows that have them; `spread` (same shape as rows) adds '± std'."""
+    """Methods side by side, as two tables that fit a 100-column terminal: the headline figures (mAP and F1@3 of
+    each setting: ZSL, its twins and novel groups, GZSL; SPML's test) and, for the rows that have them, the mAP of
+    each branch of the fused score scored alone. `spread` (same shape as rows) adds '± std'. Every figure of
+    every row is in --json and log.jsonl."""
     settings = [s for s in ("zsl", *map(zsl_groups.split_name, zsl_groups.GROUPS), "gzsl", "test")
                 if any(s in r for r in rows.values())]
-    columns = [(s, c) for s in settings for c in ("map", "f1@3", "f1@5") if c != "f1@5" or not s.startswith("zsl_")]
-    if any("branch_map" in r for r in rows.values()):
-        columns += [(s, b) for s in settings for b in BRANCHES]
-    names = {c: c.replace("map", "mAP").replace("f1", "F1") for _, c in columns} | {b: f"{b} mAP" for b in BRANCHES}
-    head = "| method | " + " | ".join(f"{zsl_groups.setting_name(s)} {names[c]}" for s, c in columns) + " |"
-    lines = ([title] if title else []) + [head, "|" + "---|" * (len(columns) + 1)]
+    short = {s: zsl_groups.setting_name(s).replace("ZSL ", "") for s in settings}  # ZSL twins -> twins
 
-    def cell(r, s, c):
-        return (r.get("branch_map", {}).get(s, {}).get(c) if c in BRANCHES else r.get(s, {}).get(c)) if r else None
+    def cell(name, s, c):
+        def get(r):
+            return (r.get("branch_map", {}).get(s, {}).get(c) if c in BRANCHES else r.get(s, {}).get(c)) if r else None
+        value, std = get(rows[name]), get((spread or {}).get(name))
+        return "-" if value is None else f"{value:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
-    for name, r in rows.items():
-        cells = []
-        for s, c in columns:
-            value, std = cell(r, s, c), cell((spread or {}).get(name), s, c)
-            cells.append("-" if value is None else f"{value:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    headline = [(s, c) for s in settings for c in ("map", "f1@3")]
+    lines = ([title] if title else []) + _aligned(
+        [["method"] + [f"{short[s]} mAP" if c == "map" else "F1@3" for s, c in headline]]
+        + [[name] + [cell(name, s, c) for s, c in headline] for name in rows])
+    branched = [(name, b) for name, r in rows.items() if r and r.get("branch_map") for b in BRANCHES]
+    if branched:
+        lines += ["", "Each branch of the fused score alone, mAP:"] + _aligned(
+            [["method, branch"] + [short[s] for s in settings]]
+            + [[f"{name}, {b}"] + [cell(name, s, b) for s in settings] for name, b in branched])
     return "\n".join(lines)
 
 
@@ -60,3 +73,15 @@ def format_epoch(record):
                                    if m is not None)
                          for name in splits_of(record))
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
+
+
+def print_run_end(cfg, state, metrics, rows=None):
+    """What train.py prints after its last epoch: the trained table, SPML's best epoch and, given `rows`, every
+    row a trained number is read against (eval.like_for_like) side by side."""
+    print(format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
+                                f"({os.path.join(cfg.out, 'last.pt')})"))
+    if cfg.task == "spml" and state["best"]:
+        print(f"best epoch by clean-validation mAP: {state['best']['epoch']} "
+              f"(val {state['best']['val_map']:.2f}, test {state['best']['test_map']:.2f}) -> best.pt")
+    if rows is not None and len(rows) > 1:
+        print(format_comparison(rows, title="\nThe same test images, the same protocol (percent):"))

@@ -13,11 +13,13 @@ from dataclasses import fields
 
 import numpy as np
 
-from data import DataError, check_images, load_nuswide, load_spml
+from data import check_images, load_nuswide, load_spml
+from support.errors import DataError, UsageError
 from protocol import zsl_groups
 from support import cli
 from support.clip_files import WHERE
-from support.runs import UsageError, parse_args
+from support.paths import printable
+from support.runs import parse_args
 from support.tokenizer import CONTEXT_LENGTH
 
 SPLITS = {"zsl": ("train", "test"), "spml": ("train", "val", "test")}
@@ -69,7 +71,8 @@ def load_dataset(cfg, check=None):
         good, bad, why = check_images(paths, desc=f"checking {split} images")
         if bad:
             print(f"warning: {len(bad)} of {len(paths)} {split} images are missing or unreadable and are "
-                  f"excluded; first: {'; '.join(f'{p} ({r})' for p, r in zip(bad[:3], why))}", file=sys.stderr)
+                  f"excluded; first: {printable('; '.join(f'{p} ({r})' for p, r in zip(bad[:3], why)))}",
+                  file=sys.stderr)
             keep = np.flatnonzero(good)
             setattr(data, f"{split}_paths", [paths[i] for i in keep])
             for f in fields(data):
@@ -100,11 +103,24 @@ def check_usable(cfg, data):
 def check_prompts(tokenizer, names, cfg):
     """Every label's prompt fits CLIP's 77-token context (the tokenizer would refuse it mid-setup)."""
     words = cfg.template if cfg.prompt == "fixed" else " ".join(["X"] * cfg.n_ctx) + " {}."
-    for name in prompt_names(names):
-        n = len(tokenizer.encode(words.format(name))) + 2  # + SOT, EOT
+    check_template(tokenizer, words, prompt_names(names), "--template" if cfg.prompt == "fixed" else "--n-ctx",
+                   "the dataset's label list")
+
+
+def check_template(tokenizer, template, names, flag, source):
+    """template.format(name) fits CLIP's context for every name, else one line: the template alone first (then
+    no label fits and `flag` is what to change), then the first label whose prompt does not (a label that fits
+    alone may not fit inside the template; change it in `source`)."""
+    n = len(tokenizer.encode(template.format(""))) + 2  # + SOT, EOT
+    if n > CONTEXT_LENGTH:
+        raise UsageError(f"{flag} {template!r} makes a prompt of {n} tokens before any label, more than CLIP's "
+                         f"context of {CONTEXT_LENGTH}: shorten it")
+    for name in names:
+        n = len(tokenizer.encode(template.format(name))) + 2
         if n > CONTEXT_LENGTH:
-            raise DataError(f"label {name!r} makes a prompt of {n} tokens, more than CLIP's context of "
-                            f"{CONTEXT_LENGTH}: shorten it in the dataset's label list (or the --template)")
+            raise DataError(f"label {name[:60]!r}{'...' if len(name) > 60 else ''} makes a prompt of {n} tokens "
+                            f"in {template!r}, more than CLIP's context of {CONTEXT_LENGTH}: shorten it in "
+                            f"{source} (or {flag})")
 
 
 def label_names(cfg, data):

@@ -6,8 +6,9 @@ not the test split.
 
 Shape legend: N images, C labels.
 
-A score is Eq. 13's fused value: each image's local and global score vectors are divided by their L2 norms over
-the labels being scored, so a score is not a probability, its scale is of the order of 1 / sqrt(C), and it
+A score is SigRL's fused value as the reference code computes it (the paper's Eq. 13 adds the raw scores): each
+image's local and global score vectors are divided by their L2 norms over the labels being scored, then
+averaged, so a score is not a probability, its scale is of the order of 1 / sqrt(C), and it
 depends on the label set. A threshold therefore belongs to one label set: the file records the names and the
 sha256 of the names in column order, and predict.py refuses any other set.
 
@@ -32,7 +33,8 @@ import sys
 import numpy as np
 
 from support.clip_files import file_sha256
-from support.runs import UsageError, write_json
+from support.runs import write_json
+from support.errors import UsageError
 
 FORMAT, MIN_POSITIVES = "sigrl-thresholds/1", 5
 
@@ -120,23 +122,42 @@ def record(names, fitted, checkpoint, split, min_positives=MIN_POSITIVES):
 
 
 def read(path):
-    """A thresholds file, checked: {name: threshold} and the whole record. Anything else is a UsageError."""
+    """A thresholds file, checked entry by entry before any image is scored: {name: threshold} and the whole
+    record. Anything else is one UsageError line naming the entry."""
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file (expected a thresholds file from eval.py --calibrate)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read as a thresholds JSON file from eval.py --calibrate ({e})") from None
-    try:
-        assert rec["format"] == FORMAT
-        names = [entry["name"] for entry in rec["labels"]]
-        table = {entry["name"]: float(entry["threshold"]) for entry in rec["labels"]}
-        assert len(table) == len(names) and label_sha256(names) == rec["labels_sha256"]
-        assert not any(math.isnan(t) for t in table.values())
-    except (AssertionError, KeyError, TypeError, ValueError):
-        raise UsageError(f"{path}: not a thresholds file of format {FORMAT} (from eval.py --calibrate), or its "
-                         f"label names do not match its labels_sha256") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise UsageError(f"{path}: cannot read as a thresholds JSON file from eval.py --calibrate "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:80]})") from None
+
+    def bad(entry, expected):
+        return UsageError(f"{path}: not a thresholds file of format {FORMAT} from eval.py --calibrate, unedited: "
+                          f"entry {entry} is missing or not {expected}")
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise bad('"format"', repr(FORMAT))
+    if not isinstance(rec.get("labels"), list) or not rec["labels"]:
+        raise bad('"labels"', "a non-empty list")
+    for k, entry in enumerate(rec["labels"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+            raise bad(f'"labels"[{k}]', 'an object with a "name" string')
+        t = entry.get("threshold")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+            raise bad(f'"labels"[{k}] ({entry["name"]!r}) "threshold"', "a number")
+    names = [entry["name"] for entry in rec["labels"]]
+    table = {entry["name"]: float(entry["threshold"]) for entry in rec["labels"]}
+    if len(table) != len(names):
+        raise bad('"labels"', "a list of distinct label names")
+    if rec.get("labels_sha256") != label_sha256(names):
+        raise bad('"labels_sha256"', "the sha256 of its label names (they were edited, or the file damaged)")
+    ckpt = rec.get("checkpoint")
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("path"), str) and isinstance(ckpt.get("sha256"), str)
+            and isinstance(ckpt.get("epoch"), int)):
+        raise bad('"checkpoint"', 'an object with "path", "sha256" and "epoch"')
+    if not (isinstance(rec.get("split"), dict) and isinstance(rec["split"].get("about"), str)):
+        raise bad('"split"', 'an object with "about"')
     return table, rec
 
 
@@ -148,7 +169,7 @@ def for_labels(path, names):
         missing, extra = sorted(set(table) - set(names)), sorted(set(names) - set(table))
         raise UsageError(f"{path}: fitted for another label set ({len(table)} labels, sha256 "
                          f"{rec['labels_sha256'][:12]}; these {len(names)} lack {missing[:3]} and add {extra[:3]}): "
-                         f"scores depend on the label set (Eq. 13), so its thresholds do not apply")
+                         f"scores depend on the label set (the reference code normalises them over it), so its thresholds do not apply")
     return np.array([table[n] for n in names]), rec
 
 

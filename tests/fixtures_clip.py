@@ -8,7 +8,10 @@ The open_clip model that made a file is its *oracle*: it holds exactly the numbe
     oracle = make_clip_checkpoint(tmp_path / "clip.pt")          # tiny, JIT, seed 0
     clip = load_clip(tmp_path / "clip.pt")                         # ours must match oracle
 
-Imports open_clip, so it is for tests only, never for the runtime.
+Needs open_clip (a test-only package) for the oracle and the TorchScript archive. Without it,
+make_clip_checkpoint still writes a tiny CLIP file, made by this repository's own CLIP with the same random
+draws and saved in OpenAI's plain layout (toy/pretrain.py's writer), and returns no oracle: enough for the
+tests that only need a CLIP file to train on; the comparisons, which need the oracle, skip (tests/optional.py).
 """
 import copy
 import math
@@ -17,7 +20,18 @@ import warnings
 import zipfile
 
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to_lp
+
+from optional import have
+
+if have("open_clip"):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to_lp
+else:  # the sizes below still describe the tiny CLIP; only the oracle needs the library
+    CLIP = convert_weights_to_lp = None
+
+    def CLIPVisionCfg(**kwargs):
+        return dict(kwargs)
+
+    CLIPTextCfg = CLIPVisionCfg
 
 # embed_dim, vision tower, text tower; "tiny" keeps widths of 128 (2 heads, so the head split is exercised)
 SIZES = {
@@ -163,10 +177,31 @@ def _tag_storages_cuda(path):
 
 
 def make_clip_checkpoint(path, size="tiny", fmt="jit", seed=0):
-    """Write an official-format CLIP file at `path` and return its open_clip oracle (fp32, eval)."""
+    """Write an official-format CLIP file at `path` and return its open_clip oracle (fp32, eval); without
+    open_clip, a plain-layout file of the same size made by clip_text.CLIP, and None (module docstring)."""
+    if CLIP is None:
+        return _make_without_open_clip(path, size, seed)
     oracle = build_oracle(size, seed)
     save_official(oracle, path, fmt)
     return oracle
+
+
+
+def _make_without_open_clip(path, size, seed):
+    from clip_text import CLIP as OurCLIP, CLIPConfig
+    from toy.pretrain import save_official as save_plain
+    from vit import VisionConfig
+
+    embed_dim, v, t = SIZES[size]
+    vision = VisionConfig(width=v["width"], layers=v["layers"], patch=v["patch_size"], resolution=v["image_size"],
+                          embed_dim=embed_dim)
+    config = CLIPConfig(vision=vision, embed_dim=embed_dim, context_length=t["context_length"],
+                        vocab_size=t["vocab_size"], text_width=t["width"], text_layers=t["layers"], text_heads=t["heads"])
+    model = randomize_(OurCLIP(config), seed).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.07))
+    save_plain(model, path)
+    return None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fixtures_clip
+from optional import World
 import fixtures_data
 from toy import world as toyworld
 import train as train_cli
@@ -25,11 +26,11 @@ def world(tmp_path_factory):
     env = pytest.MonkeyPatch()
     env.setenv("SIGRL_CACHE", str(d / "cache"))
     fixtures_clip.make_clip_checkpoint(d / "clip.pt", size="tiny", fmt="plain")
-    w = {"dir": d, "clip": d / "clip.pt",
+    w = World({"dir": d, "clip": d / "clip.pt",
          "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc", n_train=30),
          "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
          # a NUS-WIDE-layout world with 27 seen / 8 unseen labels: ZSL steps cost little (925 labels do)
-         "toynus": str(toyworld.make_world(d / "toynus", n_train=16, n_test=8))}
+         "toynus": str(toyworld.make_world(d / "toynus", n_train=16, n_test=8))}, needs={"nus": "h5py"})
     yield w
     env.undo()
 

@@ -129,7 +129,7 @@ def test_encoders_are_skipped_without_open_clip(monkeypatch, capsys):
 
 def test_data_parallel_worker_runs_train_step(tmp_path, capsys):
     """bench_parallel's job body at toy size in one process (torchrun runs the same body on each process; the
-    two-process path of train.train_step is tested in test_parallel)."""
+    two-process path of train.train_one_epoch is tested in test_parallel)."""
     vision = dict(width=64, layers=2, patch=8, resolution=24, embed_dim=D)
     spec = dict(batch=2, classes=C, steps=1, vision=vision, device="cpu", weights=str(tmp_path / "w.pt"))
     bench_parallel.worker(spec)

@@ -4,17 +4,20 @@ and its training checkpoint, with GELU as LAION's models and QuickGELU as OpenAI
 import json
 import sys
 
-import open_clip
 import pytest
 import torch
-from open_clip.model import CLIP as OpenClipCLIP
+
+from optional import need
+
+open_clip = need("open_clip")  # every test here compares with it or with transformers
+transformers = need("transformers")
+from open_clip.model import CLIP as OpenClipCLIP  # noqa: E402
 
 from support import clip_convert
 from support.clip_files import load_clip
 from fixtures_clip import SIZES, random_model
-from vit import CheckpointError
+from support.errors import CheckpointError
 
-transformers = pytest.importorskip("transformers")
 
 ATOL = RTOL = 1e-4  # independent implementations in fp32 (as the OpenAI-layout parity tests)
 TEXTS = ["a photo of a dog.", "There is a sunset in the scene"]
@@ -59,7 +62,7 @@ def save_open_clip_hub(model, folder, model_cfg, weights="open_clip_pytorch_mode
                                                      "std": [0.26862954, 0.26130258, 0.27577711]}}))
     sd = model.state_dict()
     if weights.endswith(".safetensors"):
-        from safetensors.torch import save_file
+        save_file = need("safetensors.torch").save_file
         save_file({k: v.contiguous() for k, v in sd.items()}, folder / weights)
     else:
         torch.save(sd, folder / weights)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.bench", "tools.ablation", "tools.bench_parallel",
-            "tools.precision_check", "tools.gallery", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files", "support.tasks"]
+COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.figure3", "tools.twins", "tools.bench", "tools.ablation",
+            "tools.bench_parallel", "tools.precision_check", "tools.gallery", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files",
+            "support.tasks", "support.torchscript_files"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,10 @@ def cases(d):
         ("eval", ["--ckpt", m]), ("eval", ["--ckpt", f]), ("eval", ["--ckpt", c("pt")]),
         ("eval", ["--scores", c("npy"), "--labels", c("npy"), "--protocol", "spml"]),
         ("eval", ["--scores", str(d / "s.npy"), "--labels", f, "--protocol", "spml"]),
-        ("eval", ["--ckpt", c("pt"), "--figure", str(d / "f.png"), "--figure-n", "0"]),
+        ("tools.figure3", ["--ckpt", c("pt"), "--out", str(d / "f.png"), "--n", "0"]),
+        ("tools.figure3", ["--ckpt", c("pt"), "--out", str(d / "f.png")]), ("tools.figure3", ["--ckpt", m, "--out", f]),
+        ("tools.twins", ["--ckpt", m]), ("tools.twins", ["--ckpt", c("pt")]),
+        ("tools.twins", ["--ckpt", c("pt"), "--json", f]),
         ("eval", ["--baseline", "clip", "--clip", c("pt")]),
         ("predict", ["--ckpt", m, img]), ("predict", ["--ckpt", f, img]), ("predict", ["--ckpt", c("pt"), img]),
         ("predict", ["--clip", c("pt"), "--labels", "a,b", img]), ("predict", ["--clip", f, "--labels", "a,b", img]),
@@ -81,6 +85,7 @@ def cases(d):
         ("toy.shapes", [str(d / "missing" / "sheet.png")]), ("toy.shapes", [f]),
         ("support.clip_files", [m]), ("support.clip_files", [f]), ("support.clip_files", [c("pt")]),
         ("support.clip_files", [c("pt"), "--bpe", m]),
+        ("support.torchscript_files", [m]), ("support.torchscript_files", [c("pt")]), ("support.torchscript_files", [f]),
         ("support.tasks", ["--task", "spml", "--data", "coco", "--data-root", m]), ("support.tasks", ["--epochs", "0"]),
         ("support.tasks", ["--task", "spml", "--data", "coco", "--data-root", str(d / "coco")]),
     ]

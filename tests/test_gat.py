@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_geometric.nn import GATv2Conv
+from optional import need
 
 from support import runs
 import train
@@ -18,13 +18,13 @@ def complete_graph(C):
     return torch.stack([src.flatten(), dst.flatten()])  # (2, C * C)
 
 
-def pyg_twin(layer: GATv2Layer) -> GATv2Conv:
+def pyg_twin(layer: GATv2Layer):
     """A GATv2Conv computing what `layer` should compute: shared W, no bias, every head given the same a."""
-    conv = GATv2Conv(layer.in_dim, layer.out_dim, heads=layer.heads, concat=True, negative_slope=0.2,
+    conv = need("torch_geometric.nn").GATv2Conv(layer.in_dim, layer.out_dim, heads=layer.heads, concat=True, negative_slope=0.2,
                      dropout=0.0, add_self_loops=False, bias=False, share_weights=True)
     with torch.no_grad():
         conv.lin_l.weight.copy_(layer.lin.weight)
-        conv.att.copy_(layer.att[:, None].expand(1, layer.heads, layer.out_dim))  # (1, O) -> (1, K, O)
+        conv.att.copy_(layer.att[:, None].expand(1, layer.heads, layer.out_dim))  # (1, hd) -> (1, nh, hd)
     return conv.double().eval()
 
 
@@ -58,7 +58,7 @@ def test_heads_share_one_attention_vector():
 
 
 def test_initialisation_is_the_reference_layers():
-    """labml's GATv2 layer (the reference's) builds nn.Linear(D_in, K * O) then nn.Linear(O, 1), no bias, with
+    """labml's GATv2 layer (the reference's) builds nn.Linear(D_in, nh * hd) then nn.Linear(hd, 1), no bias, with
     nn.Linear's default initialisation: the same seed must give the same numbers."""
     torch.manual_seed(3)
     ours = GMC(dim=64, heads=4, hidden=8)

@@ -18,6 +18,7 @@ from support import runs
 from support import tasks
 from toy import world as toyworld
 import train
+from tools import twins as twins_report
 from support.clip_files import load_clip
 from clip_text import encode_labels
 from data import ImageList, build_transform
@@ -61,7 +62,7 @@ def test_like_for_like_rows(run):
 
 def test_epoch0_global_branch_is_the_clip_itself(run):
     """Before any step the global branch is CLIP's class-token embedding against the label embeddings,
-    L2-normalised over the classes of each image (Eq. 13): computed here from the CLIP file directly."""
+    L2-normalised over the classes of each image (the reference code's scoring; Eq. 13 adds raw scores): computed here from the CLIP file directly."""
     cfg, log, _ = run
     clip = load_clip(cfg.clip).eval()
     data = tasks.load_dataset(cfg)
@@ -80,12 +81,12 @@ def test_epoch0_global_branch_is_the_clip_itself(run):
 
 
 def test_twins_report_rebuilds_epoch_0_and_reads_like_the_log(run, tmp_path, capsys):
-    """eval.py --twins: its epoch 0 is rebuilt from the CLIP file, its trained model read from the checkpoint; the
+    """python -m tools.twins: its epoch 0 is rebuilt from the CLIP file, its trained model read from the checkpoint; the
     ZSL pass's twin means must equal the log's ZSL twins figures of both (every branch), the GZSL pass's
     per-label APs must average to the log's GZSL mAPs, and each pair's rows must be its two labels' entries."""
     cfg, log, _ = run
     out = tmp_path / "twins.json"
-    assert evaluation.main(["--ckpt", f"{cfg.out}/last.pt", "--twins", "--json", str(out)]) == 0
+    assert twins_report.main(["--ckpt", f"{cfg.out}/last.pt", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| auto | twin of car |" in printed and "log.jsonl's epoch-0 record agrees" in printed
     with open(out) as f:
@@ -115,6 +116,6 @@ def test_twins_report_refuses_another_clip(run, tmp_path, capsys):
     other = tmp_path / "other_clip.pt"
     torch.save(clip, other)
     shutil.copy(cfg.clip.replace(".pt", ".bpe.txt.gz"), tmp_path / "other_clip.bpe.txt.gz")  # its vocabulary
-    assert evaluation.main(["--ckpt", f"{cfg.out}/last.pt", "--twins", "--clip", str(other)]) == 2
+    assert twins_report.main(["--ckpt", f"{cfg.out}/last.pt", "--clip", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sha256 differs" in err[0] and str(other) in err[0]

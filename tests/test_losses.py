@@ -1,5 +1,6 @@
 """Tests of the losses (sigrl.py's Eq. 15-16 and protocol/spml_losses.py): the golden vectors (the authors'
-code run on stored inputs), a per-image numpy ranking loss, finite-difference gradients, and the APL rules.
+code run on stored inputs), the plain loops of Eq. 15-16 against the vectorised losses training calls (values
+and gradients), a per-image numpy ranking loss, finite-difference gradients, and the APL rules.
 
 Golden files: tests/golden (see tests/golden/README.md).
 """
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from protocol.spml_losses import SPML_DEFAULTS, apl_update, spml_loss
-from sigrl import l1_distill, ranking_loss, ranking_loss_per_image
+from sigrl import l1_distill, l1_distill_plain, ranking_loss, ranking_loss_per_image, ranking_loss_plain
 from test_metrics import golden, load  # one golden-folder lookup (and its failure message) for both
 
 
@@ -30,6 +31,51 @@ def test_ranking_golden(path):
     close(per_image, g["per_image"], 1e-6)
     close(loss, g["loss"], 1e-6)
     close(scores.grad, g["grad"], 1e-6)
+
+
+@pytest.mark.parametrize("path", golden("rank_loss_"), ids=lambda p: getattr(p, "stem", p))
+def test_ranking_plain_loop_golden(path):
+    """Eq. 15 as a loop over images and pairs (what a reader reads) gives the authors' values and gradients."""
+    g = load(path)
+    scores = torch.tensor(g["logits"], requires_grad=True)
+    loss = ranking_loss_plain(scores, torch.tensor(g["labels"]))
+    loss.backward()
+    close(loss, g["loss"], 1e-6)
+    close(scores.grad, g["grad"], 1e-6)
+
+
+@pytest.mark.parametrize("path", golden("l1_global"), ids=lambda p: getattr(p, "stem", p))
+def test_l1_plain_loop_golden(path):
+    g = load(path)
+    student = torch.tensor(g["student"], requires_grad=True)
+    loss = l1_distill_plain(student, torch.tensor(g["teacher"]))
+    loss.backward()
+    close(loss, g["loss"], 1e-6)
+    close(student.grad, g["grad"], 1e-6)
+
+
+def value_and_grad(loss_fn, x, target):
+    x = x.detach().clone().requires_grad_(True)
+    loss = loss_fn(x, target)
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plain_loops_equal_vectorised_losses(seed):
+    """The loops and the vectorised losses on random float64 inputs: labels with 0s, an image without a
+    positive, one without a negative, and a pair exactly at the margin (it must count nowhere in either)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(6, 11, generator=gen, dtype=torch.float64) / 3  # (B, C)
+    labels = torch.randint(-1, 2, (6, 11), generator=gen).double()  # (B, C) in {-1, 0, 1}
+    labels[1], labels[2] = labels[1].clamp(max=0), labels[2].clamp(min=0)  # no positive; no negative
+    scores[0, :2], labels[0, :2] = torch.tensor([0.75, -0.25], dtype=torch.float64), torch.tensor([1.0, -1.0])
+    plain, fast = value_and_grad(ranking_loss_plain, scores, labels), value_and_grad(ranking_loss, scores, labels)
+    assert plain[0] > 0 and plain[1].abs().sum() > 0  # something to compare
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    student, teacher = torch.randn(2, 5, 32, generator=gen, dtype=torch.float64)  # (B, D) each
+    for a, b in zip(value_and_grad(l1_distill_plain, student, teacher), value_and_grad(l1_distill, student, teacher)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", golden("l1_global"), ids=lambda p: getattr(p, "stem", p))

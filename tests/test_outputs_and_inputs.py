@@ -179,7 +179,7 @@ def test_exif_orientation_and_16_bit_greyscale_are_scored_and_drawn_as_seen(run,
     """A JPEG stored sideways with EXIF Orientation = 6 is scored as its upright picture; a 16-bit greyscale PNG
     as its 8-bit version; the explain picture shows those pixels and its headings' halves average to the score."""
     from data import read_image
-    from tools import draw
+    from support import draw
     rng = np.random.default_rng(0)
     upright = (rng.random((48, 64, 3)) * 255).astype(np.uint8)  # (H, W, 3), wider than tall: turning shows
     upright[:, :16] = (255, 0, 0)  # a red band on the left

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import eval as evaluation
 import fixtures_clip
+from optional import World
 import fixtures_data
 from support import parallel
 import train
@@ -32,10 +34,10 @@ def world(tmp_path_factory):
     fixtures_clip.make_clip_checkpoint(d / "clip.pt", size="tiny", fmt="jit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SIGRL_CACHE", str(d / "cache"))
-        yield {"dir": d, "clip": d / "clip.pt", "env": dict(os.environ),
-               # 13 training images in batches of 4: the last step has one image, so one process has nothing
-               "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=13, n_test=8),
-               "coco": fixtures_data.make_coco(d / "coco")}
+        yield World({"dir": d, "clip": d / "clip.pt", "env": dict(os.environ),
+                     # 13 training images in batches of 4: the last step has one image, so one process has nothing
+                     "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=13, n_test=8),
+                     "coco": fixtures_data.make_coco(d / "coco")}, needs={"nus": "h5py"})
 
 
 def flags(world, task, out, **extra):
@@ -117,6 +119,7 @@ def test_sharded_evaluation_is_exact(zsl, tmp_path):
     run = zsl["dir"] / "two"
     one_process(evaluation.main, "--ckpt", run / "last.pt", "--json", tmp_path / "r.json")
     got, logged = json.loads((tmp_path / "r.json").read_text()), log(run)[-1]
+    assert got.pop("zero_shot_clip")["zsl"]["map"] > 0  # eval.py --ckpt also scores the run's CLIP alone
     assert got == {k: logged[k] for k in got} and set(got) == {"zsl", "zsl_twins", "zsl_novel", "gzsl", "branch_map"}
     assert log(run)[0]["epoch"] == 0 and log(run)[0]["step"] == 0  # the epoch-0 record, scored in shards as well
 
@@ -193,18 +196,19 @@ def test_epoch_plan_splits_every_step_like_one_process(monkeypatch):
     """The epoch order is DataLoader(shuffle=True)'s from the same generator (as before torchrun support). Over N
     processes and K micro-batches the plan covers each global batch's usable images exactly once, with shares that
     add up to 1, and every process has a part in every step (DDP needs each in each exchange)."""
-    usable = np.ones(11, dtype=bool)
+    labels = np.ones((11, 2))  # every image has a seen positive
+    cfg = types.SimpleNamespace(task="zsl", seed=42, batch_size=4, accum=1)
     shuffled = list(torch.utils.data.RandomSampler(range(11), generator=torch.Generator().manual_seed(42 * 10_007 + 3)))
-    plan = parallel.epoch_plan(usable, 4, 1, 42, 3)
+    plan = train.epoch_plan(labels, cfg, 3)
     assert [idx.tolist() for step in plan for idx, _ in step] == [shuffled[i:i + 4] for i in range(0, 11, 4)]
-    usable[[2, 7]] = False
-    single = [np.concatenate([idx for idx, _ in step]) for step in parallel.epoch_plan(usable, 4, 1, 42, 3)]
+    labels[[2, 7]] = -1  # no seen positive: dropped, as the reference does
+    single = [np.concatenate([idx for idx, _ in step]) for step in train.epoch_plan(labels, cfg, 3)]
     for n, k in ((2, 1), (2, 2), (3, 1)):
         plans = []
         for r in range(n):
             monkeypatch.setattr(parallel, "size", lambda n=n: n)
             monkeypatch.setattr(parallel, "rank", lambda r=r: r)
-            plans.append(parallel.epoch_plan(usable, 4, k, 42, 3))
+            plans.append(train.epoch_plan(labels, types.SimpleNamespace(**{**vars(cfg), "accum": k}), 3))
         assert all(len(plan) == len(single) for plan in plans)
         for s, batch in enumerate(single):
             parts = [plan[s] for plan in plans]

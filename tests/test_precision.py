@@ -1,5 +1,6 @@
-"""The precision policy (support/precision.py), CUDA's included, run on the CPU: under precision.emulate the CPU
-takes CUDA's bf16 autocast through the same code (train.train_step, SigRL, eval.predict), so the dtypes of the
+"""The precision policy (support/precision.py, with its dtypes written on sigrl.py's lines), CUDA's included, run
+on the CPU: under precision.emulate the CPU takes CUDA's bf16 autocast through the same code
+(train.train_one_epoch, SigRL, eval.predict), so the dtypes of the
 big tensors, the exact 0 of the distillation loss at step 0 and the closeness to fp32 are checked without a GPU."""
 import contextlib
 import types
@@ -10,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import train
-from sigrl import SigRL, SigRLConfig
+from sigrl import SigRL, SigRLConfig, score_matmul
 from support import precision, runs
 from vit import VisionConfig, VisionTransformer
 
@@ -55,7 +56,7 @@ def make_run():
 def steps(n, emulate):
     run, batch = make_run()
     with precision.emulate() if emulate else contextlib.nullcontext():
-        return [train.train_step(run, batch) for _ in range(n)], run
+        return [train.train_one_epoch(run, [batch], 1) for _ in range(n)], run
 
 
 def test_policy_per_device():
@@ -65,15 +66,15 @@ def test_policy_per_device():
     assert precision.compute_dtype("cpu") == torch.float32  # emulation ends with its block
     a, b = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(4, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert (a @ b).dtype == torch.bfloat16 and precision.fp32_matmul(a, b).dtype == torch.float32
-    assert precision.fp32_matmul(b.double().T, b.double()).dtype == torch.float64
+        assert (a @ b).dtype == torch.bfloat16 and score_matmul(a, b).dtype == torch.float32
+    assert score_matmul(b.double().T, b.double()).dtype == torch.float64
 
 
 def test_cuda_policy_on_cpu_step_zero_is_exact_and_the_head_stays_bf16():
     run, batch = make_run()
     recorder = Dtypes()
     with precision.emulate(), recorder:
-        terms = train.train_step(run, batch)
+        terms = train.train_one_epoch(run, [batch], 1)
     # the teacher runs at the student's precision: at step 0 they are one function of one input
     assert terms["global"] == 0.0
     ops = {op for op, _ in recorder.seen}

@@ -1,4 +1,4 @@
-"""predict.py, eval.py --figure, plot.py and the pictures (draw.py): tagging a folder of images end to end, its
+"""predict.py, tools.figure3, plot.py and the pictures (draw.py): tagging a folder of images end to end, its
 outputs against SigRL.forward and against open_clip, label lists that are odd or wrong, the explain maps against
 the local score, Fig. 3's colours, and every PNG's size.
 
@@ -18,16 +18,18 @@ from PIL import Image
 import fixtures_run
 
 from support import checkpoints
-from tools import draw
+from support import draw
 import eval as evaluation
-from tools import plot
+from support import curves as plot
 import predict
+from tools import figure3
 from support import runs
 from toy import world as toyworld
 from clip_text import encode_labels
 from data import build_transform
 from protocol.metrics import nus_metrics
 from sigrl import SigRL
+from optional import need
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +178,8 @@ def test_coop_run_tags_its_own_labels(setup, tmp_path, capsys):
 
 def test_zero_shot_clip_equals_open_clip(setup, tmp_path):
     """--clip alone: the cosine of open_clip's image and text embeddings, same weights, CLIP's preprocessing."""
-    from open_clip.model import CLIP as OpenClip, CLIPTextCfg, CLIPVisionCfg
+    oc = need("open_clip.model")  # the comparison skips, naming it, without open_clip
+    OpenClip, CLIPTextCfg, CLIPVisionCfg = oc.CLIP, oc.CLIPTextCfg, oc.CLIPVisionCfg
     from torchvision import transforms as T
     clip = setup["clip"]
     c, v = clip.config, clip.config.vision
@@ -254,14 +257,12 @@ def test_figure_marks_follow_the_rule(tmp_path):
 
 def test_eval_figure_png(setup, tmp_path):
     out = tmp_path / "fig.png"
-    assert evaluation.main(["--ckpt", str(setup["ckpt"]), "--figure", str(out), "--figure-n", "5",
-                            "--workers", "0"]) == 0
+    assert figure3.main(["--ckpt", str(setup["ckpt"]), "--out", str(out), "--n", "5", "--workers", "0"]) == 0
     side = 192
     assert Image.open(out).size[0] == 4 * (side + 2 * draw.PAD)  # 4 columns, 2 rows
     assert Image.open(out).size[1] > 2 * side
     wanted = [os.path.basename(setup["data"].test_paths[i]) for i in (3, 1)]
-    assert evaluation.main(["--ckpt", str(setup["ckpt"]), "--figure", str(out), "--figure-images", *wanted,
-                            "--workers", "0"]) == 0
+    assert figure3.main(["--ckpt", str(setup["ckpt"]), "--out", str(out), "--images", *wanted, "--workers", "0"]) == 0
     width, height = Image.open(out).size
     assert width >= 2 * (side + 2 * draw.PAD) and side < height < 2 * side  # one row (the title may be wider)
 
@@ -278,6 +279,22 @@ def test_plot_curves(tmp_path, capsys):
     assert all(tuple(c) in colours for c in plot.PALETTE[:4])  # every mAP series drawn
     (tmp_path / "log.jsonl").write_text("{not json\n")
     one_line_error(capsys, plot.main([str(tmp_path)]), "log.jsonl:1")
+
+
+def test_rows_chart_puts_each_row_at_its_value():
+    """One dot per row and setting, at the row's mAP: the dot of the highest value is drawn highest."""
+    rows = {"zero-shot CLIP": {"zsl": {"map": 61.0}, "gzsl": {"map": 65.0}},
+            "SigRL, epoch 2": {"zsl": {"map": 59.0}, "gzsl": {"map": 70.0}}}
+    picture = np.asarray(plot.rows_chart(rows).convert("RGB")).astype(int)
+    mid = picture.shape[1] // 2  # ZSL's column is left of the middle, GZSL's right of it
+
+    def dot_height(colour, columns):
+        hits = np.argwhere((np.abs(picture[:, columns] - colour).sum(-1) == 0))
+        return hits[:, 0].min()  # the top row of the dot (its label, drawn in the same colour, sits above it)
+
+    blue, orange = plot.PALETTE[0], plot.PALETTE[1]
+    assert dot_height(blue, slice(0, mid)) < dot_height(orange, slice(0, mid))  # ZSL: 61 above 59
+    assert dot_height(orange, slice(mid, None)) < dot_height(blue, slice(mid, None))  # GZSL: 70 above 65
 
 
 def test_offline_demo_writes_the_pictures(setup, monkeypatch, capsys):

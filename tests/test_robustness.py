@@ -188,7 +188,7 @@ def test_divergence_stops_with_the_step_and_the_images(world, tmp_path, capsys):
     weight = torch.nn.Parameter(torch.tensor([1.0, float("inf")]))  # a finite loss can hide such a weight
     weight.grad = torch.zeros(2)
     with pytest.raises(divergence.Diverged, match="weights became non-finite.*a.jpg"):
-        divergence.check_step({"step": 7, "epoch": 0}, ["a.jpg"], opt=torch.optim.AdamW([weight]))
+        divergence.check_weights({"step": 7, "epoch": 0}, ["a.jpg"], torch.optim.AdamW([weight]))
 
 
 def test_hand_edited_checkpoints_are_one_line(world, reference, tmp_path, capsys):

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import sigrl
 from sigrl import SDA, VFR, SigRL, SigRLConfig
+from tools import explain
 from vit import VisionConfig, VisionTransformer
 
 B, C, D = 2, 13, 16
@@ -18,7 +19,8 @@ def tower():
 
 
 def plain_forward(model, images, H):
-    """(scores, local, glob) of `model`: its ablation switches and Eq. 13 written out here, around the plain
+    """(scores, local, glob) of `model`: its ablation switches and the scores (Eq. 13 as the reference code
+    normalises and averages them) written out here, around the plain
     path of its modules (no chunking anywhere)."""
     tokens = model.student.forward_tokens(images) @ model.student.proj
     g, patch = tokens[:, 0], tokens[:, 1:]
@@ -32,7 +34,7 @@ def plain_forward(model, images, H):
 
 
 def plain_local(model, patch, H):
-    """The local score before Eq. 13's normalisation (B, C): top-k mean over p of <M_hat[b,p,:], H[c,:]>."""
+    """The local score before the reference code's normalisation over the classes (B, C): top-k mean over p of <M_hat[b,p,:], H[c,:]>."""
     cfg = model.config
     M_hat = patch
     if cfg.vfr:
@@ -80,7 +82,7 @@ def assert_same(a, b):
             torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5)
 
 
-# ---- the maps behind the local score (predict.py --explain) ------------------------------------------------
+# ---- the maps behind the local score (predict.py --explain; tools/explain.py) -----------------------------
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("switches", [{}, {"gmc": False, "sda": False}, {"gmc": False, "sda": False, "vfr": False}])
 def test_explain_maps_are_what_the_local_score_ranks(fast, switches):
@@ -91,7 +93,7 @@ def test_explain_maps_are_what_the_local_score_ranks(fast, switches):
     images, H = inputs()
     with torch.no_grad():
         g, patch = model.encode(images)
-        maps = model.explain(patch, H)
+        maps = explain.maps(model, patch, H)
         out = model.score(g, patch, H)
         s_local = maps.similarity.topk(model.config.topk, dim=1).values.mean(dim=1)  # (B, C)
         torch.testing.assert_close(s_local, plain_local(model, patch, H), rtol=1e-9, atol=1e-9)

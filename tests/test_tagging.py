@@ -26,7 +26,7 @@ from PIL import Image
 import eval as evaluation
 import predict
 from support import thresholds
-from tools import gallery
+from tools import figure3, gallery
 from test_predict import _setup, forward_scores, one_line_error
 
 
@@ -306,8 +306,8 @@ def test_gallery_in_a_browser(folder_gallery, tmp_path):
 
 def test_figure_gallery_marks_against_the_test_labels(setup, tmp_path):
     out = tmp_path / "fig"
-    assert evaluation.main(["--ckpt", str(setup["ckpt"]), "--figure", str(tmp_path / "f.png"), "--figure-n", "3",
-                            "--figure-html", str(out), "--workers", "0"]) == 0
+    assert figure3.main(["--ckpt", str(setup["ckpt"]), "--out", str(tmp_path / "f.png"), "--n", "3",
+                         "--html", str(out), "--workers", "0"]) == 0
     page, data = read_page(out / "index.html"), setup["data"]
     unseen = list(data.unseen)  # the figure scores the unseen labels alone (the ZSL pass)
     truth = {os.path.basename(p): {unseen[c] for c in np.flatnonzero(y[len(data.seen):] == 1)}

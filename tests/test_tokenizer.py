@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from optional import need
 from support import tokenizer
 from support.tokenizer import Tokenizer, find_bpe, learn_bpe, normalize, pretokenize, tokenize, write_bpe
 
-open_clip = pytest.importorskip("open_clip")
+open_clip = need("open_clip")
 
 REPO = str(Path(__file__).resolve().parent.parent)
 LABEL_DIR = Path(REPO) / "labels"
@@ -93,7 +94,7 @@ def test_pretokens_documented_facts():
 
 def test_pretoken_classes_match_regex_module_on_every_assigned_code_point():
     """The stdlib classes vs the official `regex` pattern: equal on every code point Python knows."""
-    regex = pytest.importorskip("regex")
+    regex = need("regex")
     import unicodedata
     official = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                              r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
@@ -134,7 +135,7 @@ def test_special_token_literals():
 
 
 def test_ftfy_fallback_gives_the_same_ids(monkeypatch, label_texts):
-    pytest.importorskip("ftfy")
+    need("ftfy")
     tok = Tokenizer()
     cases = label_texts + ASCII_CASES + ["it’s", "“quoted”", "ﬁsh ﬂy", "ＡＢＣ１２３", "a\x00b\x7fc", "a\vb"]
     with_ftfy = [tok.encode(t) for t in cases]

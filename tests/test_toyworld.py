@@ -13,8 +13,10 @@ import torch
 
 from toy import shapes as toydraw
 from toy import world as tw
-from data import DataError, check_images, load_nuswide
+from data import check_images, load_nuswide
+from support.errors import DataError
 from toy.pretrain import PretrainConfig, build_clip, encode_text_prefix, save_official
+from optional import need
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +133,8 @@ def test_prefix_text_encoding_is_exact():
 
 def test_saved_layout_matches_openai(tmp_path):
     """Key names, shapes and the fp16 subset of an open_clip model of the same size (the independent oracle)."""
-    from open_clip.model import CLIP as OpenClip, CLIPTextCfg, CLIPVisionCfg
+    oc = need("open_clip.model")  # the comparison skips, naming it, without open_clip
+    OpenClip, CLIPTextCfg, CLIPVisionCfg = oc.CLIP, oc.CLIPTextCfg, oc.CLIPVisionCfg
     from fixtures_clip import fp16_subset
     cfg = PretrainConfig(vision_layers=2, text_layers=2)
     ours = build_clip(cfg, vocab_size=600).eval()

@@ -15,8 +15,10 @@ import torch
 import data
 import eval as evaluate
 import fixtures_clip
+from optional import World
 import fixtures_data
 import train
+from tools import twins
 from protocol.metrics import nus_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +43,10 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
     fixtures_clip.make_clip_checkpoint(d / "clip.pt", size="tiny", fmt="jit")
     env = dict(os.environ, SIGRL_CACHE=str(d / "cache"))
-    return {"dir": d, "clip": d / "clip.pt", "env": env,
-            "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
-            "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc")}
+    return World({"dir": d, "clip": d / "clip.pt", "env": env,
+                  "nus": fixtures_data.make_nuswide_h5(d / "nus", n_train=12, n_test=8),
+                  "coco": fixtures_data.make_coco(d / "coco"), "voc": fixtures_data.make_voc(d / "voc")},
+                 needs={"nus": "h5py"})
 
 
 def common(world, out, **extra):
@@ -69,13 +72,22 @@ def test_zsl_train_then_eval(world, tmp_path):
     cpu = json.loads((run / "config.json").read_text())["cpu"]  # what decided the CPU's rounding
     assert cpu["threads"] >= 1 and cpu["instruction_set"] and set(cpu["pins"]) >= {"ATEN_CPU_CAPABILITY", "MKL_CBWR"}
     assert all(pin["by"] != "train.py" for pin in cpu["pins"].values())  # NUS-WIDE is not pinned, the toy world is
+    assert (run / "curves.png").is_file() and (run / "rows.png").is_file()
     assert set(log[1]["loss"]) == {"local", "global"}
     for record in log:
         assert set(record) >= {*ZSL_SETTINGS, "loss", "branch_map"}
         assert {k: set(v) for k, v in record["branch_map"].items()} == {s: set(BRANCHES) for s in ZSL_SETTINGS}
     proc = cli("eval.py", "--ckpt", run / "last.pt", "--json", tmp_path / "r.json", env=world["env"])
     got = json.loads((tmp_path / "r.json").read_text())
-    assert set(got) == {*ZSL_SETTINGS, "branch_map"} and all(set(got[s]) == NUS_KEYS for s in ZSL_SETTINGS)
+    assert set(got) == {*ZSL_SETTINGS, "branch_map", "zero_shot_clip"}
+    assert all(set(got[s]) == NUS_KEYS for s in ZSL_SETTINGS)
+    # raw CLIP beside the trained model, from the run's own CLIP file: what eval.py --baseline clip gives alone
+    cli("eval.py", "--baseline", "clip", "--data", "nuswide", "--data-root", world["nus"], "--clip", world["clip"],
+        "--json", tmp_path / "clip.json", env=world["env"])
+    assert got["zero_shot_clip"] == json.loads((tmp_path / "clip.json").read_text())
+    zero_shot_row = next(line for line in proc.stdout.splitlines() if line.startswith("| zero-shot CLIP "))
+    assert f"| {got['zero_shot_clip']['zsl']['map']:.2f}" in zero_shot_row
+    assert any(line.startswith("| SigRL, epoch 1 ") for line in proc.stdout.splitlines())
     for setting in ZSL_SETTINGS:  # eval.py alone reproduces the end-of-epoch evaluation of train.py
         for k in NUS_KEYS:
             np.testing.assert_allclose(got[setting][k], log[1][setting][k], atol=1e-6, equal_nan=True)
@@ -122,7 +134,8 @@ def test_spml_train_then_eval(world, tmp_path, data, loss):
     assert (run / "best.pt").exists()
     cli("eval.py", "--ckpt", run / "best.pt", "--json", tmp_path / "r.json", env=world["env"])
     got = json.loads((tmp_path / "r.json").read_text())
-    assert set(got) == {"test", "branch_map"} and set(got["test"]) >= SPML_KEYS and set(got["branch_map"]) == {"test"}
+    assert set(got) == {"test", "branch_map", "zero_shot_clip"} and set(got["test"]) >= SPML_KEYS
+    assert set(got["branch_map"]) == {"test"} and set(got["zero_shot_clip"]["test"]) >= SPML_KEYS
     best = torch.load(run / "best.pt", weights_only=True)["state"]["best"]
     np.testing.assert_allclose(got["test"]["map"], best["test_map"], atol=1e-9)
     if loss == "em_apl":  # after epoch 1 >= warm-up the APL round turned some unobserved entries negative
@@ -169,7 +182,7 @@ def test_bad_input_one_line_and_run_files_untouched(world, tmp_path, capsys, mon
     monkeypatch.setenv("SIGRL_CACHE", str(world["dir"] / "cache"))
 
     def call(script, *args):
-        rc = (train if script == "train.py" else evaluate).main([str(a) for a in args])
+        rc = {"train.py": train, "eval.py": evaluate, "tools.twins": twins}[script].main([str(a) for a in args])
         out, err = capsys.readouterr()
         # what the user reads on stderr: progress bars (tqdm) left out
         return subprocess.CompletedProcess(script, rc, out, "\n".join(line for line in err.splitlines()
@@ -211,9 +224,8 @@ def test_bad_input_one_line_and_run_files_untouched(world, tmp_path, capsys, mon
     # a new run into a directory that holds one
     assert_one_line_error(call("train.py", *spml, *common(world, run)), "--resume")
     # the twin report of a run that is not zero-shot
-    assert_one_line_error(call("eval.py", "--ckpt", run / "last.pt", "--twins"), "--task zsl")
-    assert_one_line_error(call("eval.py", "--ckpt", run / "last.pt", "--twins", "--figure", tmp_path / "f.png"),
-                          "--twins")
+    assert_one_line_error(call("tools.twins", "--ckpt", run / "last.pt"), "--task zsl")
+    assert_one_line_error(call("tools.twins", "--ckpt", run / "last.pt", "--out", tmp_path / "f.png"), "--out")
     # evaluating a COCO checkpoint on VOC labels
     proc = call("eval.py", "--ckpt", run / "last.pt", "--data-root", world["voc"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -250,10 +262,11 @@ def test_ablation_table(world, tmp_path):
                "--data-root", world["coco"], "--clip", world["clip"], "--epochs", 1, "--workers", 0,
                "--fix-layer", 1, "--batch-size", 8, env=world["env"])
     table = proc.stdout[proc.stdout.index("Ablation"):]
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     for row in ("baseline (no GMC, SDA, VFR)", "GMC + SDA + VFR (SigRL)"):
-        assert f"| {row}, epoch 0 |" in table and f"| {row}, trained |" in table
-    assert "| zero-shot CLIP, cosine" in table and "| the same CLIP, SigRL's global scoring" in table
-    assert "±" in table and "| VFR, trained |" not in table and "TEST local mAP" in table
+        assert {f"{row}, epoch 0", f"{row}, trained", f"{row}, trained, local"} <= set(names), names
+    assert {"zero-shot CLIP", "global, epoch 0"} <= set(names) and "VFR, trained" not in names
+    assert "±" in table and "Each branch of the fused score alone" in table
     for row, seed in ((0, 1), (0, 2), (4, 1), (4, 2)):
         assert (tmp_path / f"row{row}-seed{seed}" / "last.pt").exists()
     baseline = torch.load(tmp_path / "row0-seed1" / "last.pt", weights_only=True)["head_config"]

@@ -1,12 +1,11 @@
 """vit.py against independent implementations: explicit attention maths, open_clip's ViT, timm's ViT."""
 import math
 
-import open_clip
 import pytest
-import timm
 import torch
 
 from fixtures_clip import randomize_
+from optional import need
 from vit import (Attention, CheckpointError, Transformer, VisionConfig, VisionTransformer, infer_vision_config,
                  load_timm_vit)
 
@@ -49,6 +48,7 @@ def test_causal_mask_hides_the_future():
 
 
 def open_clip_visual(width, layers, patch, resolution, embed_dim, seed=0):
+    open_clip = need("open_clip")
     cfg = open_clip.model.CLIPVisionCfg(width=width, layers=layers, patch_size=patch, image_size=resolution,
                                         output_tokens=True)
     tower = open_clip.model._build_vision_tower(embed_dim, cfg, quick_gelu=True)
@@ -90,7 +90,7 @@ def test_input_shape_is_checked():
 @pytest.fixture(scope="module")
 def timm_vit():
     torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    model = need("timm").create_model("vit_base_patch16_224", pretrained=False)
     return randomize_(model, seed=3).eval()
 
 

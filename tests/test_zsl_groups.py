@@ -101,15 +101,23 @@ def test_tables_print_the_groups():
                "branch_map": {s: {"local": 1.0, "global": 2.0} for s in ("zsl", "zsl_twins", "zsl_novel", "gzsl")}}
     table = tables.format_table(results)
     assert "| ZSL twins | 60.00 |" in table and "| ZSL novel | 40.00 |" in table
-    head = tables.format_comparison({"SigRL": results}).splitlines()[0]
-    assert "ZSL twins mAP" in head and "ZSL novel F1@3" in head and "ZSL twins F1@5" not in head
-    assert "ZSL twins local mAP" in head and "ZSL novel global mAP" in head
+    printed = tables.format_comparison({"zero-shot CLIP": {"zsl": m, "gzsl": m}, "SigRL": results})
+    lines = printed.splitlines()
+    cells = lambda line: [c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+    assert cells(lines[0]) == ["method", "ZSL mAP", "F1@3", "twins mAP", "F1@3", "novel mAP", "F1@3", "GZSL mAP",
+                               "F1@3"]  # the README's order: each setting's mAP and F1@3, the groups beside ZSL
+    rows = {cells(line)[0]: cells(line)[1:] for line in lines[2:] if line.startswith("|")}
+    assert rows["SigRL"] == ["50.00", "3.00", "60.00", "3.00", "40.00", "3.00", "50.00", "3.00"]
+    assert rows["zero-shot CLIP"] == ["50.00", "3.00", "-", "-", "-", "-", "50.00", "3.00"]
+    assert rows["SigRL, local"] == ["1.00"] * 4 and rows["SigRL, global"] == ["2.00"] * 4
+    assert not any("zero-shot CLIP, " in line for line in lines)  # a row without branches has no branch rows
+    assert max(map(len, lines)) <= 100  # it fits a 100-column terminal
 
 
 def test_plot_draws_the_groups_apart(tmp_path, capsys):
     """The training curves leave the groups out; --zsl-groups draws them, one panel per score."""
     import json
-    from tools import plot
+    from support import curves as plot
     groups = ("zsl", "zsl_twins", "zsl_novel", "gzsl")
     records = [{"epoch": e, "loss": {"local": 1.0} if e else {}, **{s: {"map": 50.0 + e + i} for i, s in
                                                                     enumerate(groups)},

@@ -23,10 +23,9 @@ from support import runs
 from support import tables
 from support import tasks
 import train
-from support.clip_files import CheckpointError, load_clip
-from data import DataError
+from support.clip_files import load_clip
+from support.errors import CheckpointError, DataError, WriteError, error_line
 from support.paths import FOLDER, check_outputs
-from support.safe_io import WriteError
 
 SETTINGS = {  # Table IV rows: name -> flags
     "baseline (no GMC, SDA, VFR)": ["--no-gmc", "--no-sda", "--no-vfr"],
@@ -48,6 +47,7 @@ def mean_std(results):
     return float(np.mean(results)), float(np.std(results))
 
 
+@cli.command  # Ctrl-C (while the toy world is written, say) is one line too
 def main(argv=None):
     parallel.quiet_unless_main()  # under torchrun, rank 0 alone prints
     p = cli.parser(prog="python -m tools.ablation", description=__doc__.split("\n\n")[0], epilog="Other flags go to train.py.")
@@ -79,7 +79,7 @@ def main(argv=None):
                 means[f"{name}, epoch 0"], stds[f"{name}, epoch 0"] = mean_std([r[1] for r in results])
                 means[f"{name}, trained"], stds[f"{name}, trained"] = mean_std([r[2] for r in results])
     except (CheckpointError, DataError, runs.UsageError, WriteError, parallel.Stopped) as err:
-        parallel.report(err, runs.error_line(err))
+        parallel.report(err, error_line(err))
         return 2
     finally:
         parallel.finish()

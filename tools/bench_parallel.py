@@ -1,4 +1,4 @@
-"""bench.py's data-parallel section: train.py's own step (train.train_step) on N torchrun processes against one.
+"""bench.py's data-parallel section: train.py's own step (train.train_one_epoch, one step) on N torchrun processes against one.
 
     python -m tools.bench --only parallel                  # CPU: 2 gloo processes vs 1 (correctness and overhead only)
     python -m tools.bench --only parallel --device cuda    # GPU: images/s on 1 GPU (and on all of them, if several)
@@ -51,7 +51,7 @@ def worker(spec):
     images = torch.randn(B, 3, vision.resolution, vision.resolution, generator=gen)  # (B, 3, R, R)
     labels = torch.where(torch.rand(B, C, generator=gen) < 0.05, 1, -1).index_fill(1, torch.tensor(0), 1)  # (B, C)
     H = torch.randn(C, vision.embed_dim, generator=gen).to(device)  # (C, D)
-    step_plan = parallel.epoch_plan(np.ones(B, dtype=bool), B, 1, 0, 0)[0]  # this process's share of the batch
+    step_plan = parallel.micro_batches(np.arange(B), 1)  # this process's share of the batch
     micro = [((images[idx], labels[idx], torch.from_numpy(idx)), share) for idx, share in step_plan]
     data = types.SimpleNamespace(train_paths=[f"random image {i}" for i in range(B)])  # named if it diverges
     state, seconds = {"step": 0, "epoch": 0, "first_loss": None}, []
@@ -60,7 +60,7 @@ def worker(spec):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        train.train_step(run, micro)
+        train.train_one_epoch(run, [micro], 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
@@ -120,7 +120,7 @@ def main(argv=None):
     try:
         spec = json.loads(text)
         spec = spec if {"device", "batch", "classes", "vision", "steps", "weights"} <= set(spec) else None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         spec = None
     if spec is None:
         raise runs.UsageError(f"--worker {text[:40]!r}: expected the JSON spec of a job, as tools.bench writes it")

@@ -1,15 +1,25 @@
-"""The paper's Fig. 3 for a run checkpoint (`python eval.py --ckpt RUN/last.pt --figure fig3.png`): test images,
-each with its ground truth and its top-k predictions, blue when right and red when wrong; `--figure-html DIR`
-writes the same images as a gallery page (tools/gallery.py)."""
+"""The paper's Fig. 3 for a run checkpoint: test images, each with its ground truth and its top-k predictions,
+blue when right and red when wrong, missed ground truth struck through; ZSL shows the unseen labels.
+
+    python -m tools.figure3 --ckpt RUN/last.pt --out fig3.png [--n 8] [--k 3] [--seed 0]
+    python -m tools.figure3 --ckpt RUN/last.pt --out fig3.png --images a.jpg b.jpg --html OUT_DIR
+
+--html DIR also writes the same images as a gallery page (tools/gallery.py). Under torchrun each process scores
+a share of the images and rank 0 draws.
+"""
+import argparse
 import os
+import sys
 
 import numpy as np
 
 import eval as evaluation
 from data import build_transform, read_image, view_transform
-from support import checkpoints, parallel, tasks
-from support.runs import UsageError
-from tools import draw, gallery
+from support import checkpoints, cli, parallel, tasks
+from support.errors import UsageError
+from support import draw
+from support.paths import check_outputs
+from tools import gallery
 
 
 def choose_images(paths, labels, n, seed=0, wanted=None):
@@ -20,7 +30,7 @@ def choose_images(paths, labels, n, seed=0, wanted=None):
         for w in wanted:
             hits = [i for i, p in enumerate(paths) if p == w or p.endswith(os.sep + w.lstrip(os.sep))]
             if len(hits) != 1:
-                raise UsageError(f"--figure-images {w}: matches {len(hits)} test images, expected one "
+                raise UsageError(f"--images {w}: matches {len(hits)} test images, expected one "
                                  f"(give its path, or a file name that only it has)")
             chosen += hits
         return chosen
@@ -40,6 +50,10 @@ def draw_figure(args):
     names, truth = names[cols], data.test_labels[:, cols] == 1  # (N, C) the scored labels' ground truth
     chosen = choose_images(data.test_paths, truth.astype(int), args.figure_n, args.seed, args.figure_images)
     paths, R = [data.test_paths[i] for i in chosen], ckpt["resolution"]
+    # every file the figure and its page write (index.html, images/NNNN.png), before any image is scored
+    check_outputs([("--out", args.figure)] + (gallery.outputs("--html", args.figure_html, len(paths))
+                                                 if args.figure_html else []),
+                  [("the checkpoint", args.ckpt)] + [("a test image", p) for p in paths])
     encode, scorers = evaluation.sigrl_scorers(model, {"fig": ckpt["label_emb"][cols].to(device)}, R, spml=cfg.task == "spml")
     parallel.ready()
     scores = evaluation.predict(paths, build_transform(cfg.task, False, R), encode, scorers, device, cfg.eval_batch_size, 0,
@@ -64,7 +78,28 @@ def draw_figure(args):
         print(f"gallery: {len(cells)} test images written to {index}")
 
 
-if __name__ == "__main__":  # imported by other commands; alone it says which
-    import sys
-    from support import cli
-    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))
+def parser():
+    p = cli.Parser(prog="python -m tools.figure3", description=__doc__.split("\n\n")[0],
+                   epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a run checkpoint written by train.py (RUN_DIR/last.pt or best.pt)")
+    p.add_argument("--out", dest="figure", metavar="OUT.png", required=True, help="the picture to write")
+    p.add_argument("--n", dest="figure_n", type=cli.at_least(1), default=8,
+                   help="how many test images, drawn with --seed among those with a positive (default: 8)")
+    p.add_argument("--images", dest="figure_images", nargs="+", help="these test images instead (paths or file names)")
+    p.add_argument("--k", dest="figure_k", type=cli.at_least(1), default=3, help="predictions shown per image "
+                                                                                  "(default: 3)")
+    p.add_argument("--html", dest="figure_html", metavar="OUT_DIR", help="also an HTML gallery of the same images")
+    p.add_argument("--seed", type=int, default=0, help="which images are drawn (default: 0)")
+    evaluation.checkpoint_flags(p)
+    return p
+
+
+@parallel.command
+def main(argv=None):
+    args = parser().parse_args(argv)
+    evaluation.check_outputs(args)
+    draw_figure(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

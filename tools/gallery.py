@@ -3,14 +3,16 @@
     python predict.py --ckpt RUN/last.pt photos/ --html OUT_DIR [--thresholds THRESHOLDS.json]
     python predict.py                                  # the offline demo also writes runs/zsl-toy/gallery/
 
-One card per image: the image, its best-ranked labels with a bar for each score, the labels it is tagged with
-(the top-k, those above --threshold, or above their own --thresholds) in bold, and, where the checkpoint has a
-local branch, its explain picture (predict.py --explain) folded under a <details>. Where ground truth is known
-(the demo's toy-world test images) the tags are marked as in the paper's Fig. 3: blue when right, red when
-wrong, and the ground-truth labels that were not tagged are listed struck through.
+One card per image: the image as data.read_image gives the model its pixels (upright by its EXIF orientation,
+16-bit greyscale scaled, CMYK and palette converted), its best-ranked labels with a bar for each score, the
+labels it is tagged with (the top-k, those above --threshold, or above their own --thresholds) in bold, and,
+where the checkpoint has a local branch, its explain picture (predict.py --explain) folded under a <details>.
+Where ground truth is known (the demo's toy-world test images) the tags are marked as in the paper's Fig. 3:
+blue when right, red when wrong, and the ground-truth labels that were not tagged are listed struck through.
 
-The bars are scaled to the page's range of shown scores, not to [0, 1]: SigRL's scores are Eq. 13's values,
-of the order of 1 / sqrt(C) for C labels, not probabilities. The page's one inline script counts the photos
+The bars are scaled to the page's range of shown scores, not to [0, 1]: SigRL's scores are the reference
+code's normalised ones (the paper's Eq. 13 adds raw scores; the code divides each branch by its norm over the
+labels, then averages), of the order of 1 / sqrt(C) for C labels, not probabilities. The page's one inline script counts the photos
 the browser has drawn into <body data-photos-drawn>, which the browser test reads.
 """
 import html
@@ -20,6 +22,8 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from data import read_image
+from support.paths import FOLDER, inner_folder
 from support.safe_io import atomic_write
 
 RANKED = 8  # labels listed per card at least, and every tag (a label's own threshold can tag a low score)
@@ -53,6 +57,18 @@ window.addEventListener("load", () => {
 """
 
 
+def picture_name(i):
+    """images/NNNN.png: numbered, so any image file name makes a safe link."""
+    return os.path.join("images", f"{i:04d}.png")
+
+
+def outputs(flag, out_dir, n):
+    """Every path write() puts in OUT_DIR for n images, as support/paths.check_outputs takes them: the folder,
+    index.html and images/0000.png .. , so none of them may be an input or another output of the command."""
+    return ([(flag, out_dir, FOLDER), (flag, os.path.join(out_dir, "index.html"))]
+            + [(flag, os.path.join(out_dir, picture_name(i))) for i in range(n)])
+
+
 def card(i, image_src, name, ranked, tagged, truth, explain_src, lo, hi):
     """One image's <section>: ranked [(label, score)] best first, tagged a set of labels, truth a set or None."""
     rows = []
@@ -81,7 +97,8 @@ def write(out_dir, title, notes, images, names, scores, tagged, truth=None, expl
     """OUT_DIR/index.html and OUT_DIR/images/*.png. scores (N, C) against `names`; per image (lists in the
     order of `images`): its tagged labels (a set), its ground truth (a set; truth=None when unknown) and its
     explain PNG (inside out_dir; explain=None without). Returns the path of index.html."""
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
+    inner_folder(out_dir, "images")  # never through a link that leads out of out_dir
     ranked = []
     for row, tags in zip(scores, tagged):
         order = np.argsort(-row, kind="stable")  # best first: the top RANKED, and every tag however low
@@ -90,9 +107,8 @@ def write(out_dir, title, notes, images, names, scores, tagged, truth=None, expl
     lo, hi = (min(shown), max(shown)) if shown else (0.0, 1.0)
     cards = []
     for i, path in enumerate(images):
-        src = os.path.join("images", f"{i:04d}.png")  # numbered: any file name makes a safe link
-        with Image.open(path) as im:
-            picture = im.convert("RGB")
+        src = picture_name(i)
+        picture = read_image(path)  # the reader the model's input comes from: upright, 16-bit scaled, CMYK, palette
         picture.thumbnail((THUMB, THUMB))
         atomic_write(os.path.join(out_dir, src), lambda f, p=picture: p.save(f, format="PNG"))
         explain_src = os.path.relpath(explain[i], out_dir) if explain else None

@@ -3,7 +3,7 @@
 Paper sizes on CUDA (ViT-B/16 at 224 px, random weights; under 5 minutes on one H100/H200), a tiny model on the
 CPU (the tests run it there so it cannot rot). Sections, each guarded (one that fails is recorded with its error
 and the others still run) and the JSON written after each:
-  train     train.py's train_step at B = 32, C = 925 under the precision policy (bf16 autocast on CUDA): eager and
+  train     one step of train.py's loop (train_one_epoch) at B = 32, C = 925 under the precision policy (bf16 autocast on CUDA): eager and
             with SDA/VFR compiled; s/step, peak GiB, the step-0 L1 (0 by the policy), compile seconds, graphs
   eval      evaluation throughput, both branches, ZSL + GZSL label sets (81 + 1006 labels) per batch of 64, and
             the projected minutes for NUS-WIDE's 107,859 test images (compute only; decoding: `startup`, `tagging`)
@@ -63,7 +63,7 @@ def _model(size, device, compile=False):
 
 
 def train_section(size, device):
-    """train_step at the paper's batch and seen-label count, eager then compiled (each on a fresh model)."""
+    """One step of train.py's loop at the paper's batch and seen-label count, eager then compiled (each on a fresh model)."""
     from torch._dynamo.utils import counters
     B, C, rows = size["B"], size["C"], {}
     for mode in ("eager", "compiled"):
@@ -82,9 +82,9 @@ def train_section(size, device):
         if device.type == "cuda":
             torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats(device)
         graphs = counters["stats"]["unique_graphs"]
-        first, terms = _timed(lambda: train.train_step(run, batch), device)  # step 0: AdamW's state, compiling
-        second, _ = _timed(lambda: train.train_step(run, batch), device)  # compiled: backward's graphs are done
-        timed = [_timed(lambda: train.train_step(run, batch), device)[0] for _ in range(size["steps"])]
+        first, terms = _timed(lambda: train.train_one_epoch(run, [batch], 1), device)  # step 0: AdamW's state, compiling
+        second, _ = _timed(lambda: train.train_one_epoch(run, [batch], 1), device)  # compiled: backward's graphs are done
+        timed = [_timed(lambda: train.train_one_epoch(run, [batch], 1), device)[0] for _ in range(size["steps"])]
         step = float(np.median(timed))
         rows[mode] = {"s/step": step, "images/s": B / step, "peak GiB": _peak_gib(device),
                       "step-0 L1": terms["global"], "first two steps s": first + second,

@@ -21,18 +21,32 @@ import eval as evaluation
 from clip_text import encode_labels
 from support import checkpoints, cli, precision, runs, tasks
 from support.clip_files import load_clip
+import sigrl
 from sigrl import SigRL, SigRLConfig
 from vit import VisionConfig, VisionTransformer
 
 
+def _sda_attention_fp32(fc_sda, patch, H):
+    """sigrl.sda_attention with its softmax stored in fp32 (the alternative to the policy's dtype=f.dtype)."""
+    f = fc_sda((patch[:, :, None, :] * H.to(patch.dtype)).tanh_())  # (B, P, C, D)
+    return f.softmax(dim=1, dtype=torch.float32)  # (B, P, C, D) in fp32
+
+
+def _reconstruction_weight_fp32(fc_vfr, patch, O):
+    """sigrl.reconstruction_weight with its softmax stored in fp32, as _sda_attention_fp32."""
+    f_hat = fc_vfr((patch[:, :, None, :] * O[:, None].to(patch.dtype)).tanh_())  # (B, P, C, D)
+    return f_hat.softmax(dim=1, dtype=torch.float32).sum(dim=2, dtype=torch.promote_types(f_hat.dtype, torch.float32))
+
+
 def variants():
-    """{name: context}: the settings compared (each patches support/precision.py only while it is active)."""
-    bf16_scores = mock.patch.object(precision, "fp32_matmul", lambda a, b: a @ b)  # autocast makes it bf16
-    fp32_softmax = mock.patch.object(precision, "softmax_dtype", lambda x: torch.float32)
+    """{name: context}: the settings compared (each patches sigrl.py's functions only while it is active)."""
+    bf16_scores = mock.patch.object(sigrl, "score_matmul", lambda a, b: a @ b)  # autocast makes it bf16
+    fp32_softmax = lambda: _both(mock.patch.object(sigrl, "sda_attention", _sda_attention_fp32),  # noqa: E731
+                                 mock.patch.object(sigrl, "reconstruction_weight", _reconstruction_weight_fp32))
     return {"fp32": contextlib.nullcontext,
             "bf16 policy (fp32 scores)": precision.emulate,
             "bf16, scores in bf16 too": lambda: _both(precision.emulate(), bf16_scores),
-            "bf16 policy, softmax stored fp32": lambda: _both(precision.emulate(), fp32_softmax)}
+            "bf16 policy, softmax stored fp32": lambda: _both(precision.emulate(), fp32_softmax())}
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Each unseen twin beside the seen label it is another word for, at epoch 0 and trained:
-`python eval.py --ckpt RUN/last.pt --twins [--json twins.json]`.
+
+    python -m tools.twins --ckpt RUN/last.pt [--json twins.json] [--clip CLIP]
 
 The ZSL twins row averages a few labels; this report shows where its number comes from. A twin label and its
 seen word ("auto" and car on the toy world, "dogs" and dog on NUS-WIDE) have near-identical text embeddings,
@@ -9,23 +10,26 @@ fused score and of each branch of Eq. 13 alone, in two passes over the test imag
   the same label set, so a twin's gain can be read against its seen word's;
 - the ZSL pass (the unseen labels alone, the protocol's): the twins' means here are the ZSL twins row of
   `eval.py --ckpt` and of train.py's log.
-Eq. 13 normalises each image's scores over the scored labels, and VFR sums its attention over them (Eq. 12 as
-the reference computes it), so a label's score depends on the set it is scored in: the two passes differ.
+
+The reference code normalises each image's scores over the scored labels (the paper's Eq. 13 adds the raw
+scores), and VFR sums its attention over them (Eq. 12 as the reference code computes it), so a label's score
+depends on the set it is scored in: the two passes differ.
 
 Epoch 0 is the run's own: train.initial_model rebuilt from the run's config and its CLIP file (the same seed,
 so the same initial heads), checked against log.jsonl's epoch-0 record when the run directory has one.
 """
+import argparse
 import os
+import sys
 
 import numpy as np
 
 import eval as evaluation
 import train
 from protocol.metrics import nus_ap
-from support import checkpoints, tasks
-from support.clip_files import CheckpointError
-from support.runs import UsageError
-from tools import plot
+from support import checkpoints, cli, parallel, runs, tasks
+from support.errors import CheckpointError, UsageError
+from support import curves
 
 BRANCHES = ("fused", "local", "global")  # the three score columns of eval.zsl_scores
 
@@ -81,23 +85,23 @@ def format_report(report, title):
 
 
 def epoch0_record(run_dir):
-    """log.jsonl's epoch-0 record in the checkpoint's folder (tools.plot.read_log), or None when there is none."""
+    """log.jsonl's epoch-0 record in the checkpoint's folder (support/curves.py's read_log), or None when there is none."""
     try:
-        first = plot.read_log(run_dir)[0]
+        first = curves.read_log(run_dir)[0]
     except UsageError:  # no log beside the checkpoint, or not a readable one: the check is skipped
         return None
     return first if first["epoch"] == 0 and "zsl_twins" in first else None
 
 
 def report(args):
-    """eval.py --twins: the report for args.ckpt, printed (and its dict returned, for --json)."""
+    """The report for args.ckpt, printed (and its dict returned, for --json)."""
     ckpt, cfg, data, device = evaluation.checkpoint_and_data(args)
     if cfg.task != "zsl":
-        raise UsageError(f"{args.ckpt}: --twins reads a zero-shot run (--task zsl), this one is --task {cfg.task}")
+        raise UsageError(f"{args.ckpt}: tools.twins reads a zero-shot run (--task zsl), this one is --task {cfg.task}")
     if cfg.global_only:
-        raise UsageError(f"{args.ckpt}: --twins sets Eq. 13's two branches side by side; a --global-only run has one")
+        raise UsageError(f"{args.ckpt}: tools.twins sets Eq. 13's two branches side by side; a --global-only run has one")
     if cfg.prompt != "fixed":
-        raise UsageError(f"{args.ckpt}: --twins needs a run with fixed prompts; a --prompt {cfg.prompt} run "
+        raise UsageError(f"{args.ckpt}: tools.twins needs a run with fixed prompts; a --prompt {cfg.prompt} run "
                          f"learned its label embeddings, so its epoch 0 scored other ones")
     names, n_train = tasks.label_names(cfg, data)
     pairs = tasks.zsl_twin_pairs(cfg, data)
@@ -131,7 +135,25 @@ def report(args):
     return out
 
 
-if __name__ == "__main__":  # imported by other commands; alone it says which
-    import sys
-    from support import cli
-    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))
+def parser():
+    p = cli.Parser(prog="python -m tools.twins", description=__doc__.split("\n\n")[0],
+                   epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a ZSL run checkpoint written by train.py (RUN_DIR/last.pt)")
+    p.add_argument("--json", help="also write the report (every label's AP in both passes) to this JSON file")
+    p.add_argument("--clip", default="", help="the run's own CLIP file, if it is no longer where it was")
+    evaluation.checkpoint_flags(p)
+    return p
+
+
+@parallel.command
+def main(argv=None):
+    args = parser().parse_args(argv)
+    evaluation.check_outputs(args)
+    out = report(args)
+    if args.json and parallel.is_main():
+        runs.write_json(out, args.json)
+        print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from support import cli
-from support.runs import UsageError
+from support.errors import UsageError
 from toy import world as toyworld
 from support.clip_files import INT_ENTRIES
 from clip_text import CLIP, CLIPConfig

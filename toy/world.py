@@ -61,7 +61,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from clip_text import CLIP_MEAN, CLIP_STD  # noqa: E402
 from support import cli, safe_io  # noqa: E402
-from data import DataError, nus_path, read_spml_folder  # noqa: E402
+from data import nus_path, read_spml_folder  # noqa: E402
+from support.errors import DataError
 from support.data_formats import observe_single_positive  # noqa: E402
 from toy.shapes import background, draw_object  # noqa: E402
 
@@ -187,7 +188,7 @@ def make_world(root, seed=0, n_train=3000, n_test=1000):
 def _made(root, want):
     try:
         return json.loads((root / "toyworld.json").read_text()) == want
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # damaged, or nested too deep: the world is written again
         return False
 
 

@@ -2,7 +2,7 @@
 
     explain_panel(image, grid, maps, title)    an image beside, per label, where its local score comes from
     figure_grid(cells, columns)                 Fig. 3: images with their ground truth and top-k predictions
-Used by predict.py (--explain) and eval.py (--figure); plot.py draws the training curves with the same font.
+Used by predict.py (--explain) and tools/figure3.py; support/curves.py draws the training curves with the same font.
 
 Heat maps live on the model's patch grid (h x w cells, 8 x 8 for the toy CLIP at 64 px with 8 px patches,
 14 x 14 for ViT-B/16 at 224 px with 16 px patches). Each is scaled to its own [min, max] and shown with
