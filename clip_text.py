@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from support import caches, safe_io
+from support.progress import working
 from support.tokenizer import N_RESERVED, Tokenizer, tokenize  # noqa: F401  (tokenize is re-exported: `from clip_text import tokenize`)
 from vit import Transformer, VisionConfig, VisionTransformer, infer_vision_config
 
@@ -187,7 +188,8 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
         hit = _cached(cache, key)
         if hit is not None:
             return hit
-    per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # one (C, D) per template
+    with working(f"encoding {len(names)} labels x {len(templates)} prompt template(s)"):  # ViT-B/16 on a CPU: minutes
+        per_template = [_encode_texts(clip, [t.format(n) for n in names]) for t in templates]  # one (C, D) per template
     if len(per_template) == 1:
         emb = per_template[0]  # (C, D)
     else:

@@ -226,6 +226,17 @@ def _show(a):
               (": " + printable(", ".join(f"{p} ({r})" for p, r in zip(bad[:5], why))) if bad else ""))
 
 
+def demo():
+    """No arguments: what the preprocessing does to one made-up photo, at ViT-B/16's input size (writes nothing)."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8))  # (H, W, 3)
+    print(f"a made-up {photo.width} x {photo.height} photo, as each pipeline hands it to a 224 px model:")
+    for task, train in (("zsl", True), ("zsl", False), ("spml", True), ("spml", False)):
+        with seeded((0,)):  # the training pipelines draw their crop, flip and RandAugment ops from here
+            x = build_transform(task, train, 224)(photo)  # (3, R, R), or (3, 2R, 2R) for SPML
+        print(f"  {task + (' train:' if train else ' eval:'):12}{tuple(x.shape)}, mean {x.mean():+.3f}, std {x.std():.3f}")
+    print("datasets: python data.py prepare|show nuswide|coco|voc --root DIR (see --help); the toy world needs none")
+
+
 @cli.command
 def main(argv=None):
     p = cli.parser(
@@ -235,13 +246,17 @@ def main(argv=None):
   python data.py prepare nuswide --root data/NUS_WIDE       # BiAM h5 layout or official release -> sigrl_nuswide/
   python data.py prepare nuswide --root /ro/NUS_WIDE --out ~/nus   # read-only root; then load_nuswide(root, out)
   python data.py prepare coco --root data/coco              # annotations/instances_{train,val}2014.json
-  python data.py show voc --root data/pascal --check-images  # VOCdevkit/VOC2012/ImageSets/Main""")
+  python data.py show voc --root data/pascal --check-images  # VOCdevkit/VOC2012/ImageSets/Main
+  python data.py                                            # no dataset: the preprocessing on a made-up photo""")
     p.add_argument("command", choices=["prepare", "show"], help="prepare: write formatted files; show: counts")
     p.add_argument("dataset", choices=["nuswide", "coco", "voc"])
     p.add_argument("--root", required=True, help="dataset folder (holds the images)")
     p.add_argument("--out", default=None, help="where the formatted files go / are read from (default: --root)")
     p.add_argument("--year", default="2012", choices=["2012", "2007"], help="VOC release (default 2012, as the code)")
     p.add_argument("--check-images", action="store_true", help="show: also open every image, list unreadable ones")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return demo()
     a = p.parse_args(argv)
     check_outputs([("--out", a.out, FOLDER)])
     prepare(a.dataset, a.root, out=a.out, year=a.year) if a.command == "prepare" else _show(a)

@@ -282,6 +282,7 @@ def eval_baseline(args):
         cfg.workers = args.workers
     device = runs.pick_device(args.device)
     parallel.start(device)
+    tasks.check_inputs(cfg)  # --clip and --data-root are there, before either is read
     clip = load_clip(cfg.clip)
     parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy only
     data = parallel.in_turn(lambda: tasks.load_dataset(cfg))
@@ -342,7 +343,7 @@ def parser():
     p.add_argument("--calibrate", metavar="THRESHOLDS.json", help="--ckpt: fit one threshold per label (its F1 "
                    "maximiser) on SPML's validation split or, for ZSL, a slice of the training images; write them "
                    "here for predict.py --thresholds, and report them on the test split")
-    p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used")
+    p.add_argument("--calibrate-n", type=int, default=5000, help="--calibrate, ZSL: training images used (default 5000)")
     p.add_argument("--thresholds", metavar="FILE", help="--ckpt: also report tagging with these thresholds")
     return p
 

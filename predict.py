@@ -31,6 +31,7 @@ Fig. 3 for it in runs/zsl-toy/figure.png.
 """
 import argparse
 import csv
+import gzip
 import io
 import os
 import sys
@@ -39,6 +40,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from support import checkpoints
 from support import cli
@@ -49,15 +51,18 @@ import eval as evaluation
 from support import runs
 from support import tasks
 from support import thresholds
-from support.clip_files import load_clip
+from support.clip_files import file_sha256, load_clip
 from support.errors import CheckpointError, DataError, UsageError, WriteError, error_line
 from clip_text import encode_labels
 from data import build_transform
 from support.image_folders import find_images
 from support.paths import FOLDER, check_outputs as check_paths, inner_folder, line_breaking, printable
 from support.safe_io import atomic_write
+from support.tokenizer import N_RESERVED
 
 DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
+TOY_CLIP = os.path.join(runs.REPO, "toy", "toyclip.pt")  # the toy world's tiny CLIP
+TOY_SIDE = 64  # every toy-world image is drawn at 64 x 64 pixels, the tiny CLIP's input size
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -110,6 +115,7 @@ class Tagger:
     H: Optional[torch.Tensor] = None
     G: Optional[torch.Tensor] = None
     task: str = "zsl"
+    clip_sha256: str = ""  # of the CLIP file the tagger's weights come from
 
 
 def sigrl_tagger(args, labels, device):
@@ -137,7 +143,7 @@ def sigrl_tagger(args, labels, device):
     with torch.no_grad():
         G = model.label_graph(H) if model.vfr is not None else None  # (C, D), for --explain
     return Tagger(names, build_transform(cfg.task, False, R), encode, scorers["all"],
-                  f"SigRL ({args.ckpt}, epoch {ckpt['state']['epoch']})", model, H, G, cfg.task)
+                  f"SigRL ({args.ckpt}, epoch {ckpt['state']['epoch']})", model, H, G, cfg.task, ckpt["clip_sha256"])
 
 
 def clip_tagger(args, labels, device):
@@ -147,7 +153,31 @@ def clip_tagger(args, labels, device):
     names, source = labels
     check_names(names, source, clip.tokenizer, args.template)
     transform, encode, score = evaluation.clip_zero_shot(clip, names, args.template, device)
-    return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine")
+    return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine", clip_sha256=clip.sha256)
+
+
+def toy_clip_warning(tagger, paths):
+    """One line when the tagger's CLIP is the toy world's tiny CLIP (its sha256 is toy/toyclip.pt's) and an image
+    is not of the toy world, else None. An image counts as the toy world's when it is 64 x 64 pixels, the size
+    every toy-world image is drawn at: a photo or a drawing of any other size gets the warning."""
+    if not os.path.isfile(TOY_CLIP) or file_sha256(TOY_CLIP) != tagger.clip_sha256:
+        return None
+    other = []
+    for path in paths:
+        with Image.open(path) as im:  # the header only: the size
+            if im.size != (TOY_SIDE, TOY_SIDE):
+                other.append((path, *im.size))
+    if not other:
+        return None
+    bpe = os.path.splitext(TOY_CLIP)[0] + ".bpe.txt.gz"
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        vocabulary = N_RESERVED + sum(1 for line in f.read().split("\n")[1:] if line)  # bytes, merges, SOT/EOT
+    path, w, h = other[0]
+    return (f"warning: {tagger.kind} rests on the toy world's tiny CLIP, which knows only {TOY_SIDE} x {TOY_SIDE} "
+            f"drawings of the toy world and a vocabulary of {vocabulary} tokens; {len(other)} of {len(paths)} "
+            f"images are not of that kind (first: {path}, {w} x {h}), so their tags mean little. For your own "
+            f"images, train with a real CLIP: python train.py --task zsl --data nuswide --data-root DIR --clip "
+            f"ViT-B-16.pt")
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -282,6 +312,9 @@ def tag(args, truth=None):
     if args.thresholds:
         thresholds.read(args.thresholds)  # a bad file stops here; its label set is checked once labels are known
     labels = read_labels(args)
+    missing = [item for item in args.inputs if not os.path.exists(item)]
+    if missing:  # found before the checkpoint or the CLIP is read (the images are decoded once both are)
+        raise UsageError(f"{missing[0]}: no such file or folder (expected images or folders of images)")
     device = runs.pick_device(args.device)
     tagger = sigrl_tagger(args, labels, device) if args.ckpt else clip_tagger(args, labels, device)
     if args.explain and (tagger.model is None or tagger.model.config.global_only):
@@ -293,6 +326,9 @@ def tag(args, truth=None):
         args.threshold = thresholds.for_checkpoint(args.thresholds, tagger.names, args.ckpt)
     paths = find_images(args.inputs)
     check_outputs(args, paths)
+    warning = toy_clip_warning(tagger, paths)
+    if warning:
+        print(warning, file=sys.stderr)
     bad = [n for n in tagger.names if line_breaking(n)] if args.save_scores else []
     if bad:  # the checkpoint's own names (a --labels list is checked as it is read)
         raise UsageError(f"--save-scores: label '{printable(bad[0])}' holds a control character, which would shift "
@@ -363,6 +399,10 @@ def main(argv=None):
             raise UsageError("no images given (image files or folders after the flags; see --help)")
         if not offline_demo and not (args.ckpt or args.clip):
             raise UsageError("give --ckpt RUN/last.pt (SigRL) or --clip FILE (zero-shot CLIP)")
+        if args.explain and not args.ckpt:  # known before any file is read (a --global-only run: once it is)
+            raise UsageError("--explain needs a SigRL checkpoint with a local branch (--ckpt, not --clip)")
+        if args.thresholds and not args.ckpt:
+            raise UsageError("--thresholds go with --ckpt: they were fitted on a SigRL run's scores, not CLIP's cosine")
         return demo(args) if offline_demo else tag(args)
     except (CheckpointError, DataError, UsageError, WriteError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)

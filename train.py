@@ -34,6 +34,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+if __name__ == "__main__":  # before torch loads: the toy run's CPU pins, the same digits on every x86-64 CPU
+    from support import reproducible
+    reproducible.pin(sys.argv[1:])
+
 import numpy as np
 import torch
 
@@ -345,6 +349,7 @@ def run(cfg, baseline=True):
     resume = checkpoints.load_run_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
         cfg = runs.resume_config(cfg, resume)
+    tasks.check_inputs(cfg)  # --clip and --data-root are there, before either is read
     device = runs.pick_device(cfg.device)  # under torchrun: cuda:LOCAL_RANK, or the CPU
     parallel.start(device)
     run_dir = RunDir(cfg.out, resume)  # rank 0's alone under torchrun

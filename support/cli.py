@@ -3,6 +3,7 @@ or a bad file is one line on stderr naming the file and what was expected, exit 
 
     @cli.command                 main(argv) -> exit code; the project's errors become that one line
     cli.at_least(n)              an argparse type: an integer >= n (a flag out of range is refused before work)
+    cli.describe(module, doc)    `python -m tools.NAME` of a module other commands use: its docstring, nothing written
 train.py, eval.py and predict.py catch the same errors in their own main (they also stop torchrun's processes).
 """
 import argparse
@@ -39,6 +40,19 @@ def command(main):
 def parser(**kw):
     """argparse whose errors are one UsageError line, for the helpers."""
     return Parser(**kw)
+
+
+def describe(module, doc, argv=None):
+    """The command line of a module that other commands import (tools/draw.py, tools/figure3.py, ...): with no
+    argument or --help it prints its docstring, which names the command that runs it, and writes nothing."""
+    p = parser(prog=f"python -m {module}", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description=doc.strip() + "\n\n(used by the commands above: it has no work of its own to run)")
+
+    @command
+    def main(argv):
+        p.parse_args(argv)  # --help prints and exits; any other argument is a one-line usage error
+        p.print_help()
+    return main(argv)
 
 
 def at_least(low):

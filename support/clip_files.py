@@ -27,6 +27,7 @@ import zipfile
 import torch
 
 from support import cli
+from support.progress import working
 from support.clip_convert import Arch, from_transformers, open_clip_arch, unwrap_open_clip
 from clip_text import CLIP, OFFICIAL_VOCAB, CLIPConfig
 from support.tokenizer import find_bpe
@@ -219,7 +220,8 @@ def load_clip(path, bpe=None):
     path = str(path)
     if not path:
         raise CheckpointError(f"no CLIP checkpoint given (--clip PATH); expected {WHERE}")
-    sd, arch, weights = read_state_dict(path)
+    with working(f"loading the CLIP file {path}"):  # 600 MB for ViT-B/16: a minute on a slow disk
+        sd, arch, weights = read_state_dict(path)
     config = CLIPConfig.from_state_dict(sd, arch.quick_gelu, arch.vision_heads, arch.text_heads)
     with torch.device("meta"):  # shapes only: random init of 150M numbers would be thrown away
         model = CLIP(config)

@@ -166,3 +166,9 @@ def figure_grid(cells, title, columns=4, side=192):
 def save(picture, path):
     """Write a PNG atomically (safe_io): an interrupted run leaves the old picture or the new one, never half."""
     atomic_write(path, lambda f: picture.save(f, format="PNG", optimize=True))
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))

@@ -8,9 +8,15 @@ and at least once a minute: where it is, the last numbers the loop reported (set
     for step in progress(plan, "epoch 1/2", unit="step"):
         ...
         bar.set_postfix({"local": 0.41})
+
+A single item can take longer than a minute (a batch of ViT-B/16 on a busy CPU), and a step that is no loop
+(loading a CLIP file, encoding the label prompts) says nothing while it works; in both, a line that says what is
+still running comes at least once a minute (`working(desc)` for a step that is no loop).
 """
+import contextlib
 import os
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -58,13 +64,43 @@ class Lines:
     def __iter__(self):
         start = last = self.clock()
         step = max(1, round(self.total * EVERY_FRACTION)) if self.total else None
-        for done, item in enumerate(self.iterable, 1):
-            yield item  # the caller does the item's work (and set_postfix) before the loop comes back here
-            now = self.clock()
-            at_mark = step is not None and (done % step == 0 or done == self.total)
-            if (at_mark or now - last >= EVERY_SECONDS) and now - start >= self.quiet:
-                print(self.line(done, now, start), file=self.out, flush=True)
-                last = now
+        finished, printed = [0], [time.monotonic()]  # items done, when the last line was printed
+
+        where = lambda: f"{self.desc}: {finished[0]}/{self.total or '?'} {_plural(self.unit)} done"  # noqa: E731
+        # an item that takes more than a minute is not silent either
+        with working(where, out=self.out, last_line=lambda: printed[0]):
+            for done, item in enumerate(self.iterable, 1):
+                yield item  # the caller does the item's work (and set_postfix) before the loop comes back here
+                finished[0] = done
+                now = self.clock()
+                at_mark = step is not None and (done % step == 0 or done == self.total)
+                if (at_mark or now - last >= EVERY_SECONDS) and now - start >= self.quiet:
+                    print(self.line(done, now, start), file=self.out, flush=True)
+                    last, printed[0] = now, time.monotonic()
+
+
+@contextlib.contextmanager
+def working(desc, out=None, last_line=None):
+    """Around a step that may take minutes: whenever EVERY_SECONDS pass without a line, until it ends, a line `desc,
+    still working after M:SS` (desc: a string, or a function giving one then). Nothing for a step that ends within
+    the first. last_line: when (time.monotonic) the caller last printed a line of its own (a loop's progress)."""
+    out, start, stop = out if out is not None else sys.stderr, time.monotonic(), threading.Event()
+    own = [start]
+
+    def beat():
+        while not stop.wait(EVERY_SECONDS / 12):  # checked often, so the gap never grows past a minute
+            latest = max(own[0], last_line() if last_line is not None else own[0])
+            if time.monotonic() - latest >= EVERY_SECONDS:
+                text = desc() if callable(desc) else desc
+                print(f"{text}, still working after {_clock(time.monotonic() - start)}", file=out, flush=True)
+                own[0] = time.monotonic()
+
+    thread = threading.Thread(target=beat, daemon=True)  # daemon: a crash in the step is never held up by it
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 class Progress:

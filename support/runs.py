@@ -20,6 +20,7 @@ from support.clip_files import OFFICIAL_SHA256
 from protocol.spml_losses import SPML_DEFAULTS
 from support import cli
 from support import precision
+from support import reproducible
 from support import safe_io
 from support.errors import UsageError
 
@@ -46,7 +47,7 @@ class Config:
                        choices=["2012", "2007"])
     clip: str = _f("", "CLIP checkpoint: OpenAI's ViT-B-16.pt, a transformers CLIPModel folder or an open_clip "
                        "checkpoint (sha256 of OpenAI's file checked and recorded)")
-    out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default runs/<task>-<data>)")
+    out: str = _f("", "run directory for last.pt, best.pt and log.jsonl (default: runs/<task>-<data>)")
     resume: str = _f("", "continue a run from RUN_DIR/last.pt (its config is reused)")
     overwrite: bool = _f(False, "allow writing into a run directory that already holds a run")
     allow_changed_data: bool = _f(False, "--resume: continue although the data differs from what the run "
@@ -142,7 +143,8 @@ def parser():
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = "per preset, see below" if f.name in varies else _shown(f.default)
-        kw = {"help": f"{f.metadata['help']} (default: {default})", "default": argparse.SUPPRESS}
+        text = f.metadata["help"]  # one that names its own default ("default: --data-root") keeps it alone
+        kw = {"help": text if "default" in text else f"{text} (default: {default})", "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         if f.type is bool or f.type == "bool":
@@ -259,6 +261,7 @@ def run_record(cfg, clip, names, n_train, n_train_images, device):
                    "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()},
         "train_images": n_train_images,
         "device": str(device),
+        "cpu": reproducible.record(),  # the CPU, its instruction set, the BLAS, threads and the pins
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "numpy": np.__version__,
                      "cuda": torch.version.cuda},

@@ -111,34 +111,59 @@ def _open_lock(path):
 @contextlib.contextmanager
 def locked(folder, wait=False):
     """Hold folder/.lock for the duration; a second process is refused with the first one's pid (or, with
-    wait=True, waits for it). A folder this call created is removed again if nothing but the lock is in it."""
+    wait=True, waits for it). The lock file is removed when the holder is done (a finished run leaves none), and
+    a folder this call created is removed again if nothing else is in it."""
     created = not os.path.isdir(folder)
+    path = os.path.join(folder, LOCK)
     try:
         os.makedirs(folder, exist_ok=True)
-        f = _open_lock(os.path.join(folder, LOCK))
     except OSError as err:
         raise WriteError(f"cannot write into {folder} ({err.strerror})") from None
+    f = _acquire(folder, path, wait)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except OSError as err:
-                if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-                f.seek(0)
-                raise WriteError(f"{folder} is in use by another process (pid {f.read().strip() or '?'}): wait "
-                                 f"for it to finish, or choose another folder") from None
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         yield folder
     finally:
+        # removed while still held, so no other process is between its open and its flock of this same file
+        # unnoticed: one that locks the removed file sees that it is gone and opens the new one (_acquire)
+        with contextlib.suppress(OSError):
+            os.remove(path)
         f.close()  # closing the file releases the lock
-        if created and os.listdir(folder) == [LOCK]:
+        if created:
             with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, LOCK))
-                os.rmdir(folder)
+                os.rmdir(folder)  # only if empty
+
+
+def _acquire(folder, path, wait):
+    """The lock file, open and locked by this process: opened again when the file locked is no longer the one at
+    `path` (its holder removed it on release, between this process's open and its flock)."""
+    while True:
+        try:
+            f = _open_lock(path)
+        except OSError as err:
+            raise WriteError(f"cannot write into {folder} ({err.strerror})") from None
+        if fcntl is None:
+            return f
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                f.close()
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise WriteError(f"{folder} is in use by another process (pid {holder}): wait "
+                             f"for it to finish, or choose another folder") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
 
 
 _fired = {"spec": None, "count": 0}

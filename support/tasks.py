@@ -17,6 +17,7 @@ from data import check_images, load_nuswide, load_spml
 from support.errors import DataError, UsageError
 from protocol import zsl_groups
 from support import cli
+from support.clip_files import WHERE
 from support.paths import printable
 from support.runs import parse_args
 from support.tokenizer import CONTEXT_LENGTH
@@ -32,6 +33,21 @@ def make_toy_world(cfg):
     if cfg.data == "toy":
         from toy import world as toyworld  # only --data toy needs the synthetic world
         toyworld.make_world(cfg.data_root, seed=cfg.world_seed, n_train=cfg.world_train, n_test=cfg.world_test)
+
+
+def check_inputs(cfg):
+    """What can be checked of --clip and --data-root without reading a file, before the CLIP (600 MB for
+    ViT-B/16) or the dataset is loaded: each is given, and is there."""
+    if not cfg.clip:
+        raise UsageError(f"--data {cfg.data} needs --clip PATH; expected {WHERE}")
+    if not os.path.exists(cfg.clip):
+        raise UsageError(f"{cfg.clip}: file not found (--clip: expected a CLIP checkpoint: {WHERE})")
+    if cfg.data != "toy":  # the toy world's folder is made on first use
+        if not cfg.data_root:
+            raise UsageError(f"--data {cfg.data} needs --data-root DIR (the dataset's folder: its images and "
+                             f"annotations)")
+        if not os.path.isdir(cfg.data_root):
+            raise DataError(f"{cfg.data_root}: no such directory (--data-root)")
 
 
 def load_dataset(cfg, check=None):

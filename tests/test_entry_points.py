@@ -15,7 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["train", "eval", "predict", "data", "tools.plot", "tools.figure3", "tools.twins", "tools.bench", "tools.ablation",
-            "tools.bench_parallel", "tools.precision_check", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files",
+            "tools.bench_parallel", "tools.precision_check", "tools.gallery", "toy.pretrain", "toy.world", "toy.shapes", "support.clip_files",
             "support.tasks", "support.torchscript_files"]
 
 
@@ -72,7 +72,7 @@ def cases(d):
         ("tools.plot", [str(d / "goodrun"), "--out", f]), ("tools.plot", [str(d / "goodrun"), "--out", str(d / "goodrun" / "log.jsonl")]),
         ("tools.plot", [str(d / "nanrun")]),
         ("tools.bench", ["--threads", "0"]), ("tools.bench", ["--json", f]), ("tools.bench", ["--json", str(d / "missing" / "b.json")]),
-        ("tools.bench", ["--device", "gpu"]),
+        ("tools.bench", ["--device", "gpu"]), ("tools.gallery", [c("json")]), ("tools.gallery", ["a", "b"]),
         ("tools.ablation", ["--out", c("json")]), ("tools.ablation", ["--seeds", "-1"]), ("tools.ablation", ["--clip", m]),
         ("tools.precision_check", ["--threads", "0"]), ("tools.precision_check", ["--ckpt", m]),
         ("tools.precision_check", ["--ckpt", c("pt")]),
@@ -132,3 +132,91 @@ def test_bad_inputs_are_one_line_as_processes(argv, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and "missing" in lines[0], lines
+
+
+TOOLS = sorted(name[:-3] for name in os.listdir(os.path.join(REPO, "tools")) if name.endswith(".py") and name != "__init__.py")
+
+
+@pytest.fixture
+def unreadable_clip(monkeypatch):
+    """Reading any CLIP file or dataset fails the test: what runs before them must not need them."""
+    from support import clip_files, tasks
+
+    def refuse(*args, **kw):
+        raise AssertionError("a CLIP file or a dataset was read")
+    monkeypatch.setattr(clip_files, "read_state_dict", refuse)
+    monkeypatch.setattr(tasks, "load_dataset", refuse)
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "predict"])
+def test_help_and_usage_errors_read_no_clip(module, bad, capsys, unreadable_clip):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit:
+        main(["--help", "--clip", str(bad / "corrupt.pt")])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and out.startswith("usage:") and "--clip" in out
+    assert main(["--clip", str(bad / "corrupt.pt"), "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--task", "zsl", "--data", "nuswide"], "--data nuswide needs --clip"),
+    (["--task", "zsl", "--data", "nuswide", "--clip", "CORRUPT"], "--data nuswide needs --data-root"),
+    (["--task", "zsl", "--data", "nuswide", "--clip", "MISSING", "--data-root", "FOLDER"], "MISSING: file not found"),
+    (["--task", "spml", "--data", "coco", "--clip", "CORRUPT", "--data-root", "MISSING"], "MISSING: no such directory"),
+])
+def test_train_checks_clip_and_data_root_before_reading_either(argv, needle, bad, capsys, unreadable_clip):
+    """python train.py --task zsl --data nuswide --clip ViT-B-16.pt without --data-root says so at once, without
+    loading the CLIP file first (its 600 MB take most of a minute); so does eval.py --baseline."""
+    names = {"CORRUPT": str(bad / "corrupt.pt"), "MISSING": str(bad / "missing"), "FOLDER": str(bad / "folder")}
+    argv = [names.get(a, a) for a in argv]
+    needle = needle.replace("MISSING", names["MISSING"])
+    import eval as evaluation
+    import train
+    for main, args in ((train.main, argv + ["--out", str(bad / "run-out")]), (evaluation.main, ["--baseline", "clip"] + argv)):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not os.path.exists(bad / "run-out")
+
+
+@pytest.mark.filterwarnings("ignore:'tools.:RuntimeWarning")  # runpy: the module was imported before, by others
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_prints_its_usage_and_writes_nothing(tool, tmp_path, monkeypatch, capsys):
+    """python -m tools.NAME --help: its usage on stdout, exit 0, no file or folder written (tools.gallery once wrote
+    a folder named --help)."""
+    import runpy
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"tools/{tool}.py", "--help"])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_module(f"tools.{tool}", run_name="__main__", alter_sys=False)
+    out = capsys.readouterr().out
+    assert exit.value.code in (0, None) and out.startswith("usage:"), (exit.value.code, out[:200])
+    assert os.listdir(tmp_path) == []
+
+
+def test_data_py_alone_shows_the_preprocessing(tmp_path, monkeypatch, capsys):
+    import data
+    monkeypatch.chdir(tmp_path)
+    assert data.main([]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "zsl train:  (3, 224, 224)" in out[1] and "spml eval:  (3, 448, 448)" in out[4], out
+    assert out[-1].startswith("datasets: python data.py prepare|show") and os.listdir(tmp_path) == []
+
+
+def test_a_released_lock_leaves_no_file(tmp_path):
+    """safe_io.locked: the lock file exists while held, is gone after (a finished run leaves no .lock with its
+    PID), and the folder it created for nothing else is removed."""
+    from support import safe_io
+    run = tmp_path / "run"
+    run.mkdir()
+    with safe_io.locked(str(run)):
+        assert (run / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(safe_io.WriteError, match=f"pid {os.getpid()}"):  # a second holder is refused
+            with safe_io.locked(str(run)):
+                pass
+    assert os.listdir(run) == []
+    with safe_io.locked(str(tmp_path / "new")):
+        pass
+    assert not (tmp_path / "new").exists()

@@ -204,6 +204,21 @@ def test_zero_shot_clip_equals_open_clip(setup, tmp_path):
         np.testing.assert_allclose([got[n] for n in names], row, atol=1e-5)
 
 
+def test_toy_clip_says_what_it_knows_on_other_images(setup, tmp_path, capsys):
+    """A run on the toy world's tiny CLIP tagging a photo-sized image prints one warning line (what the CLIP knows,
+    the image, where to get a real CLIP); on the toy world's own 64 x 64 images it says nothing of the kind."""
+    assert predict.main(["--ckpt", str(setup["ckpt"]), str(setup["photos"]), "--workers", "0"]) == 0
+    assert "tiny CLIP" not in capsys.readouterr().err
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(photo)
+    for argv in (["--ckpt", str(setup["ckpt"])], ["--clip", toyworld.TOYCLIP, "--labels", "fish,cat"]):
+        assert predict.main([*argv, str(setup["photos"]), str(photo), "--workers", "0"]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "tiny CLIP" in line]
+        assert len(lines) == 1 and lines[0].startswith("warning:"), lines
+        assert f"1 of {len(setup['created']) + 1} images" in lines[0] and f"{photo}, 320 x 240" in lines[0]
+        assert f"vocabulary of {setup['clip'].config.vocab_size} tokens" in lines[0] and "--clip ViT-B-16.pt" in lines[0]
+
+
 def test_explain_pngs(setup, tmp_path, capsys):
     """One PNG per image: the input and, per top label, the similarity map over the attention map."""
     out = tmp_path / "maps"

@@ -1,6 +1,8 @@
 """support/progress.py: what a redirected log shows of a long loop (a line each 10% and at least once a minute)."""
 import io
+import time
 
+from support import progress
 from support.progress import Lines
 
 
@@ -52,3 +54,31 @@ def test_a_short_loop_says_nothing():
         pass
     assert [line.split(":")[1].split("(")[0].strip() for line in out.getvalue().splitlines()] == \
         ["10/20 steps", "12/20 steps", "14/20 steps", "16/20 steps", "18/20 steps", "20/20 steps"]
+
+
+def wait_for(condition, limit=5.0):
+    """Poll until condition() holds (True) or `limit` seconds pass (False)."""
+    end = time.monotonic() + limit
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_long_first_item_and_a_long_step_are_not_silent(monkeypatch):
+    """An item that outlasts the line interval (a slow first batch), and a step that is no loop, each print a line
+    saying what is still running before they end; a step that ends within the interval prints nothing."""
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 0.05)
+    out = io.StringIO()
+    for i in Lines(range(3), "test", unit="batch", out=out):
+        if i == 0:
+            wait_for(out.getvalue)  # the first batch's work lasts until a line has come
+    assert out.getvalue().startswith("test: 0/3 batches done, still working after 0:00"), out.getvalue()
+    out = io.StringIO()
+    with progress.working("encoding 5 labels", out=out):
+        assert wait_for(out.getvalue)
+    assert out.getvalue().startswith("encoding 5 labels, still working after 0:00"), out.getvalue()
+    monkeypatch.setattr(progress, "EVERY_SECONDS", 60.0)
+    out = io.StringIO()
+    with progress.working("loading", out=out):
+        pass
+    assert out.getvalue() == ""

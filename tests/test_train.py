@@ -68,6 +68,10 @@ def test_zsl_train_then_eval(world, tmp_path):
     assert "epoch 1/1: 1/1 steps (100%), local " in proc.stdout and " step/s" in proc.stdout, proc.stdout
     log = read_log(run)
     assert [r["epoch"] for r in log] == [0, 1] and log[0]["step"] == 0 and log[0]["loss"] == {}  # before any step
+    assert not (run / ".lock").exists()  # a finished run leaves no lock file behind
+    cpu = json.loads((run / "config.json").read_text())["cpu"]  # what decided the CPU's rounding
+    assert cpu["threads"] >= 1 and cpu["instruction_set"] and set(cpu["pins"]) >= {"ATEN_CPU_CAPABILITY", "MKL_CBWR"}
+    assert all(pin["by"] != "train.py" for pin in cpu["pins"].values())  # NUS-WIDE is not pinned, the toy world is
     assert (run / "curves.png").is_file() and (run / "rows.png").is_file()
     assert set(log[1]["loss"]) == {"local", "global"}
     for record in log:

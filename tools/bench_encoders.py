@@ -96,3 +96,9 @@ def bench_predict(preset, device, dtypes, progress, compile=False):
         res = compare(predict_fns(paths, device, dtypes[0]), preset.repeats, device, warmup=1)
     return [{"tagger (C = 81)": name, "images": n, "images/s": n / r["seconds"],
              "time / open_clip": _ratio(r, res["open_clip zero-shot"], "seconds"), "raw": r} for name, r in res.items()]
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))

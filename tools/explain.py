@@ -76,3 +76,9 @@ def explain(tagger, paths, picks, out_dir, device):
         panel = draw.explain_panel(view(image), grid, columns, os.path.basename(path), legend)
         draw.save(panel, targets[i])
     return targets
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))

@@ -126,16 +126,35 @@ def write(out_dir, title, notes, images, names, scores, tagged, truth=None, expl
     return index
 
 
-if __name__ == "__main__":  # a page of three made-up images: python -m tools.gallery [OUT_DIR]
-    import sys
+def main(argv=None):
+    """A page of three made-up images: python -m tools.gallery [OUT_DIR] (default: a new temporary folder)."""
+    import argparse
     import tempfile
-    out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="gallery-")
-    names, paths = ["red", "green", "blue", "dark"], []
-    os.makedirs(out, exist_ok=True)
-    for i, colour in enumerate([(220, 30, 30), (30, 180, 60), (20, 20, 90)]):
-        paths.append(os.path.join(out, f"made-up-{i}.png"))
-        Image.new("RGB", (64, 64), colour).save(paths[-1])
-    scores = np.array([[0.5, 0.1, 0.0, 0.2], [0.1, 0.45, 0.2, 0.3], [0.0, 0.1, 0.4, 0.42]])  # (3, 4)
-    tagged = [{names[c] for c in np.flatnonzero(row >= 0.3)} for row in scores]
-    print("written to", write(out, "three made-up images", ["scores >= 0.3 are tagged"], paths, names, scores,
-                              tagged, [{"red"}, {"green"}, {"blue", "dark"}]))
+    from support import cli
+    from support.paths import FOLDER, check_outputs
+
+    @cli.command
+    def run(argv):
+        p = cli.parser(prog="python -m tools.gallery", description=__doc__.split("\n\n")[0] + "\n\nWith OUT_DIR "
+                       "(default: a new temporary folder): a page of three made-up images, to see one.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("out", nargs="?", metavar="OUT_DIR", help="where the page and its pictures are written")
+        out = p.parse_args(argv).out
+        if out is not None:
+            check_outputs([("OUT_DIR", out, FOLDER)], [])
+        out = out or tempfile.mkdtemp(prefix="gallery-")
+        names, paths = ["red", "green", "blue", "dark"], []
+        os.makedirs(out, exist_ok=True)
+        for i, colour in enumerate([(220, 30, 30), (30, 180, 60), (20, 20, 90)]):
+            paths.append(os.path.join(out, f"made-up-{i}.png"))
+            Image.new("RGB", (64, 64), colour).save(paths[-1])
+        scores = np.array([[0.5, 0.1, 0.0, 0.2], [0.1, 0.45, 0.2, 0.3], [0.0, 0.1, 0.4, 0.42]])  # (3, 4)
+        tagged = [{names[c] for c in np.flatnonzero(row >= 0.3)} for row in scores]
+        print("written to", write(out, "three made-up images", ["scores >= 0.3 are tagged"], paths, names, scores,
+                                  tagged, [{"red"}, {"green"}, {"blue", "dark"}]))
+    return run(argv)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -203,3 +203,9 @@ def summary(result):
         lines += ["", f"| {section} | |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flat.items()]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))

@@ -84,3 +84,9 @@ def peak_rss(fn):
 def ratio(a, b, key):
     """a[key] / b[key] of two measurements, None when either is missing (a section that did not run)."""
     return None if a is None or b is None or a[key] is None or b[key] is None else a[key] / b[key]
+
+
+if __name__ == "__main__":  # imported by other commands; alone it says which
+    import sys
+    from support import cli
+    sys.exit(cli.describe(__spec__.name if __spec__ else __file__, __doc__))
