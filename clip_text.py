@@ -167,6 +167,18 @@ def _cached(path, key):
         return None
 
 
+def numerics(module):
+    """What decides the last bits of a module's output besides its weights and inputs: the device, and on a CPU
+    the kernels' instruction set, MKL's reproducibility mode and the thread count. Part of the label cache's key,
+    so that a run whose CPU code paths are pinned (train.py's toy run) never reads embeddings another run rounded
+    differently."""
+    device = next(module.parameters()).device.type
+    if device != "cpu":
+        return {"device": device}
+    return {"device": device, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
+
+
 def encode_labels(clip, names, template="There is a {} in the scene", templates=None, cache_dir=None):
     """Label embeddings H (C, D), fp32, NOT normalised: encode_text(template.format(name)) per name.
 
@@ -176,13 +188,13 @@ def encode_labels(clip, names, template="There is a {} in the scene", templates=
     zero-shot recipe), then the mean direction is rescaled to the mean norm of the raw rows, so ensembled
     embeddings keep the scale of single-template ones (SigRL uses H unnormalised, so its scale matters).
     Results are cached in <cache_dir or $SIGRL_CACHE or ~/.cache/sigrl> under a hash of the checkpoint's
-    sha256, the names and the templates, with a checksum of those and of the values (support/caches.py); a CLIP
+    sha256, the names, the templates and the numerics that round them (`numerics`), with a checksum of those and of the values (support/caches.py); a CLIP
     not loaded from a file (no sha256) is never cached.
     """
     names, templates = list(names), [template] if templates is None else list(templates)
     cache = None
     if clip.sha256 is not None:
-        key = [clip.sha256, names, templates]
+        key = [clip.sha256, names, templates, numerics(clip)]
         cache_dir = cache_dir or caches.cache_dir()
         cache = os.path.join(cache_dir, f"labels-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]}.pt")
         hit = _cached(cache, key)

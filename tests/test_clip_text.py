@@ -203,6 +203,14 @@ def test_encode_labels_is_encode_text_of_the_template_and_cached(tiny, tmp_path,
     encode_labels(clip, NAMES, template="a photo of a {}.", cache_dir=tmp_path)
     files = os.listdir(tmp_path)
     assert len(files) == 3 and not any(f.endswith(".tmp") for f in files)
+    # embeddings rounded by other CPU code paths (another thread count here) are another entry, never reused
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        encode_labels(clip, NAMES, cache_dir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(os.listdir(tmp_path)) == 4
 
 
 def test_encode_labels_template_ensemble(tiny, tmp_path):
