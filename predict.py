@@ -31,7 +31,6 @@ Fig. 3 for it in runs/zsl-toy/figure.png.
 """
 import argparse
 import csv
-import gzip
 import io
 import os
 import sys
@@ -40,29 +39,26 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from support import checkpoints
 from support import cli
 from tools import explain as explain_maps
 from tools import figure3
 from tools import gallery
+from toy import world as toyworld
 import eval as evaluation
 from support import runs
 from support import tasks
 from support import thresholds
-from support.clip_files import file_sha256, load_clip
+from support.clip_files import load_clip
 from support.errors import CheckpointError, DataError, UsageError, WriteError, error_line
 from clip_text import encode_labels
 from data import build_transform
 from support.image_folders import find_images
-from support.paths import FOLDER, check_outputs as check_paths, inner_folder, line_breaking, printable
+from support.paths import FOLDER, check_outputs as check_paths, line_breaking, printable
 from support.safe_io import atomic_write
-from support.tokenizer import N_RESERVED
 
 DEMO_CKPT, DEMO_IMAGES = os.path.join("runs", "zsl-toy", "last.pt"), 6
-TOY_CLIP = os.path.join(runs.REPO, "toy", "toyclip.pt")  # the toy world's tiny CLIP
-TOY_SIDE = 64  # every toy-world image is drawn at 64 x 64 pixels, the tiny CLIP's input size
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -156,30 +152,6 @@ def clip_tagger(args, labels, device):
     return Tagger(names, transform, encode, score, f"zero-shot CLIP ({args.clip}), cosine", clip_sha256=clip.sha256)
 
 
-def toy_clip_warning(tagger, paths):
-    """One line when the tagger's CLIP is the toy world's tiny CLIP (its sha256 is toy/toyclip.pt's) and an image
-    is not of the toy world, else None. An image counts as the toy world's when it is 64 x 64 pixels, the size
-    every toy-world image is drawn at: a photo or a drawing of any other size gets the warning."""
-    if not os.path.isfile(TOY_CLIP) or file_sha256(TOY_CLIP) != tagger.clip_sha256:
-        return None
-    other = []
-    for path in paths:
-        with Image.open(path) as im:  # the header only: the size
-            if im.size != (TOY_SIDE, TOY_SIDE):
-                other.append((path, *im.size))
-    if not other:
-        return None
-    bpe = os.path.splitext(TOY_CLIP)[0] + ".bpe.txt.gz"
-    with gzip.open(bpe, "rt", encoding="utf-8") as f:
-        vocabulary = N_RESERVED + sum(1 for line in f.read().split("\n")[1:] if line)  # bytes, merges, SOT/EOT
-    path, w, h = other[0]
-    return (f"warning: {tagger.kind} rests on the toy world's tiny CLIP, which knows only {TOY_SIDE} x {TOY_SIDE} "
-            f"drawings of the toy world and a vocabulary of {vocabulary} tokens; {len(other)} of {len(paths)} "
-            f"images are not of that kind (first: {path}, {w} x {h}), so their tags mean little. For your own "
-            f"images, train with a real CLIP: python train.py --task zsl --data nuswide --data-root DIR --clip "
-            f"ViT-B-16.pt")
-
-
 # ----------------------------------------------------------------------------- outputs
 def ranked(row, names, top_k, threshold):
     """[(name, score)] best first: the top_k, or with a threshold (one, or one per label (C,)) every score >= it
@@ -268,33 +240,6 @@ def demo(args):
                                              "--workers", "0"])
 
 
-def write_gallery(args, tagger, paths, scores, picks, known, device, written=None):
-    """--html OUT_DIR: tools/gallery.py's page, with explain maps when the model has a local branch, in
-    OUT_DIR/explain/: those --explain has just drawn (`written`) are copied there, not computed again."""
-    maps = None
-    if tagger.model is not None and not tagger.model.config.global_only:
-        os.makedirs(args.html, exist_ok=True)
-        folder = inner_folder(args.html, "explain")  # never through a link that leads out of OUT_DIR
-        if written is None:
-            maps = explain_maps.explain(tagger, paths, picks, folder, device)
-        else:
-            maps = explain_maps.explain_targets(paths, folder)
-            for source, target in zip(written, maps):
-                if os.path.realpath(source) == os.path.realpath(target):  # --explain OUT_DIR/explain
-                    continue
-                with open(source, "rb") as f:
-                    png = f.read()
-                atomic_write(target, lambda f, png=png: f.write(png))
-    rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
-            f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
-    notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
-             f"label list per image (the reference code's step; the paper's Eq. 13 adds raw scores): compare them "
-             f"within this page."]
-    index = gallery.write(args.html, tagger.kind, notes, paths, tagger.names, scores,
-                          [{n for n, _ in p} for p in picks], known, maps)
-    print(f"gallery: {len(paths)} images written to {index}", file=sys.stderr)
-
-
 def tag_line(path, pick, truth):
     """An image's printed tags; with ground truth (the demo), each says right or wrong, then what was missed."""
     if truth is None:
@@ -326,7 +271,7 @@ def tag(args, truth=None):
         args.threshold = thresholds.for_checkpoint(args.thresholds, tagger.names, args.ckpt)
     paths = find_images(args.inputs)
     check_outputs(args, paths)
-    warning = toy_clip_warning(tagger, paths)
+    warning = toyworld.foreign_images_warning(tagger.clip_sha256, tagger.kind, paths)
     if warning:
         print(warning, file=sys.stderr)
     bad = [n for n in tagger.names if line_breaking(n)] if args.save_scores else []
@@ -352,7 +297,7 @@ def tag(args, truth=None):
         written = explain_maps.explain(tagger, paths, picks, args.explain, device)
         print(f"explain: {len(written)} PNGs written to {args.explain}", file=sys.stderr)
     if args.html:
-        write_gallery(args, tagger, paths, scores, picks, known, device, written)
+        gallery.write_tagged(args, tagger, paths, scores, picks, known, device, written)
     return 0
 
 

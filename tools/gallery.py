@@ -17,6 +17,7 @@ the browser has drawn into <body data-photos-drawn>, which the browser test read
 """
 import html
 import os
+import sys
 from urllib.parse import quote
 
 import numpy as np
@@ -25,6 +26,7 @@ from PIL import Image
 from data import read_image
 from support.paths import FOLDER, inner_folder
 from support.safe_io import atomic_write
+from tools import explain as explain_maps
 
 RANKED = 8  # labels listed per card at least, and every tag (a label's own threshold can tag a low score)
 THUMB = 320  # longest side of a card's picture, in pixels; smaller images are enlarged by the browser
@@ -126,6 +128,34 @@ def write(out_dir, title, notes, images, names, scores, tagged, truth=None, expl
     return index
 
 
+
+def write_tagged(args, tagger, paths, scores, picks, known, device, written=None):
+    """predict.py --html OUT_DIR: the page of its tags (`write`), with explain maps when the model has a local branch, in
+    OUT_DIR/explain/: those --explain has just drawn (`written`) are copied there, not computed again."""
+    maps = None
+    if tagger.model is not None and not tagger.model.config.global_only:
+        os.makedirs(args.html, exist_ok=True)
+        folder = inner_folder(args.html, "explain")  # never through a link that leads out of OUT_DIR
+        if written is None:
+            maps = explain_maps.explain(tagger, paths, picks, folder, device)
+        else:
+            maps = explain_maps.explain_targets(paths, folder)
+            for source, target in zip(written, maps):
+                if os.path.realpath(source) == os.path.realpath(target):  # --explain OUT_DIR/explain
+                    continue
+                with open(source, "rb") as f:
+                    png = f.read()
+                atomic_write(target, lambda f, png=png: f.write(png))
+    rule = (f"each label at or above its own threshold ({args.thresholds})" if args.thresholds else
+            f"labels scoring at least {args.threshold}" if args.threshold is not None else f"the top {args.top_k}")
+    notes = [f"{len(paths)} images, {len(tagger.names)} labels; tagged: {rule}. Scores are normalised over this "
+             f"label list per image (the reference code's step; the paper's Eq. 13 adds raw scores): compare them "
+             f"within this page."]
+    index = write(args.html, tagger.kind, notes, paths, tagger.names, scores,
+                          [{n for n, _ in p} for p in picks], known, maps)
+    print(f"gallery: {len(paths)} images written to {index}", file=sys.stderr)
+
+
 def main(argv=None):
     """A page of three made-up images: python -m tools.gallery [OUT_DIR] (default: a new temporary folder)."""
     import argparse
@@ -156,5 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main())

@@ -43,6 +43,7 @@ Images: 64 x 64 RGB, drawn at 2x with PIL and box-downsampled, objects at random
 (seed, split, index), so any image can be redrawn alone and the files are byte-identical for the same seed.
 Splits: 0 train, 1 test, 2 pre-training (captions).
 """
+import gzip
 import json
 import math
 import os
@@ -62,7 +63,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 from clip_text import CLIP_MEAN, CLIP_STD  # noqa: E402
 from support import cli, safe_io  # noqa: E402
 from data import nus_path, read_spml_folder  # noqa: E402
-from support.errors import DataError
+from support.errors import DataError  # noqa: E402
+from support.clip_files import file_sha256  # noqa: E402
+from support.tokenizer import N_RESERVED  # noqa: E402
 from support.data_formats import observe_single_positive  # noqa: E402
 from toy.shapes import background, draw_object  # noqa: E402
 
@@ -268,6 +271,31 @@ def zeroshot(clip=TOYCLIP, n=1000, seed=0, template="There is a {} in the scene"
     S, freq = len(SEEN), 100 * (labels > 0).mean(0)                                  # (S+U,)
     return {"zsl": nus_metrics(scores[:, S:], labels[:, S:]), "gzsl": nus_metrics(scores, labels),
             "chance": {"zsl": float(freq[S:].mean()), "gzsl": float(freq.mean())}}
+
+
+
+def foreign_images_warning(clip_sha256, kind, paths):
+    """predict.py's one line when a tagger (`kind`) rests on the toy world's tiny CLIP (`clip_sha256` is
+    toy/toyclip.pt's) and an image is not of the toy world, else None. An image counts as the toy world's when it is 64 x 64 pixels, the size
+    every toy-world image is drawn at: a photo or a drawing of any other size gets the warning."""
+    if not os.path.isfile(TOYCLIP) or file_sha256(TOYCLIP) != clip_sha256:
+        return None
+    other = []
+    for path in paths:
+        with Image.open(path) as im:  # the header only: the size
+            if im.size != (RES, RES):
+                other.append((path, *im.size))
+    if not other:
+        return None
+    bpe = os.path.splitext(TOYCLIP)[0] + ".bpe.txt.gz"
+    with gzip.open(bpe, "rt", encoding="utf-8") as f:
+        vocabulary = N_RESERVED + sum(1 for line in f.read().split("\n")[1:] if line)  # bytes, merges, SOT/EOT
+    path, w, h = other[0]
+    return (f"warning: {kind} rests on the toy world's tiny CLIP, which knows only {RES} x {RES} "
+            f"drawings of the toy world and a vocabulary of {vocabulary} tokens; {len(other)} of {len(paths)} "
+            f"images are not of that kind (first: {path}, {w} x {h}), so their tags mean little. For your own "
+            f"images, train with a real CLIP: python train.py --task zsl --data nuswide --data-root DIR --clip "
+            f"ViT-B-16.pt")
 
 
 @cli.command
