@@ -36,6 +36,7 @@ from protocol import zsl_groups
 from protocol.metrics import nus_metrics, spml_metrics
 from support.paths import FOLDER, check_outputs as check_paths
 from support.score_files import read_scores
+from support import tables
 from support.tables import BRANCHES, format_comparison, format_table
 
 @torch.no_grad()
@@ -220,7 +221,7 @@ def eval_checkpoint(args):
         scores = results.pop("scores")
         epoch = ckpt["state"]["epoch"]
         print(format_table(results, f"{args.ckpt}: {cfg.task} / {cfg.data}, epoch {epoch}"))
-        rows = {COSINE: zero_shot} if zero_shot is not None else {}
+        rows = {tables.COSINE: zero_shot} if zero_shot is not None else {}
         print(format_comparison({**rows, f"SigRL, epoch {epoch}": results},
                                 title="\nThe same test images, the same protocol (percent):"))
         if zero_shot is not None:
@@ -291,23 +292,6 @@ def eval_baseline(args):
     if results is not None:
         print(format_table(results, f"zero-shot CLIP ({cfg.clip}) on {cfg.data}"))
     return results
-
-
-COSINE = "zero-shot CLIP"  # as open_clip scores it: the cosine of the image and each label's prompt
-GLOBAL_SCORING = "global, epoch 0"  # the same CLIP scored by SigRL's global branch, before any step
-
-
-def like_for_like(state, metrics, zero_shot=None):
-    """The rows a trained number is read against: zero-shot CLIP's cosine (when `zero_shot` is given), the CLIP
-    through SigRL's global branch before any step (the like-for-like zero-shot baseline: the distillation keeps
-    that branch near it), SigRL at epoch 0 (untrained heads) and SigRL trained, each with both branches' mAP."""
-    rows = {} if zero_shot is None else {COSINE: zero_shot}
-    if state.get("epoch0"):
-        global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
-        rows.update({GLOBAL_SCORING: global0, "SigRL, epoch 0":
-                     {k: v for k, v in state["epoch0"].items() if k != "branches"}})
-    rows[f"SigRL, epoch {state['epoch']}"] = metrics
-    return rows
 
 
 def checkpoint_flags(p):

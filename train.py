@@ -243,7 +243,7 @@ def fit(run, run_dir, resume, baseline):
         zero_shot = evaluation.clip_baseline(load_clip(cfg.clip), cfg, data, device)  # each process scores a share
     if metrics is None or not parallel.is_main():
         return None
-    rows = evaluation.like_for_like(state, metrics, zero_shot)
+    rows = tables.like_for_like(state, metrics, zero_shot)
     drawn = curves.write_curves(cfg.out, rows=rows if baseline and len(rows) > 1 else None)  # and rows.png beside it
     print(f"curves written to {drawn}" + (" (and rows.png)" if baseline and len(rows) > 1 else ""))
     tables.print_run_end(cfg, state, metrics, rows if baseline else None)

@@ -171,7 +171,7 @@ def side_by_side(panels):
 
 
 def write_curves(run_dir, out=None, rows=None):
-    """Draw the run's curves into `out` (default RUN_DIR/curves.png), and with `rows` (eval.like_for_like's) the
+    """Draw the run's curves into `out` (default RUN_DIR/curves.png), and with `rows` (tables.like_for_like's) the
     rows chart into rows.png beside it; returns the curves' path."""
     losses, maps = series(read_log(run_dir))
     # a panel per loss term: their scales differ by orders of magnitude (ranking loss ~1, L1 distillation ~0.01)
@@ -185,7 +185,7 @@ def write_curves(run_dir, out=None, rows=None):
 
 
 def rows_chart(rows, title="The same test images, the same protocol: mAP (%)", size=(760, 330)):
-    """The rows a trained number is read against ({method: metrics}, eval.like_for_like's) as one dot per method
+    """The rows a trained number is read against ({method: metrics}, tables.like_for_like's) as one dot per method
     and setting (ZSL, its twin and novel groups, GZSL; SPML's test), each with its value: which row is above which
     reads at a glance where a table of 4 x 4 figures does not."""
     settings = [s for s in ("zsl", "zsl_twins", "zsl_novel", "gzsl", "test") if any(s in r for r in rows.values())]

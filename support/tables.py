@@ -75,9 +75,26 @@ def format_epoch(record):
     return f"epoch {record['epoch']}: {losses} | {figures} ({record['seconds']:.0f}s)"
 
 
+COSINE = "zero-shot CLIP"  # as open_clip scores it: the cosine of the image and each label's prompt
+GLOBAL_SCORING = "global, epoch 0"  # the same CLIP scored by SigRL's global branch, before any step
+
+
+def like_for_like(state, metrics, zero_shot=None):
+    """The rows a trained number is read against: zero-shot CLIP's cosine (when `zero_shot` is given), the CLIP
+    through SigRL's global branch before any step (the like-for-like zero-shot baseline: the distillation keeps
+    that branch near it), SigRL at epoch 0 (untrained heads) and SigRL trained, each with both branches' mAP."""
+    rows = {} if zero_shot is None else {COSINE: zero_shot}
+    if state.get("epoch0"):
+        global0 = {split: per["global"] for split, per in state["epoch0"]["branches"].items()}
+        rows.update({GLOBAL_SCORING: global0, "SigRL, epoch 0":
+                     {k: v for k, v in state["epoch0"].items() if k != "branches"}})
+    rows[f"SigRL, epoch {state['epoch']}"] = metrics
+    return rows
+
+
 def print_run_end(cfg, state, metrics, rows=None):
     """What train.py prints after its last epoch: the trained table, SPML's best epoch and, given `rows`, every
-    row a trained number is read against (eval.like_for_like) side by side."""
+    row a trained number is read against (like_for_like) side by side."""
     print(format_table(metrics, f"\n{cfg.task} / {cfg.data} after epoch {state['epoch']} "
                                 f"({os.path.join(cfg.out, 'last.pt')})"))
     if cfg.task == "spml" and state["best"]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import eval as evaluation
 from support import runs
-from support import tasks
+from support import tables, tasks
 from toy import world as toyworld
 import train
 from tools import twins as twins_report
@@ -53,7 +53,7 @@ def test_like_for_like_rows(run):
     (the log's first record) and trained (its last)."""
     _, log, rows = run
     names = list(rows)
-    assert names[0] == evaluation.GLOBAL_SCORING and len(names) == 3
+    assert names[0] == tables.GLOBAL_SCORING and len(names) == 3
     for split in ("zsl", "gzsl"):
         assert rows[names[0]][split]["map"] == log[0]["branch_map"][split]["global"]
         assert rows[names[1]][split]["map"] == log[0][split]["map"]

@@ -63,7 +63,7 @@ def main(argv=None):
         parallel.start(device)
         parallel.in_turn(lambda: tasks.make_toy_world(cfg))  # --data toy (the default) only
         clip, data = load_clip(cfg.clip), parallel.in_turn(lambda: tasks.load_dataset(cfg))
-        means[evaluation.COSINE] = evaluation.clip_baseline(clip, cfg, data, device)  # None on other processes
+        means[tables.COSINE] = evaluation.clip_baseline(clip, cfg, data, device)  # None on other processes
         for i, (name, flags) in enumerate(SETTINGS.items()):
             if args.only is not None and i not in args.only:
                 continue
@@ -75,7 +75,7 @@ def main(argv=None):
                 rows = train.run(cfg, baseline=False)  # global scoring, epoch 0, trained; None on other processes
                 results.append(list(rows.values()) if rows is not None else None)
             if parallel.is_main():
-                means.setdefault(evaluation.GLOBAL_SCORING, results[0][0])  # the untrained backbone: the same in every run
+                means.setdefault(tables.GLOBAL_SCORING, results[0][0])  # the untrained backbone: the same in every run
                 means[f"{name}, epoch 0"], stds[f"{name}, epoch 0"] = mean_std([r[1] for r in results])
                 means[f"{name}, trained"], stds[f"{name}, trained"] = mean_std([r[2] for r in results])
     except (CheckpointError, DataError, runs.UsageError, WriteError, parallel.Stopped) as err:
