@@ -71,25 +71,35 @@ def pin(argv):
 
 def cpu_model():
     """The CPU's name as the operating system reports it ('' when it does not)."""
+    match = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return match.group(1).strip() if match else platform.processor()
+
+
+def cpu_instruction_set():
+    """The widest vector instruction set the CPU itself offers (AVX512, AVX2, ...; '' where the system does not
+    say), whatever the pins let the kernels use."""
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M).group(1).split()) if "flags" in _cpuinfo() else set()
+    return next((name for flag, name in (("avx512f", "AVX512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+                 if flag in flags), "")
+
+
+def _cpuinfo():
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if match:
-            return match.group(1).strip()
+            return f.read()
     except OSError:
-        pass
-    return platform.processor()
+        return ""
 
 
 def record():
-    """What decided the CPU's rounding in this run, for config.json: the CPU, the instruction set PyTorch's kernels
-    use, its BLAS, the thread count, and each pin's value (set by pin(), by the user, or not set)."""
+    """What decided the CPU's rounding in this run, for config.json: the CPU and its instruction set, the one
+    PyTorch's kernels use, its BLAS, the thread count, and each pin's value (set by pin(), by the user, or not set)."""
     import torch
     config = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=(\w+)", config)
     mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
-    return {"cpu": cpu_model(), "machine": platform.machine(),
-            "instruction_set": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": cpu_model(), "machine": platform.machine(), "instruction_set": cpu_instruction_set(),
+            "kernels": torch.backends.cpu.get_cpu_capability(),
             "blas": (blas.group(1) if blas else "unknown") + (f" {mkl.group(1)}" if mkl else ""),
             "threads": torch.get_num_threads(),
             "pins": {name: {"value": os.environ.get(name),
