@@ -10,21 +10,8 @@ Every bad input raises DataError: one line naming the file and what was expected
 machinery a first reading may skip: support/prepared.py writes and reads the prepared layouts, from the readers
 of other projects' formats (BiAM h5, the official NUS-WIDE release, COCO json, VOC lists) in support/data_formats.py.
 
-Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
-    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
-    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
-    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
-    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
-    nh attention heads              hd width of one head            V  vocabulary size (49408)
-    C  labels in the scored set     c  labels in one chunk of a fast path
-    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
-    n_ctx  CoOp's learned context tokens
-Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
-graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
-M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
-coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
-flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
-own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
+Shape legend: the book's one legend (in full in vit.py and README.md). Here: N images of a split, B images in a
+batch, R image side in pixels, C classes (S seen, U unseen).
 """
 import argparse
 import contextlib

@@ -1,20 +1,9 @@
 """GMC, the graph over labels: two GATv2 layers on a fully connected label graph (paper Eq. 2-4).
 
-Shape legend (one for the whole book: vit.py, clip_text.py, gat.py, sigrl.py, data.py use the same letters)
-    B  images in a batch (vit.py's shared Transformer: sequences, images or texts)
-    N  images in a dataset split    Nt texts encoded at once        R  image side in pixels
-    P  patch tokens per image       L  tokens in a sequence (1 + P for an image, 77 for a text)
-    W  ViT width (768)              Wt text width (512)             D  joint embedding width (512)
-    nh attention heads              hd width of one head            V  vocabulary size (49408)
-    C  labels in the scored set     c  labels in one chunk of a fast path
-    S  seen labels                  U  unseen labels                K  patches in the top-K, min(topk, P)
-    n_ctx  CoOp's learned context tokens
-Every other capital is a paper symbol with the paper's meaning: H (C, D) the label embeddings h^i, G GMC's
-graph-refined H-hat, F the patch features F_patch (B, P, D), M, Q, T (SDA), O (VFR's fused class features),
-M_hat (VFR's output). Greek letters too: here alpha is only GAT's attention vector, beta only its attention
-coefficients (the SPML losses' alpha and beta, Zhou et al.'s loss weights, live in protocol/ and train.py's
-flags); SDA's and VFR's attentions are the paper's a and a-hat (code: a, a_hat). One exception, the paper's
-own: W in GAT's formulas (gat.py) is the paper's weight matrix (code: lin), not a width.
+Shape legend: the book's one legend (in full in vit.py and README.md). Here: C labels in the scored set (the
+graph's nodes), c query labels in one chunk of the fast path, D joint width, nh heads and hd the width of one;
+H (C, D) the label embeddings h^i, G GMC's H-hat. alpha is GAT's attention vector and beta its attention
+coefficients (the paper's names); W in GAT's formulas is the paper's weight matrix (code: lin), not a width.
 Here nh is 4 with hd = 32 in layer 1, and 1 with hd = D in layer 2.
 
 The paper and GATv2

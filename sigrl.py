@@ -1,6 +1,6 @@
 """SigRL: semantic-guided representation learning for multi-label recognition (ICME 2025).
 
-Shape legend: the book's one legend (README.md and every chapter's docstring; vit.py gives it in full). Here:
+Shape legend: the book's one legend (in full in vit.py and README.md). Here:
     B images, P patch tokens, C labels in the scored set (c in one chunk; S seen, U unseen), D joint width,
     K patches in the top-K; H (C, D) the label embeddings, G GMC's H-hat, F the patch features (B, P, D), and
     SDA's / VFR's attentions the paper's a and a-hat. No letter has a second meaning anywhere in the book.

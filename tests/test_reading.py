@@ -143,3 +143,13 @@ def test_train_py_first_screen_shows_the_recipe_the_flags_default_to():
             assert float(shown) == float(getattr(cfg, flag)), (flag, task, data, shown, getattr(cfg, flag))
         rows += 1
     assert rows >= 8 and doc.index(doc[head]) < 25  # on the first screen
+
+
+def test_one_shape_legend_for_the_book():
+    """vit.py, the first chapter, gives the book's legend in full, and README.md gives the same block."""
+    def block(text):
+        start = text.index("Shape legend (one for the whole book")
+        return [line.strip() for line in text[start:].split("not a width.")[0].splitlines()]
+    assert block(open(os.path.join(REPO, "vit.py")).read()) == block(open(os.path.join(REPO, "README.md")).read())
+    for chapter in ("clip_text.py", "gat.py", "sigrl.py", "data.py"):  # each names the letters it uses
+        assert "Shape legend: the book's one legend" in open(os.path.join(REPO, chapter)).read(), chapter
