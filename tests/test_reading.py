@@ -23,7 +23,9 @@ def repo_file(path):
     if not os.path.isfile(path) or not path.startswith(REPO + os.sep) or path.endswith("test_reading.py"):
         return None
     rel = os.path.relpath(path, REPO)
-    return None if rel.startswith("tests" + os.sep) else rel
+    if rel.startswith(("tests" + os.sep, ".")) or "site-packages" in rel.split(os.sep):
+        return None  # the tests, and a virtual environment inside the checkout (CI's .venv-ci) are not the project
+    return rel
 
 
 def test_one_training_step_runs_in_train_sigrl_gat_vit_and_one_more_file(tmp_path):
