@@ -1,9 +1,6 @@
 """Untrusted files are read, never run, and never trusted more than they prove: TorchScript CLIP archives read
-without their code, caches that check themselves, a damaged log kept on resume, no silent NaN, and one line (never
-a traceback) for the inputs a user gets wrong."""
-import argparse
-import importlib
-import json
+without their code, caches that check themselves, a damaged log kept on resume and no silent NaN (the other
+one-line cases: tests/test_one_line.py)."""
 import os
 import pickle
 import subprocess
@@ -12,7 +9,6 @@ import warnings
 import zipfile
 from typing import Tuple
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -27,11 +23,8 @@ from clip_text import encode_labels
 from data import DataError, ImageList, build_transform
 from support.clip_files import load_clip
 from support.image_check import check_images
-from support import thresholds
-from test_entry_points import COMMANDS
-from tools import ablation, plot
+from tools import plot
 from toy import world as toyworld
-from toy import world as toy_world_cli
 from support.torchscript_files import read_archive
 from support.errors import CheckpointError
 
@@ -344,92 +337,6 @@ def test_plot_reads_a_damaged_log_in_one_line(tmp_path, capsys, line):
     rc, _, err = called(plot.main, capsys, tmp_path, "--out", tmp_path / "curves.png")
     one_line_in(rc, err, "log.jsonl")
     assert not (tmp_path / "curves.png").exists()
-
-
-# ---------------------------------------------------------------------------- one line where a line is promised
-def test_labels_are_checked_inside_the_prompt_template(untrained, tmp_path, capsys):
-    """A label that fits CLIP's 77 tokens alone but not inside the template, and a --template too long for any
-    label (predict.py, train.py): one line each (predict.py's were ValueError
-    tracebacks)."""
-    clip, photos = untrained["clip"], untrained["photos"]
-    n = 1
-    while len(clip.tokenizer.encode(" ".join(["car"] * (n + 1)))) + 2 <= 77:
-        n += 1  # the longest run of "car" that fits alone
-    label = " ".join(["car"] * n)
-    assert len(clip.tokenizer.encode(f"There is a {label} in the scene")) + 2 > 77
-    rc, out, err = called(predict.main, capsys, "--clip", toyworld.TOYCLIP, "--labels", f"sun,{label}", photos)
-    one_line_in(rc, err, "car car", "77")
-    long = "a photo of " + "very " * 80 + "{}"
-    rc, out, err = called(predict.main, capsys, "--clip", toyworld.TOYCLIP, "--labels", "sun,mug", "--template", long,
-                          photos)
-    one_line_in(rc, err, "--template", "77")
-    assert out == ""
-    data = ["--data", "nuswide", "--data-root", untrained["cfg"].data_root, "--clip", toyworld.TOYCLIP, "--workers", 0]
-    rc, out, err = called(train_cli.main, capsys, "--task", "zsl", *data, "--template", long, "--out", tmp_path / "run")
-    one_line_in(rc, err, "--template", "77")
-    assert not (tmp_path / "run").exists()
-
-
-def thresholds_file(untrained, path, drop=None):
-    names = untrained["names"]
-    fitted = {"threshold": np.zeros(len(names)), "f1": np.zeros(len(names)), "positives": np.zeros(len(names)),
-              "source": ["global"] * len(names), "global_threshold": 0.0, "global_f1": 0.0}
-    rec = thresholds.record(names, fitted, thresholds.checkpoint_entry(untrained["ckpt"], 0), {"about": "a test"})
-    if drop:
-        del rec[drop]
-    path.write_text(json.dumps(rec))
-    return path
-
-
-@pytest.mark.parametrize("damage", ["checkpoint", "split", "deep"])
-def test_thresholds_file_is_validated_before_scoring(untrained, tmp_path, capsys, damage):
-    """A thresholds file without its "checkpoint" or "split" entry (KeyError tracebacks; "split" only after the
-    whole test split was scored), or nested 100,000 deep (RecursionError): one line before any image is scored."""
-    path = tmp_path / "t.json"
-    if damage == "deep":
-        path.write_text("[" * 100000)
-    else:
-        thresholds_file(untrained, path, drop=damage)
-    needle = "t.json" if damage == "deep" else f'"{damage}"'
-    rc, out, err = called(predict.main, capsys, "--ckpt", untrained["ckpt"], "--thresholds", path, untrained["photos"])
-    one_line_in(rc, err, needle)
-    rc, out, err = called(eval_cli.main, capsys, "--ckpt", untrained["ckpt"], "--thresholds", path, "--workers", 0)
-    one_line_in(rc, err, needle)
-    assert "%|" not in err and out == ""  # nothing was scored
-
-
-def test_whole_thresholds_file_still_reads(untrained, tmp_path):
-    table, rec = thresholds.read(thresholds_file(untrained, tmp_path / "t.json"))
-    assert list(table) == untrained["names"] and rec["split"]["about"] == "a test"
-
-
-def test_deeply_nested_toyworld_json_is_written_again(tmp_path, capsys):
-    root = tmp_path / "world"
-    assert called(toy_world_cli.main, capsys, "make", "--root", root, "--n-train", 2, "--n-test", 2)[0] == 0
-    (root / "toyworld.json").write_text("[" * 100000)
-    rc, _, err = called(toy_world_cli.main, capsys, "make", "--root", root, "--n-train", 2, "--n-test", 2)
-    assert rc == 0 and "Traceback" not in err, err
-    assert json.loads((root / "toyworld.json").read_text())["n_train"] == 2
-
-
-def test_ctrl_c_while_ablation_writes_the_world(tmp_path, capsys, monkeypatch):
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(toyworld, "_write_world", interrupted)
-    rc, _, err = called(ablation.main, capsys, "--out", tmp_path / "abl", "--data-root", tmp_path / "world",
-                        "--workers", 0)
-    one_line_in(rc, err, "interrupted")
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-def test_ctrl_c_is_one_line_in_every_command(command, capsys, monkeypatch):
-    """Ctrl-C at the first thing each command does (reading its flags): one line, exit 2."""
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", interrupted)
-    argv = ["--help"] if command == "data" else []  # data.py with no argument is a demo that reads no flag
-    rc, _, err = called(importlib.import_module(command).main, capsys, *argv)
-    one_line_in(rc, err, "interrupted")
 
 
 def test_archive_entry_larger_than_the_file_is_refused(tmp_path):
