@@ -162,7 +162,7 @@ def train_one_epoch(run, steps, n_steps):
                     torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = net(images, H)
                 target = model.teacher_feat(images) if cfg.task == "zsl" else None  # (B, D)
-            scores = out.scores.float()  # (B, S)
+            scores = out.scores.float()  # (B, S) under ZSL (the seen labels); SPML: (B, C), every class
             if cfg.task == "zsl":
                 L_local = ranking_loss(scores, labels.float())  # Eq. 15, on the fused score as the reference
                 L_global = l1_distill(out.feat.float(), target.float())  # Eq. 16
