@@ -253,7 +253,7 @@ def fit(run, run_dir, resume, baseline):
 # ----------------------------------------------------------------------------- building a run
 def initial_model(cfg):
     """(the CLIP file's model, SigRL as a run starts): seeded with --seed, the heads at their initial weights and
-    the first --fix-layer blocks frozen. A run's epoch 0 is this model; eval.py --twins rebuilds it from here."""
+    the first --fix-layer blocks frozen. A run's epoch 0 is this model; python -m tools.twins rebuilds it from here."""
     checkpoints.seed_everything(cfg.seed)
     clip = load_clip(cfg.clip)  # (its modules draw their initial weights from the seeded generator, then load)
     model = SigRL.from_clip(clip, gmc=cfg.gmc, sda=cfg.sda, vfr=cfg.vfr, global_only=cfg.global_only,

@@ -43,7 +43,7 @@ def parser(**kw):
 
 
 def describe(module, doc, argv=None):
-    """The command line of a module that other commands import (tools/draw.py, tools/figure3.py, ...): with no
+    """The command line of a module that other commands import (tools/explain.py, tools/measure.py, ...): with no
     argument or --help it prints its docstring, which names the command that runs it, and writes nothing."""
     p = parser(prog=f"python -m {module}", formatter_class=argparse.RawDescriptionHelpFormatter,
                description=doc.strip() + "\n\n(used by the commands above: it has no work of its own to run)")

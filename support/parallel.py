@@ -6,7 +6,8 @@
 Without torchrun (WORLD_SIZE unset) every function here does nothing and train.py is the plain one-process loop.
 With it, the run computes what one process would, whatever N and --accum K are:
   * The data order: each epoch is a permutation drawn from (seed, epoch) only, cut into global batches of
-    --batch-size B. Rank r takes the r-th of N near-equal parts of each batch and cuts it into K micro-batches.
+    --batch-size B (train.epoch_plan). Rank r takes the r-th of N near-equal parts of each batch and cuts it into
+    K micro-batches (micro_batches).
   * The losses are means over the images of the global batch. Each micro-batch's mean is weighted by its share of
     the batch's images (n_micro / n_batch) and by N, because DistributedDataParallel averages the gradients of the
     N ranks: the sum is the gradient of the global batch's mean, as in one process (train.train_one_epoch).

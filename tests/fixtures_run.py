@@ -28,3 +28,15 @@ def untrained_run(d, n_train=8, n_test=16):
     checkpoints.save_checkpoint(checkpoints.make_checkpoint(cfg, model, torch.optim.AdamW(model.parameters()), state,
                                                             checkpoints.rng_state(), None, names, n_train, H), ckpt)
     return ckpt, cfg, data, clip, names
+
+
+def with_photos(d, nested=False):
+    """untrained_run on 8 test images, and d/photos holding 3 of them as JPEGs (with `nested`, the third in
+    photos/sub/) -> {"dir", "ckpt", "photos", "data"}."""
+    from PIL import Image
+    ckpt, _, data, _, _ = untrained_run(d, n_test=8)
+    photos = d / "photos"
+    (photos / "sub" if nested else photos).mkdir(parents=True)
+    for k, path in enumerate(data.test_paths[:3]):
+        Image.open(path).save(photos / ("sub" if nested and k == 2 else "") / f"img{k}.jpg")
+    return {"dir": d, "ckpt": ckpt, "photos": photos, "data": data}

@@ -44,16 +44,6 @@ def test_ranking_plain_loop_golden(path):
     close(scores.grad, g["grad"], 1e-6)
 
 
-@pytest.mark.parametrize("path", golden("l1_global"), ids=lambda p: getattr(p, "stem", p))
-def test_l1_plain_loop_golden(path):
-    g = load(path)
-    student = torch.tensor(g["student"], requires_grad=True)
-    loss = l1_distill_plain(student, torch.tensor(g["teacher"]))
-    loss.backward()
-    close(loss, g["loss"], 1e-6)
-    close(student.grad, g["grad"], 1e-6)
-
-
 def value_and_grad(loss_fn, x, target):
     x = x.detach().clone().requires_grad_(True)
     loss = loss_fn(x, target)
@@ -78,11 +68,12 @@ def test_plain_loops_equal_vectorised_losses(seed):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("fn", [l1_distill, l1_distill_plain], ids=["vectorised", "plain loop"])
 @pytest.mark.parametrize("path", golden("l1_global"), ids=lambda p: getattr(p, "stem", p))
-def test_l1_golden(path):
+def test_l1_golden(path, fn):
     g = load(path)
     student = torch.tensor(g["student"], requires_grad=True)
-    loss = l1_distill(student, torch.tensor(g["teacher"]))
+    loss = fn(student, torch.tensor(g["teacher"]))
     loss.backward()
     close(loss, g["loss"], 1e-6)
     close(student.grad, g["grad"], 1e-6)

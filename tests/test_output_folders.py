@@ -14,6 +14,7 @@ from PIL import Image
 from tools import figure3
 import fixtures_run
 from data import read_image
+from test_outputs_and_inputs import one_line
 import predict
 from support import paths, safe_io
 from support.errors import UsageError
@@ -26,21 +27,7 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("folders")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SIGRL_CACHE", str(d / "cache"))
-        ckpt, _, data, _, _ = fixtures_run.untrained_run(d, n_test=8)
-        photos = d / "photos"
-        photos.mkdir()
-        for k, path in enumerate(data.test_paths[:3]):
-            Image.open(path).save(photos / f"img{k}.jpg")
-        yield {"dir": d, "ckpt": ckpt, "photos": photos, "data": data}
-
-
-def one_line(capsys, code, *needles):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
-    assert code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+        yield fixtures_run.with_photos(d)
 
 
 def tag(run, *args):

@@ -25,12 +25,7 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("outputs")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SIGRL_CACHE", str(d / "cache"))
-        ckpt, _, data, _, _ = fixtures_run.untrained_run(d, n_test=8)
-        photos = d / "photos"
-        (photos / "sub").mkdir(parents=True)
-        for k, path in enumerate(data.test_paths[:3]):
-            Image.open(path).save(photos / ("sub" if k == 2 else "") / f"img{k}.jpg")
-        yield {"dir": d, "ckpt": ckpt, "photos": photos}
+        yield fixtures_run.with_photos(d, nested=True)
 
 
 def one_line(capsys, code, *needles):
